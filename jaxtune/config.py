@@ -1,0 +1,418 @@
+"""Typed, nested run configuration: YAML recipes plus dotted command-line overrides.
+
+A recipe in ``configs/`` is parsed by draccus into :class:`TrainConfig`; overrides such as
+``--optimizer.learning_rate=1e-4`` are applied on top. Before draccus sees anything we check
+every key against the dataclass tree so that a typo fails with the closest valid names, and
+after parsing :func:`validate` rejects impossible combinations before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import io
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import draccus
+import yaml
+
+from jaxtune.errors import JaxtuneError
+
+
+class ConfigError(JaxtuneError, ValueError):
+    """A config problem a user can fix: the message names the key, the value and the fix."""
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class RunConfig:
+    name: str = "jaxtune"  # run name, shown in logs and metrics
+    output_dir: str = "runs/jaxtune"  # run directory: config.yaml, checkpoints/, metrics.jsonl
+    seed: int = 0  # seed for parameter init, LoRA init, dropout and data shuffling
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""  # HF folder or hub id of the pretrained model (config.json + safetensors)
+    tokenizer: str = ""  # tokenizer folder or hub id; empty means the model path
+    dtype: str = "float32"  # parameter (master weight) dtype: float32 | bfloat16 | float16
+    compute_dtype: str = "float32"  # activation / matmul dtype: float32 | bfloat16 | float16
+    scan_layers: bool = False  # stack layers on a 'layers' axis and run them with lax.scan
+    remat: str = "none"  # activation checkpointing: none | full | dots_saveable | minimal
+    attention: str = "auto"  # attention kernel: auto | xla | cudnn
+    overrides: dict[str, Any] = field(default_factory=dict)  # HF config fields to override
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 0  # adapter rank; 0 means full fine-tuning
+    alpha: float = 16.0  # scaling numerator: scale = alpha / rank (or / sqrt(rank) with rslora)
+    dropout: float = 0.0  # dropout on the adapter input during training
+    targets: list[str] = field(default_factory=lambda: ["all-linear"])  # names, regexes, all-linear
+    rslora: bool = False  # rank-stabilised scaling alpha / sqrt(rank)
+    modules_to_save: list[str] = field(default_factory=list)  # modules trained fully, e.g. lm_head
+    base_dtype: str = ""  # dtype of the frozen base weights; empty means model.dtype
+    quantize_base: str = "none"  # hold the frozen base quantised: none | int8 | nf4
+
+
+@dataclass
+class DataSourceConfig:
+    path: str = ""  # local file / folder (json, jsonl, parquet, csv, txt, arrow) or hub id
+    split: str = "train"  # split to read; slicing like 'train[:90%]' is allowed
+    subset: str = ""  # dataset configuration name (hub datasets)
+    weight: float = 1.0  # mixture weight relative to the other sources
+
+
+@dataclass
+class DataConfig:
+    sources: list[DataSourceConfig] = field(default_factory=list)  # training data
+    eval_sources: list[DataSourceConfig] = field(default_factory=list)  # held-out data
+    format: str = "chat"  # text | completion | alpaca | chat
+    text_field: str = "text"  # field holding raw documents (text format)
+    prompt_field: str = "prompt"  # prompt field (completion format)
+    completion_field: str = "completion"  # completion field (completion format)
+    instruction_field: str = "instruction"  # alpaca instruction field
+    input_field: str = "input"  # alpaca optional input field
+    output_field: str = "output"  # alpaca output field
+    messages_field: str = "messages"  # chat field: list of {role, content} or {from, value}
+    role_map: dict[str, str] = field(default_factory=dict)  # extra role names, e.g. gpt: assistant
+    system_prompt: str = ""  # system prompt added to chats that have none
+    chat_template: str = ""  # override the tokenizer's chat template (a Jinja string or file)
+    train_on_inputs: bool = False  # also train on prompts / user turns
+    seq_len: int = 512  # tokens per row
+    packing: bool = True  # pack several examples into each row (segment ids keep them apart)
+    truncation: str = "truncate"  # over-long examples: truncate | drop | error
+    on_bad_row: str = "error"  # malformed rows: error | skip
+    shuffle: bool = True  # shuffle examples each epoch (seeded from run.seed)
+    streaming: bool = False  # stream large sources instead of loading them whole
+    cache_dir: str = ".cache/jaxtune/data"  # tokenization cache; keyed by data, tokenizer, template
+    num_workers: int = 0  # grain worker processes; 0 keeps loading in the main process
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"  # adamw | adafactor | lion | sgd | muon
+    learning_rate: float = 1e-4  # peak learning rate
+    schedule: str = "cosine"  # constant | linear | cosine | wsd (warmup-stable-decay)
+    warmup_steps: int = 0  # linear warmup from 0 to the peak
+    decay_fraction: float = 0.1  # wsd: fraction of steps spent decaying at the end
+    min_lr_ratio: float = 0.0  # final learning rate as a fraction of the peak
+    weight_decay: float = 0.0  # decoupled weight decay
+    no_decay: list[str] = field(default_factory=lambda: ["norm", "bias"])  # regexes not decayed
+    b1: float = 0.9  # first-moment decay (adamw, lion, muon)
+    b2: float = 0.999  # second-moment decay (adamw, lion)
+    eps: float = 1e-8  # adamw epsilon
+    momentum: float = 0.9  # sgd momentum
+    max_grad_norm: float = 1.0  # clip by global norm; 0 disables clipping
+    freeze: list[str] = field(default_factory=list)  # path regexes of parameters not trained
+    state_dtype: str = "float32"  # dtype of optimizer moments
+
+
+@dataclass
+class MeshConfig:
+    data: int = -1  # data-parallel axis size; -1 takes the remaining devices
+    fsdp: int = 1  # fully-sharded data-parallel axis size
+    tensor: int = 1  # tensor-parallel axis size (kept within a host)
+    dcn_data: int = 1  # data parallelism across slices / nodes (multi-slice TPU)
+    rules: dict[str, list[str]] = field(default_factory=dict)  # logical axis -> mesh axes overrides
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 100  # optimizer steps to run
+    global_batch_size: int = 8  # rows per optimizer step, over all devices and micro-batches
+    grad_accum_steps: int = 1  # micro-batches per step (scanned); must divide the global batch
+    eval_every: int = 0  # evaluate every N steps; 0 only at the start and end
+    eval_batches: int = 0  # eval batches per evaluation; 0 means the whole eval set
+    log_every: int = 1  # write metrics every N steps
+    loss_fn: str = ""  # replacement loss 'pkg.module:function'; empty uses token cross-entropy
+    train_step: str = ""  # replacement train step 'pkg.module:function'
+    z_loss: float = 0.0  # weight of the z-loss (log-partition squared) regulariser
+    loss_chunk_size: int = 1024  # tokens per chunk of the vocabulary projection in the loss
+    progress: bool = True  # show a progress bar
+
+
+@dataclass
+class CheckpointConfig:
+    enabled: bool = True  # write checkpoints under <output_dir>/checkpoints
+    save_every: int = 0  # save every N steps; 0 saves only at the end
+    keep: int = 3  # keep the last K checkpoints
+    keep_every: int = 0  # also keep every M-th step for good; 0 disables
+    resume: str = "auto"  # auto (latest complete step) | none | a step number
+    async_save: bool = True  # save in the background while training continues
+
+
+@dataclass
+class LoggingConfig:
+    jsonl: bool = True  # write metrics.jsonl in the run directory
+    tensorboard: bool = True  # write TensorBoard events in the run directory
+    wandb_project: str = ""  # Weights & Biases project; empty disables W&B
+    level: str = "INFO"  # log level
+
+
+@dataclass
+class DistributedConfig:
+    initialize: str = "auto"  # auto (TPU/SLURM/GKE detected) | explicit | off
+    coordinator_address: str = ""  # host:port of process 0 (explicit mode)
+    num_processes: int = 1  # number of processes (explicit mode)
+    process_id: int = 0  # this process's index (explicit mode)
+    local_device_ids: list[int] = field(default_factory=list)  # devices this process uses
+    timeout_seconds: int = 300  # give up connecting to the coordinator after this long
+
+
+@dataclass
+class ExportConfig:
+    enabled: bool = False  # export to a Hugging Face folder at the end of training
+    out_dir: str = ""  # export folder; empty means <output_dir>/hf
+    dtype: str = "bfloat16"  # dtype of the exported weights
+    lora: str = "merged"  # LoRA runs: merged | adapter | both
+    max_shard_size: str = "5GB"  # largest safetensors shard
+
+
+@dataclass
+class TrainConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+# --------------------------------------------------------------------------- key checks
+
+
+def _field_tree(cls: type) -> dict[str, Any]:
+    """Map each field name to its nested tree (dataclass fields) or None (a leaf)."""
+    hints = typing.get_type_hints(cls)
+    tree: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        tree[f.name] = _field_tree(tp) if dataclasses.is_dataclass(tp) else None
+    return tree
+
+
+def _unknown_key_error(key: str, valid: list[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key.split(".")[-1], [v.split(".")[-1] for v in valid], n=3)
+    full = [v for v in valid if v.split(".")[-1] in close]
+    hint = f" Did you mean {', '.join(repr(c) for c in full)}?" if full else ""
+    return ConfigError(
+        f"Unknown config key '{key}' ({where}).{hint} Valid keys here: {', '.join(valid)}."
+    )
+
+
+def _check_keys(tree: dict[str, Any], node: Any, prefix: str, where: str) -> None:
+    """Raise ConfigError for the first YAML key that is not a field of the dataclass tree."""
+    if not isinstance(node, dict):
+        return
+    for key, value in node.items():
+        full = f"{prefix}{key}"
+        if key not in tree:
+            raise _unknown_key_error(full, [f"{prefix}{k}" for k in tree], where)
+        sub = tree[key]
+        if sub is not None:
+            if value is not None and not isinstance(value, dict):
+                raise ConfigError(
+                    f"Config key '{full}' ({where}) is a section; give it a mapping of "
+                    f"{', '.join(sub)}, not {value!r}."
+                )
+            _check_keys(sub, value, f"{full}.", where)
+
+
+def _check_override_keys(tree: dict[str, Any], args: list[str]) -> None:
+    for arg in args:
+        if not arg.startswith("--"):
+            raise ConfigError(f"Override '{arg}' must look like --section.key=value.")
+        key = arg[2:].split("=", 1)[0]
+        node: Any = tree
+        parts = key.split(".")
+        for i, part in enumerate(parts):
+            if not isinstance(node, dict) or part not in node:
+                prefix = ".".join(parts[:i])
+                valid = list(node) if isinstance(node, dict) else []
+                valid = [f"{prefix}.{v}" if prefix else v for v in valid]
+                raise _unknown_key_error(key, valid, "command line")
+            node = node[part]
+
+
+# --------------------------------------------------------------------------- load / dump
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> TrainConfig:
+    """Parse a YAML recipe plus ``--section.key=value`` overrides into a validated TrainConfig."""
+    overrides = list(overrides or [])
+    tree = _field_tree(TrainConfig)
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"Config file '{path}' does not exist.")
+        with open(path) as f:
+            try:
+                raw = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"Config file '{path}' is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"Config file '{path}' must hold a mapping of sections.")
+        _check_keys(tree, raw, "", f"in {path}")
+    # '--key value' is folded into '--key=value' so both spellings work.
+    args: list[str] = []
+    for a in overrides:
+        if args and not a.startswith("--") and "=" not in args[-1]:
+            args[-1] = f"{args[-1]}={a}"
+        else:
+            args.append(a)
+    _check_override_keys(tree, args)
+    try:
+        cfg = draccus.parse(TrainConfig, config_path=str(path) if path else None, args=args)
+    except draccus.utils.DecodingError as e:
+        raise ConfigError(f"Bad config value: {e}. {_type_hint(str(e))}".strip()) from None
+    except SystemExit as e:  # argparse reports its own errors by exiting
+        raise ConfigError(f"Could not parse overrides {args}.") from e
+    validate(cfg)
+    return cfg
+
+
+def _type_hint(message: str) -> str:
+    """Turn draccus' "`trainer.steps`: Couldn't parse 'ten' into an int" into a fix."""
+    if "`" not in message:
+        return ""
+    key = message.split("`")[1]
+    tp = _leaf_type(key)
+    return f"'{key}' expects {tp}." if tp else ""
+
+
+def _leaf_type(key: str) -> str:
+    cls: Any = TrainConfig
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(cls):
+            return ""
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            return ""
+        cls = hints[part]
+    return getattr(cls, "__name__", str(cls))
+
+
+def dump_config(cfg: TrainConfig) -> str:
+    """The resolved config as YAML, loadable again by :func:`load_config`."""
+    buf = io.StringIO()
+    draccus.dump(cfg, buf, sort_keys=False)
+    return buf.getvalue()
+
+
+def save_config(cfg: TrainConfig, path: str | os.PathLike) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(dump_config(cfg))
+
+
+def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
+    """Build a TrainConfig from a plain nested dict (a checkpoint's saved config, a test)."""
+    _check_keys(_field_tree(TrainConfig), raw, "", "in the given mapping")
+    cfg = draccus.decode(TrainConfig, raw)
+    validate(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    return yaml.safe_load(dump_config(cfg))
+
+
+# --------------------------------------------------------------------------- validation
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.compute_dtype": ("float32", "bfloat16", "float16"),
+    "model.remat": ("none", "full", "dots_saveable", "minimal"),
+    "model.attention": ("auto", "xla", "cudnn"),
+    "lora.quantize_base": ("none", "int8", "nf4"),
+    "data.format": ("text", "completion", "alpaca", "chat"),
+    "data.truncation": ("truncate", "drop", "error"),
+    "data.on_bad_row": ("error", "skip"),
+    "optimizer.name": ("adamw", "adafactor", "lion", "sgd", "muon"),
+    "optimizer.schedule": ("constant", "linear", "cosine", "wsd"),
+    "optimizer.state_dtype": ("float32", "bfloat16"),
+    "distributed.initialize": ("auto", "explicit", "off"),
+    "export.dtype": ("float32", "bfloat16", "float16"),
+    "export.lora": ("merged", "adapter", "both"),
+}
+
+
+def _get(cfg: TrainConfig, key: str) -> Any:
+    obj: Any = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Reject values and combinations that cannot work, naming the key and what would."""
+    for key, choices in _CHOICES.items():
+        value = _get(cfg, key)
+        if value not in choices:
+            close = difflib.get_close_matches(str(value), choices, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"'{key}' is '{value}', which is not one of {', '.join(choices)}.{hint}"
+            )
+    if cfg.lora.base_dtype and cfg.lora.base_dtype not in _CHOICES["model.dtype"]:
+        raise ConfigError(f"'lora.base_dtype' is '{cfg.lora.base_dtype}', not a float dtype.")
+    positive = ["trainer.steps", "trainer.global_batch_size", "trainer.grad_accum_steps",
+                "data.seq_len", "trainer.loss_chunk_size", "trainer.log_every"]
+    for key in positive:
+        if _get(cfg, key) <= 0:
+            raise ConfigError(f"'{key}' must be positive, got {_get(cfg, key)}.")
+    t = cfg.trainer
+    if t.global_batch_size % t.grad_accum_steps:
+        raise ConfigError(
+            f"'trainer.global_batch_size' ({t.global_batch_size}) must divide into "
+            f"'trainer.grad_accum_steps' ({t.grad_accum_steps}) micro-batches; try "
+            f"grad_accum_steps in {_divisors(t.global_batch_size)}."
+        )
+    if cfg.lora.rank < 0:
+        raise ConfigError(f"'lora.rank' must be >= 0 (0 is full fine-tuning), got {cfg.lora.rank}.")
+    if cfg.lora.rank == 0 and cfg.lora.quantize_base != "none":
+        raise ConfigError(
+            "'lora.quantize_base' needs a LoRA run: set 'lora.rank' > 0, or quantize_base: none."
+        )
+    if not 0.0 <= cfg.lora.dropout < 1.0:
+        raise ConfigError(f"'lora.dropout' must be in [0, 1), got {cfg.lora.dropout}.")
+    sizes = {"mesh.data": cfg.mesh.data, "mesh.fsdp": cfg.mesh.fsdp, "mesh.tensor": cfg.mesh.tensor}
+    if sum(v == -1 for v in sizes.values()) > 1:
+        raise ConfigError(f"At most one mesh axis may be -1, got {sizes}.")
+    for key, v in sizes.items():
+        if v == 0 or v < -1:
+            raise ConfigError(f"'{key}' must be a positive size or -1, got {v}.")
+    if cfg.mesh.dcn_data < 1:
+        raise ConfigError(f"'mesh.dcn_data' must be >= 1, got {cfg.mesh.dcn_data}.")
+    resume = cfg.checkpoint.resume
+    if resume not in ("auto", "none") and not str(resume).isdigit():
+        raise ConfigError(
+            f"'checkpoint.resume' is '{resume}'; use auto, none or a step number."
+        )
+    d = cfg.distributed
+    if d.initialize == "explicit" and (not d.coordinator_address or d.num_processes < 1):
+        raise ConfigError(
+            "'distributed.initialize: explicit' needs 'distributed.coordinator_address' "
+            "(host:port) and 'distributed.num_processes'."
+        )
+    if d.initialize == "explicit" and not 0 <= d.process_id < d.num_processes:
+        raise ConfigError(
+            f"'distributed.process_id' ({d.process_id}) must be in [0, {d.num_processes})."
+        )
+    for i, src in enumerate(cfg.data.sources + cfg.data.eval_sources):
+        if src.weight <= 0:
+            raise ConfigError(f"Data source {i} ('{src.path}') has weight {src.weight}; use > 0.")
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]

@@ -1,0 +1,120 @@
+"""Device mesh with named axes ``data``, ``fsdp`` and ``tensor``, built from the config.
+
+Devices are laid out so that ``tensor`` (the innermost, most communication-heavy axis) stays
+within a host, ``fsdp`` next, and ``data`` outermost (it may span hosts or slices). Every error
+says what was asked, what the machine has, and which layouts would fit instead.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh
+
+from jaxtune.config import MeshConfig
+from jaxtune.errors import JaxtuneError
+
+AXES = ("data", "fsdp", "tensor")
+
+
+class MeshError(JaxtuneError, ValueError):
+    """The requested mesh or batch does not fit the devices; the message says what does."""
+
+
+def _factorizations(n: int) -> list[tuple[int, int, int]]:
+    out = []
+    for d in range(1, n + 1):
+        if n % d:
+            continue
+        for f in range(1, n // d + 1):
+            if (n // d) % f == 0:
+                out.append((d, f, n // d // f))
+    return out
+
+
+def _fits_hint(n: int) -> str:
+    shapes = _factorizations(n)
+    # Show the common, sensible layouts first: pure data, pure fsdp, then mixed ones.
+    shapes.sort(key=lambda s: (s[2], -s[0]))
+    shown = ", ".join(f"({d},{f},{t})" for d, f, t in shapes[:8])
+    return f"Layouts (data, fsdp, tensor) that fit {n} devices include {shown}."
+
+
+def resolve_axis_sizes(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
+    """Turn the configured sizes (one may be -1) into concrete sizes using all devices."""
+    sizes = [cfg.data * cfg.dcn_data if cfg.data > 0 else -1, cfg.fsdp, cfg.tensor]
+    asked = f"mesh (data={cfg.data}, fsdp={cfg.fsdp}, tensor={cfg.tensor}"
+    asked += f", dcn_data={cfg.dcn_data})" if cfg.dcn_data > 1 else ")"
+    if sizes.count(-1) > 1:
+        raise MeshError(f"{asked}: at most one axis may be -1. {_fits_hint(num_devices)}")
+    if -1 in sizes:
+        known = math.prod(s for s in sizes if s != -1)
+        if num_devices % known:
+            raise MeshError(
+                f"{asked}: the fixed axes multiply to {known}, which does not divide the "
+                f"{num_devices} available devices. {_fits_hint(num_devices)}"
+            )
+        sizes[sizes.index(-1)] = num_devices // known
+    if math.prod(sizes) != num_devices:
+        raise MeshError(
+            f"{asked} needs {math.prod(sizes)} devices, but {num_devices} are available; the "
+            f"axis sizes must multiply to the device count. {_fits_hint(num_devices)}"
+        )
+    return sizes[0], sizes[1], sizes[2]
+
+
+def make_mesh(cfg: MeshConfig | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Build the (data, fsdp, tensor) mesh over ``devices`` (default: all of them)."""
+    cfg = cfg or MeshConfig()
+    devices = list(devices if devices is not None else jax.devices())
+    data, fsdp, tensor = resolve_axis_sizes(cfg, len(devices))
+    local = jax.local_device_count()
+    if tensor > 1 and local % tensor and jax.process_count() > 1:
+        raise MeshError(
+            f"mesh.tensor={tensor} would span hosts ({local} devices per host); tensor "
+            f"parallelism needs fast links, so pick a tensor size that divides {local}."
+        )
+    if cfg.dcn_data > 1:
+        ici = (data // cfg.dcn_data, fsdp, tensor)
+        grid = mesh_utils.create_hybrid_device_mesh(ici, (cfg.dcn_data, 1, 1), devices)
+    else:
+        try:
+            grid = mesh_utils.create_device_mesh((data, fsdp, tensor), devices)
+        except (AssertionError, NotImplementedError, ValueError):
+            # Topology-aware placement is only known for some TPU shapes; elsewhere devices
+            # sorted by (process, id) reshaped row-major keep the last axis within a host.
+            ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
+            grid = np.asarray(ordered).reshape(data, fsdp, tensor)
+    return _mesh(grid)
+
+
+def _mesh(grid: np.ndarray) -> Mesh:
+    # The jit-with-shardings style needs Auto axes; newer JAX defaults to Explicit in make_mesh.
+    axis_type = getattr(jax.sharding, "AxisType", None)
+    if axis_type is not None:
+        return Mesh(grid, AXES, axis_types=(axis_type.Auto,) * len(AXES))
+    return Mesh(grid, AXES)
+
+
+def batch_axis_size(mesh: Mesh) -> int:
+    """How many ways the batch dimension is split: data x fsdp."""
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def check_batch(global_batch_size: int, mesh: Mesh, grad_accum_steps: int = 1) -> None:
+    """Fail early when a micro-batch cannot be split evenly over data x fsdp."""
+    ways = batch_axis_size(mesh)
+    micro = global_batch_size // grad_accum_steps
+    if micro % ways == 0:
+        return
+    good = [ways * k * grad_accum_steps for k in range(1, 5)]
+    raise MeshError(
+        f"The micro-batch of {micro} rows (trainer.global_batch_size={global_batch_size} / "
+        f"grad_accum_steps={grad_accum_steps}) does not divide over data x fsdp = "
+        f"{mesh.shape['data']} x {mesh.shape['fsdp']} = {ways} devices. Use "
+        f"trainer.global_batch_size in {good}, or a mesh whose data x fsdp divides {micro}."
+    )

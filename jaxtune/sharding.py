@@ -1,0 +1,157 @@
+"""Logical axis names -> mesh axes, for parameters, batches and activation constraints.
+
+Every parameter carries ``logical_axes`` metadata (e.g. ``("embed", "mlp")``). One rules table
+maps logical names to mesh axes; a new parallelism layout is a change to that table (or the
+``mesh.rules`` config), never to model code. A dimension that a mesh axis does not divide
+evenly is replicated instead, and a mesh axis is used at most once per array.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MeshAxes = tuple[str, ...]
+Rules = dict[str, MeshAxes]
+
+#: Default layout: batch over data and fsdp, weights' embed dim over fsdp (ZeRO-3 style),
+#: heads / mlp / vocab over tensor (Megatron style). Unlisted names are replicated.
+DEFAULT_RULES: Rules = {
+    "batch": ("data", "fsdp"),
+    "seq": (),
+    "embed": ("fsdp",),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "head_dim": (),
+    "mlp": ("tensor",),
+    "vocab": ("tensor",),
+    "layers": (),
+    "lora_rank": (),
+}
+
+
+def make_rules(overrides: Mapping[str, Sequence[str] | str | None] | None = None) -> Rules:
+    """The default rules with ``overrides`` (from ``mesh.rules``) applied on top."""
+    rules = dict(DEFAULT_RULES)
+    for name, axes in (overrides or {}).items():
+        if axes is None:
+            rules[name] = ()
+        elif isinstance(axes, str):
+            rules[name] = (axes,)
+        else:
+            rules[name] = tuple(axes)
+    for name, axes in rules.items():
+        for axis in axes:
+            if axis not in ("data", "fsdp", "tensor"):
+                raise ValueError(
+                    f"Sharding rule '{name}: {list(axes)}' names mesh axis '{axis}'; "
+                    "mesh axes are data, fsdp and tensor."
+                )
+    return rules
+
+
+def logical_to_spec(
+    names: Sequence[str | None] | None,
+    rules: Rules | None = None,
+    mesh: Mesh | None = None,
+    shape: Sequence[int] | None = None,
+) -> PartitionSpec:
+    """PartitionSpec for an array with the given logical axis names.
+
+    With ``mesh`` and ``shape`` given, mesh axes that do not divide a dimension (or have size 1)
+    are dropped, so odd sizes replicate instead of failing.
+    """
+    if names is None:
+        return PartitionSpec()
+    rules = DEFAULT_RULES if rules is None else rules
+    used: set[str] = set()
+    spec: list[Any] = []
+    for dim, name in enumerate(names):
+        axes = [a for a in rules.get(name, ()) if a not in used] if name else []
+        if mesh is not None:
+            axes = [a for a in axes if mesh.shape[a] > 1]
+            if shape is not None:
+                kept, size = [], shape[dim]
+                for a in axes:
+                    if size % mesh.shape[a] == 0:
+                        kept.append(a)
+                        size //= mesh.shape[a]
+                axes = kept
+        used.update(axes)
+        spec.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
+    while spec and spec[-1] is None:
+        spec.pop()
+    return PartitionSpec(*spec)
+
+
+def named_sharding(
+    mesh: Mesh, names: Sequence[str | None] | None, rules: Rules | None = None,
+    shape: Sequence[int] | None = None,
+) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(names, rules, mesh, shape))
+
+
+def variable_axes(var: nnx.Variable) -> tuple[str | None, ...] | None:
+    """The logical axis names stored on an NNX variable (None when it has none)."""
+    meta = var.get_metadata()
+    return meta.get("logical_axes")
+
+
+def _is_variable(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def state_shardings(state: Any, mesh: Mesh, rules: Rules | None = None) -> Any:
+    """A tree of NamedShardings matching ``state`` (an nnx.State, abstract or concrete).
+
+    Variables without logical axes (RNG counters, step counts) are replicated.
+    """
+
+    def one(var: Any) -> Any:
+        if _is_variable(var):
+            return named_sharding(mesh, variable_axes(var), rules, var.get_value().shape)
+        return NamedSharding(mesh, PartitionSpec())
+
+    return jax.tree.map(one, state, is_leaf=_is_variable)
+
+
+def state_specs(state: Any, rules: Rules | None = None, mesh: Mesh | None = None) -> Any:
+    """Like :func:`state_shardings` but PartitionSpecs."""
+    return jax.tree.map(lambda s: s.spec, state_shardings(state, mesh, rules))
+
+
+def batch_sharding(mesh: Mesh, rules: Rules | None = None, ndim: int = 2) -> NamedSharding:
+    """Sharding of a ``[batch, seq, ...]`` input array: batch split, the rest replicated."""
+    return NamedSharding(mesh, logical_to_spec(("batch",) + ("seq",) * (ndim - 1), rules))
+
+
+# --------------------------------------------------------------------------- activations
+
+_context = threading.local()
+
+
+@contextlib.contextmanager
+def activation_rules(mesh: Mesh | None, rules: Rules | None = None) -> Iterator[None]:
+    """Within this context (at trace time), :func:`constrain` pins activation shardings."""
+    prev = getattr(_context, "value", None)
+    _context.value = (mesh, rules if rules is not None else DEFAULT_RULES) if mesh else None
+    try:
+        yield
+    finally:
+        _context.value = prev
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """``with_sharding_constraint`` by logical names; a no-op outside :func:`activation_rules`."""
+    current = getattr(_context, "value", None)
+    if current is None:
+        return x
+    mesh, rules = current
+    spec = logical_to_spec(names, rules, mesh, x.shape)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
