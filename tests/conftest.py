@@ -1,5 +1,9 @@
 """Shared pytest setup. Multi-device tests live in tests/multidevice and run in their own
-process (scripts/test.sh sets XLA_FLAGS for 8 fake CPU devices before JAX starts)."""
+process (scripts/test.sh sets XLA_FLAGS for 8 fake CPU devices before JAX starts).
+
+Session-scoped fixtures live in tests/fixtures_<area>.py and are registered here by import,
+so each is built once per test session.
+"""
 
 import os
 
