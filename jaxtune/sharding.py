@@ -115,7 +115,13 @@ def state_shardings(state: Any, mesh: Mesh, rules: Rules | None = None) -> Any:
 
     def one(var: Any) -> Any:
         if _is_variable(var):
-            return named_sharding(mesh, variable_axes(var), rules, var.get_value().shape)
+            shape = var.get_value().shape
+            names = variable_axes(var)
+            # Derived leaves (e.g. Adafactor's factored moments) keep the parameter's
+            # metadata but not its rank: replicate those rather than mis-shard them.
+            if names is not None and len(names) != len(shape):
+                names = None
+            return named_sharding(mesh, names, rules, shape)
         return NamedSharding(mesh, PartitionSpec())
 
     return jax.tree.map(one, state, is_leaf=_is_variable)

@@ -1,0 +1,80 @@
+"""TrainState: everything a training run carries from step to step, created sharded.
+
+The NNX model is split into a static ``graphdef``, the trainable ``params`` (what the optimizer
+sees and the gradients flow to) and ``frozen`` (everything else: a LoRA run's base weights,
+buffers). Shardings come from each variable's logical axes, so the optimizer moments land
+exactly where their parameters are, and nothing is ever whole on one host.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxtune.sharding import Rules, state_shardings
+
+
+class TrainState(struct.PyTreeNode):
+    """Step counter, trainable params, frozen rest of the model, optimizer state, RNG key data."""
+
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    params: nnx.State  # trainable variables (nnx.Param, or the LoRA adapters)
+    frozen: nnx.State  # the rest of the model, not differentiated
+    opt_state: optax.OptState
+    rng: jax.Array  # uint32 key data (raw, so checkpoints hold plain arrays)
+    graphdef: nnx.GraphDef = struct.field(pytree_node=False)
+
+    def model(self) -> nnx.Module:
+        """The NNX model these parameters describe (cheap: arrays are shared, not copied)."""
+        return nnx.merge(self.graphdef, self.params, self.frozen)
+
+
+def split_model(model: nnx.Module, trainable: Any = nnx.Param):
+    """``(graphdef, params, frozen)``; ``trainable`` is an NNX filter (type, path predicate)."""
+    return nnx.split(model, trainable, ...)
+
+
+def create_train_state(
+    model: nnx.Module,
+    optimizer: optax.GradientTransformation,
+    *,
+    mesh: Mesh,
+    rules: Rules | None = None,
+    seed: int = 0,
+    trainable: Any = nnx.Param,
+) -> TrainState:
+    """Build the TrainState from an already-sharded model; optimizer state is made sharded."""
+    graphdef, params, frozen = split_model(model, trainable)
+    opt_shardings = state_shardings(jax.eval_shape(optimizer.init, params), mesh, rules)
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    step = jax.device_put(jnp.zeros((), jnp.int32), replicated)
+    rng = jax.device_put(jax.random.key_data(jax.random.key(seed)), replicated)
+    return TrainState(step=step, params=params, frozen=frozen, opt_state=opt_state, rng=rng,
+                      graphdef=graphdef)
+
+
+def train_state_shardings(state: TrainState, mesh: Mesh, rules: Rules | None = None) -> TrainState:
+    """A TrainState-shaped tree of NamedShardings (usable as jit in/out shardings)."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return TrainState(
+        step=replicated,
+        params=state_shardings(state.params, mesh, rules),
+        frozen=state_shardings(state.frozen, mesh, rules),
+        opt_state=state_shardings(state.opt_state, mesh, rules),
+        rng=replicated,
+        graphdef=state.graphdef,
+    )
+
+
+def count_params(tree: Any) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(tree))
+
+
+def tree_bytes(tree: Any) -> int:
+    return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(tree))

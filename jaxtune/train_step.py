@@ -1,0 +1,147 @@
+"""The pure train and eval steps, and the one place they are jitted with shardings.
+
+``train_step(state, batch, *, loss_fn, optimizer, grad_accum_steps, schedule)`` returns
+``(new_state, metrics)``. Gradients are accumulated with ``lax.scan`` over micro-batches. The
+step sets ``batch["loss_denominator"]`` to the number of trained tokens in the whole global
+batch, and a loss function divides its token sums by it, so summing the micro-batches'
+contributions gives exactly the full-batch mean (no per-micro-batch averaging bias).
+
+A replacement step (``trainer.train_step: pkg.mod:fn``) takes the same arguments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxtune.sharding import Rules, activation_rules, batch_sharding, constrain
+from jaxtune.train_state import TrainState, train_state_shardings
+
+Batch = dict[str, jax.Array]
+LossFn = Callable[[nnx.Module, Batch], tuple[jax.Array, dict[str, jax.Array]]]
+
+#: Per-token arrays; everything else in a batch (scalars such as loss_denominator) is shared.
+TOKEN_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
+
+
+def split_micro_batches(batch: Batch, num_micro: int) -> Batch:
+    """``[B, ...] -> [A, B/A, ...]`` taking every A-th row, so each device keeps its own rows.
+
+    Row ``r`` goes to micro-batch ``r % A``. With the batch dim sharded in contiguous blocks,
+    the reshape to ``[B/A, A]`` keeps the sharding on the first dim and the swap is local.
+    """
+
+    def split(x: jax.Array) -> jax.Array:
+        b = x.shape[0] // num_micro
+        return jnp.swapaxes(x.reshape(b, num_micro, *x.shape[1:]), 0, 1)
+
+    return {k: split(v) if k in TOKEN_KEYS else v for k, v in batch.items()}
+
+
+def _grads(state: TrainState, params: nnx.State, micro: Batch, loss_fn: LossFn):
+    def objective(p: nnx.State):
+        return loss_fn(nnx.merge(state.graphdef, p, state.frozen), micro)
+
+    (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(params)
+    return loss, aux, grads
+
+
+def train_step(
+    state: TrainState,
+    batch: Batch,
+    *,
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    grad_accum_steps: int = 1,
+    schedule: optax.Schedule | None = None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step over the global batch; pure, so it can be jitted and swapped."""
+    params = state.params
+    batch = dict(batch)
+    batch["loss_denominator"] = jnp.maximum(batch["loss_mask"].astype(jnp.float32).sum(), 1.0)
+    rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
+
+    if grad_accum_steps == 1:
+        loss, aux, grads = _grads(state, params, {**batch, "rng": step_rng}, loss_fn)
+    else:
+        micro = split_micro_batches(batch, grad_accum_steps)
+        token_arrays = {k: v for k, v in micro.items() if k in TOKEN_KEYS}
+        shared = {k: v for k, v in micro.items() if k not in TOKEN_KEYS}
+
+        def body(carry, xs):
+            index, mb = xs
+            mb = {k: constrain(v, ("batch", "seq")) for k, v in mb.items()}
+            mb = {**mb, **shared, "rng": jax.random.fold_in(step_rng, index)}
+            loss, aux, grads = _grads(state, params, mb, loss_fn)
+            return jax.tree.map(jnp.add, carry, (loss, aux, grads)), None
+
+        zero_grads = jax.tree.map(jnp.zeros_like, params)
+        first = jax.eval_shape(lambda: _grads(state, params, {**jax.tree.map(
+            lambda v: v[0], token_arrays), **shared, "rng": step_rng}, loss_fn))
+        zero_aux = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), first[1])
+        init = (jnp.zeros((), jnp.float32), zero_aux, zero_grads)
+        indices = jnp.arange(grad_accum_steps)
+        (loss, aux, grads), _ = jax.lax.scan(body, init, (indices, token_arrays))
+
+    updates, opt_state = optimizer.update(grads, state.opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    metrics = {
+        "loss": loss,
+        "grad_norm": optax.global_norm(grads),
+        "param_norm": optax.global_norm(new_params),
+        "trained_tokens": batch["loss_denominator"],
+        **{k: v for k, v in aux.items() if k != "num_tokens"},
+    }
+    if schedule is not None:
+        metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
+    new_state = state.replace(step=state.step + 1, params=new_params, opt_state=opt_state,
+                              rng=jax.random.key_data(rng))
+    return new_state, metrics
+
+
+def eval_step(state: TrainState, batch: Batch, *, loss_fn: LossFn) -> dict[str, jax.Array]:
+    """Summed NLL and token count of one batch (the loss with denominator 1 is the sum)."""
+    batch = {**batch, "loss_denominator": jnp.ones((), jnp.float32),
+             "rng": jax.random.wrap_key_data(state.rng)}
+    loss, aux = loss_fn(state.model(), batch)
+    return {"loss_sum": loss, "num_tokens": batch["loss_mask"].astype(jnp.float32).sum()}
+
+
+def jit_train_step(
+    step_fn: Callable[..., tuple[TrainState, dict[str, jax.Array]]],
+    state: TrainState,
+    mesh: Mesh,
+    rules: Rules | None = None,
+    **step_kwargs: Any,
+):
+    """The single jit of the train step: state and batch shardings in and out, state donated."""
+    state_sh = train_state_shardings(state, mesh, rules)
+    batch_sh = batch_sharding(mesh, rules)
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def step(state: TrainState, batch: Batch):
+        with activation_rules(mesh, rules):
+            return step_fn(state, batch, **step_kwargs)
+
+    return jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
+                   donate_argnums=(0,))
+
+
+def jit_eval_step(state: TrainState, mesh: Mesh, rules: Rules | None = None, *,
+                  loss_fn: LossFn):
+    state_sh = train_state_shardings(state, mesh, rules)
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def step(state: TrainState, batch: Batch):
+        with activation_rules(mesh, rules):
+            return eval_step(state, batch, loss_fn=loss_fn)
+
+    return jax.jit(step, in_shardings=(state_sh, batch_sharding(mesh, rules)),
+                   out_shardings=replicated)
+
