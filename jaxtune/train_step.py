@@ -4,7 +4,9 @@
 ``(new_state, metrics)``. Gradients are accumulated with ``lax.scan`` over micro-batches. The
 step sets ``batch["loss_denominator"]`` to the number of trained tokens in the whole global
 batch, and a loss function divides its token sums by it, so summing the micro-batches'
-contributions gives exactly the full-batch mean (no per-micro-batch averaging bias).
+contributions gives exactly the full-batch mean (no per-micro-batch averaging bias). Each
+micro-batch a loss sees also holds ``step`` (steps taken before this one) and ``rng`` (a fresh
+key per micro-batch, e.g. for dropout).
 
 A replacement step (``trainer.train_step: pkg.mod:fn``) takes the same arguments.
 """
@@ -65,6 +67,7 @@ def train_step(
     params = state.params
     batch = dict(batch)
     batch["loss_denominator"] = jnp.maximum(batch["loss_mask"].astype(jnp.float32).sum(), 1.0)
+    batch["step"] = state.step  # steps already taken, for losses that change over training
     rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
 
     if grad_accum_steps == 1:

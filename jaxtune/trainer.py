@@ -1,0 +1,275 @@
+"""The training loop: it schedules steps, evaluation, logging and checkpoints, and does no maths.
+
+Step N is dispatched before step N-1's metrics are read, so the host never stalls the device.
+A non-finite loss stops the run naming the step and what to try. Everything the loop calls
+is built in :class:`Trainer.__init__` from the config, so tests can poke at the pieces.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxtune import distributed
+from jaxtune.config import TrainConfig, save_config
+from jaxtune.errors import JaxtuneError
+
+log = logging.getLogger("jaxtune")
+
+
+class TrainingDiverged(JaxtuneError):
+    """The loss or gradient norm became NaN/Inf."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    run_dir: str
+    steps: int  # optimizer steps taken in total (including before a resume)
+    history: list[dict[str, float]]  # per-step metrics read back on the host
+    evals: list[dict[str, float]]  # {'step', 'eval_loss', 'eval_perplexity'}
+    state: Any  # the final TrainState
+
+
+class Trainer:
+    """Builds mesh, model, data, optimizer, state and jitted steps from a TrainConfig."""
+
+    def __init__(self, cfg: TrainConfig):
+        distributed.initialize(cfg.distributed)
+        from jaxtune import data, loss, metrics, optim
+        from jaxtune.mesh import check_batch, make_mesh
+        from jaxtune.sharding import make_rules
+        from jaxtune.train_state import count_params, create_train_state
+        from jaxtune.train_step import jit_eval_step, jit_train_step, train_step
+
+        self.cfg = cfg
+        self.run_dir = cfg.run.output_dir
+        self.main = distributed.is_main_process()
+        if self.main:
+            os.makedirs(self.run_dir, exist_ok=True)
+            save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
+        self.mesh = make_mesh(cfg.mesh)
+        self.rules = make_rules(cfg.mesh.rules)
+        check_batch(cfg.trainer.global_batch_size, self.mesh, cfg.trainer.grad_accum_steps)
+
+        self.tokenizer = data.load_tokenizer(cfg)
+        model, trainable = self._load_model()
+        self.model_config = model.config
+        self.schedule = optim.make_schedule(cfg.optimizer, cfg.trainer.steps)
+        from flax import nnx
+
+        trainable_params = nnx.state(model, trainable)
+        self.optimizer = optim.make_optimizer(cfg.optimizer, cfg.trainer.steps, trainable_params)
+        self.state = create_train_state(model, self.optimizer, mesh=self.mesh, rules=self.rules,
+                                        seed=cfg.run.seed, trainable=trainable)
+        self.num_params = count_params(self.state.params) + count_params(self.state.frozen)
+        self.num_trainable = count_params(self.state.params)
+
+        self.loss_fn = loss.make_loss_fn(cfg.trainer)
+        step_fn = loss.load_callable(cfg.trainer.train_step) if cfg.trainer.train_step \
+            else train_step
+        self.train_step = jit_train_step(
+            step_fn, self.state, self.mesh, self.rules, loss_fn=self.loss_fn,
+            optimizer=self.optimizer, grad_accum_steps=cfg.trainer.grad_accum_steps,
+            schedule=self.schedule)
+        self.eval_step = jit_eval_step(self.state, self.mesh, self.rules, loss_fn=self.loss_fn)
+        self.train_iter = data.make_batch_iterator(cfg, self.tokenizer, split="train")
+        self.to_global = lambda b: data.to_global_batch(b, self.mesh)
+
+        self.checkpointer = None
+        if cfg.checkpoint.enabled:
+            from jaxtune.checkpoint import Checkpointer
+
+            self.checkpointer = Checkpointer(cfg, self.mesh)
+        self.writer = metrics.MetricsWriter(cfg, self.run_dir, enabled=self.main)
+        self.flops_per_token = metrics.flops_per_token(self.model_config, cfg.data.seq_len)
+        self.peak_flops = metrics.device_peak_flops(jax.devices()[0], cfg.model.compute_dtype)
+        self._metrics = metrics
+
+    def _load_model(self):
+        from flax import nnx
+
+        from jaxtune.weights import from_pretrained
+
+        m = self.cfg.model
+        if not m.path:
+            raise JaxtuneError("model.path is empty: set it to a Hugging Face folder or hub id.")
+        model = from_pretrained(
+            m.path, dtype=m.dtype, mesh=self.mesh, compute_dtype=m.compute_dtype,
+            scan_layers=m.scan_layers, remat=m.remat, attention=m.attention, rules=self.rules,
+            **m.overrides)
+        if self.cfg.lora.rank > 0:
+            from jaxtune.lora import apply_lora
+
+            return apply_lora(model, self.cfg.lora, mesh=self.mesh, rules=self.rules,
+                              seed=self.cfg.run.seed)
+        return model, nnx.Param
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self) -> dict[str, float] | None:
+        """Mean token NLL and perplexity over the eval split (None without eval data)."""
+        if not self.cfg.data.eval_sources:
+            return None
+        from jaxtune import data
+
+        it = data.make_batch_iterator(self.cfg, self.tokenizer, split="eval")
+        total, tokens = 0.0, 0.0
+        for i, host_batch in enumerate(it):
+            if self.cfg.trainer.eval_batches and i >= self.cfg.trainer.eval_batches:
+                break
+            out = jax.device_get(self.eval_step(self.state, self.to_global(host_batch)))
+            total += float(out["loss_sum"])
+            tokens += float(out["num_tokens"])
+        loss = total / max(tokens, 1.0)
+        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)),
+                "eval_tokens": tokens}
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> TrainResult:
+        t = self.cfg.trainer
+        start = self._restore()
+        history: list[dict[str, float]] = []
+        evals: list[dict[str, float]] = []
+        self._log_run_header(start)
+        if start == 0 or start == t.steps:
+            evals.append(self._eval_and_log(start))
+
+        compiled, pending = None, None
+        bar = self._progress(start)
+        for step in range(start + 1, t.steps + 1):
+            host_batch = next(self.train_iter)
+            batch = self.to_global(host_batch)
+            if compiled is None:
+                compiled = self._compile(batch)
+                self._last_done = time.perf_counter()
+            with jax.transfer_guard("disallow"):
+                self.state, step_metrics = compiled(self.state, batch)
+            if pending is not None:  # step N is queued; now read step N-1 back
+                history.append(self._finish_step(*pending, bar))
+            pending = (step, step_metrics, float(np.count_nonzero(host_batch["segment_ids"])))
+            if t.eval_every and step % t.eval_every == 0 and step != t.steps:
+                history.append(self._finish_step(*pending, bar))
+                pending = None
+                evals.append(self._eval_and_log(step))
+            self._save(step)
+        if pending is not None:
+            history.append(self._finish_step(*pending, bar))
+        if bar is not None:
+            bar.close()
+        if t.steps > start:
+            evals.append(self._eval_and_log(t.steps))
+        self._save(t.steps, force=True)
+        self.close()
+        return TrainResult(self.run_dir, t.steps, history, [e for e in evals if e], self.state)
+
+    def _finish_step(self, step: int, step_metrics, tokens: float, bar) -> dict[str, float]:
+        """Read one step's metrics back (blocking on that step only), check, log."""
+        values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+        now = time.perf_counter()
+        elapsed, self._last_done = now - self._last_done, now
+        if not (math.isfinite(values["loss"]) and math.isfinite(values.get("grad_norm", 0.0))):
+            raise TrainingDiverged(
+                f"Loss is {values['loss']} (grad norm {values.get('grad_norm')}) at step {step}. "
+                "Try a lower optimizer.learning_rate, more optimizer.warmup_steps, "
+                "optimizer.max_grad_norm > 0, or model.compute_dtype: float32; check the data "
+                f"with 'jaxtune inspect-data'. The last checkpoint before step {step} is intact."
+            )
+        values.update(self._throughput(elapsed, tokens))
+        values["step"] = step
+        if step % self.cfg.trainer.log_every == 0 or step == self.cfg.trainer.steps:
+            self.writer.write(step, values)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{values['tokens_per_s']:.0f}")
+        return values
+
+    def _throughput(self, elapsed: float, tokens: float) -> dict[str, float]:
+        n = jax.device_count()
+        tps = tokens / max(elapsed, 1e-9)
+        out = {"step_time_s": elapsed, "tokens_per_s": tps, "tokens_per_s_per_device": tps / n}
+        if self.peak_flops:
+            out["mfu"] = tps * self.flops_per_token / (self.peak_flops * n)
+        return out
+
+    def _compile(self, batch):
+        tick = time.perf_counter()
+        compiled = self.train_step.lower(self.state, batch).compile()
+        log.info("compiled the train step in %.1f s", time.perf_counter() - tick)
+        return compiled
+
+    def _eval_and_log(self, step: int) -> dict[str, float]:
+        result = self.evaluate()
+        if result is None:
+            return {}
+        result = {"step": step, **result}
+        self.writer.write(step, {k: v for k, v in result.items() if k != "step"})
+        log.info("step %d: eval loss %.4f, perplexity %.2f", step, result["eval_loss"],
+                 result["eval_perplexity"])
+        return result
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _restore(self) -> int:
+        if self.checkpointer is None:
+            return 0
+        restored = self.checkpointer.restore(self.state, self.train_iter)
+        if restored is None:
+            return 0
+        self.state = restored
+        step = int(jax.device_get(self.state.step))
+        log.info("resumed from step %d", step)
+        return step
+
+    def _save(self, step: int, force: bool = False) -> None:
+        if self.checkpointer is not None:
+            self.checkpointer.save(step, self.state, self.train_iter, force=force)
+
+    def close(self) -> None:
+        if self.checkpointer is not None:
+            self.checkpointer.close()
+        self.writer.close()
+
+    # ------------------------------------------------------------------ reporting
+
+    def _progress(self, start: int):
+        if not (self.main and self.cfg.trainer.progress):
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.cfg.trainer.steps, initial=start, desc="train", unit="step",
+                    dynamic_ncols=True)
+
+    def _log_run_header(self, start: int) -> None:
+        if not self.main:
+            return
+        c = self.cfg
+        log.info(
+            "run %s: %d devices, mesh %s, %.1fM params (%.2fM trainable), global batch %d x %d "
+            "tokens, %d steps%s", c.run.name, jax.device_count(), dict(self.mesh.shape),
+            self.num_params / 1e6, self.num_trainable / 1e6, c.trainer.global_batch_size,
+            c.data.seq_len, c.trainer.steps, f", resuming at {start}" if start else "")
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Run the whole training job described by ``cfg`` and return what happened."""
+    logging.basicConfig(level=getattr(logging, cfg.logging.level, logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    trainer = Trainer(cfg)
+    try:
+        result = trainer.run()
+    except BaseException:
+        trainer.close()
+        raise
+    if cfg.export.enabled and distributed.is_main_process():
+        from jaxtune.export import export_run
+
+        export_run(cfg.run.output_dir, out_dir=cfg.export.out_dir or None)
+    return result
