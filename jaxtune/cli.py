@@ -68,8 +68,14 @@ def cmd_export(argv: list[str]) -> int:
 
 
 def cmd_generate(argv: list[str]) -> int:
-    from jaxtune.generate import generate_main
-
+    try:
+        from jaxtune.generate import generate_main
+    except ImportError:
+        raise JaxtuneError(
+            "'jaxtune generate' is not available yet. To sample from a fine-tuned model "
+            "today, export it ('jaxtune export RUN_DIR --out DIR') and load DIR with "
+            "transformers."
+        ) from None
     return generate_main(argv)
 
 
