@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup_env.sh test
 export JAX_PLATFORMS=cpu HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-python -m ruff check jaxtune tests scripts
+python -m ruff check jaxtune tests scripts examples
 python -m pytest tests "$@"
 JAXTUNE_MULTIDEVICE=1 XLA_FLAGS=--xla_force_host_platform_device_count=8 \
   python -m pytest tests/multidevice "$@"
