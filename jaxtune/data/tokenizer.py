@@ -1,0 +1,147 @@
+"""Loading the tokenizer, applying a chat-template override, and what the pipeline needs of it.
+
+The tokenizer comes from ``model.tokenizer`` (or ``model.path``) with ``trust_remote_code`` off.
+``data.chat_template`` may replace its template by a built-in name, a file, or a Jinja string.
+:class:`TokenizerInfo` gathers the facts the formats rely on (BOS behaviour, EOS, the special
+token strings that end turns) and a fingerprint that keys the tokenization cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+
+from jaxtune.data.errors import DataError
+
+# Built-in templates for tokenizers that ship without one (or to replace a broken one).
+NAMED_TEMPLATES: dict[str, str] = {
+    "chatml": (
+        "{%- for message in messages %}"
+        "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+        "{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+    ),
+    "llama3": (
+        "{{- bos_token }}"
+        "{%- for message in messages %}"
+        "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
+        "{{- message['content'] | trim }}{{- '<|eot_id|>' }}"
+        "{%- endfor %}"
+        "{%- if add_generation_prompt %}"
+        "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+    ),
+    "gemma": (
+        "{{- bos_token }}"
+        "{%- for message in messages %}"
+        "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+        "{{- '<start_of_turn>' + role + '\\n' + message['content'] | trim + '<end_of_turn>\\n' }}"
+        "{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<start_of_turn>model\\n' }}{%- endif %}"
+    ),
+}
+
+# Special tokens each named template writes; the tokenizer must know them as single tokens.
+_NAMED_TEMPLATE_TOKENS = {
+    "chatml": ["<|im_start|>", "<|im_end|>"],
+    "llama3": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+    "gemma": ["<start_of_turn>", "<end_of_turn>"],
+}
+
+
+def resolve_chat_template(value: str, tokenizer=None) -> str:
+    """The Jinja text for ``data.chat_template``: a built-in name, a file path, or Jinja itself."""
+    if value in NAMED_TEMPLATES:
+        if tokenizer is not None:
+            vocab = tokenizer.get_vocab()
+            missing = [t for t in _NAMED_TEMPLATE_TOKENS[value] if t not in vocab]
+            if missing:
+                raise DataError(
+                    f"data.chat_template '{value}' writes the tokens {missing}, which the "
+                    "tokenizer does not have; pick a template made for this tokenizer."
+                )
+        return NAMED_TEMPLATES[value]
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            return f.read()
+    if "{%" in value or "{{" in value:
+        return value
+    raise DataError(
+        f"data.chat_template '{value}' is not a built-in template "
+        f"({', '.join(NAMED_TEMPLATES)}), an existing file, or a Jinja template string."
+    )
+
+
+def load_tokenizer(cfg):
+    """The run's tokenizer (a ``transformers`` tokenizer), chat-template override applied.
+
+    Reads ``cfg.model.tokenizer`` or else ``cfg.model.path``; never runs remote code.
+    """
+    from transformers import AutoTokenizer
+
+    path = cfg.model.tokenizer or cfg.model.path
+    if not path:
+        raise DataError("No tokenizer: set model.tokenizer or model.path in the config.")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise DataError(
+            f"Could not load a tokenizer from '{path}' (model.tokenizer / model.path): {e}"
+        ) from None
+    if cfg.data.chat_template:
+        tokenizer.chat_template = resolve_chat_template(cfg.data.chat_template, tokenizer)
+    return tokenizer
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    """What the formats need to know about a tokenizer, computed once."""
+
+    bos_id: int | None  # BOS token id, when the tokenizer adds one to plain text by default
+    eos_id: int | None  # the tokenizer's EOS, appended to plain-text examples
+    pad_id: int  # id written into padding (masked out; never EOS when avoidable)
+    special_tokens: tuple[str, ...]  # special token strings, longest first (turn-end search)
+    has_chat_template: bool
+    fingerprint: str  # hash of vocabulary, merges, normaliser, special tokens and template
+
+    @classmethod
+    def of(cls, tokenizer) -> TokenizerInfo:
+        with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+        plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+        bos = tokenizer.bos_token_id
+        adds_bos = bos is not None and with_special[:1] == [bos] and plain[:1] != [bos]
+        eos = tokenizer.eos_token_id
+        pad = tokenizer.pad_token_id
+        if pad is None or pad == eos:
+            # Pad ids are always masked by segment id 0, but keep EOS out of padding so no
+            # downstream code that masks "pad" can ever mask a real EOS.
+            pad = 0 if eos != 0 else 1
+        specials = {t for t in tokenizer.all_special_tokens}
+        for tok in getattr(tokenizer, "added_tokens_decoder", {}).values():
+            if getattr(tok, "special", False):
+                specials.add(str(tok))
+        specials.discard("")
+        return cls(
+            bos_id=bos if adds_bos else None,
+            eos_id=eos,
+            pad_id=int(pad),
+            special_tokens=tuple(sorted(specials, key=lambda s: (-len(s), s))),
+            has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
+            fingerprint=tokenizer_fingerprint(tokenizer),
+        )
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash that changes whenever the tokenizer would encode or render anything differently."""
+    h = hashlib.sha256()
+    h.update(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:  # slow tokenizers: the vocabulary is the best proxy we have
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
+    template = getattr(tokenizer, "chat_template", None) or ""
+    h.update(json.dumps(template, sort_keys=True, default=str).encode())
+    return h.hexdigest()
