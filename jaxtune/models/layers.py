@@ -1,0 +1,404 @@
+"""Shared NNX building blocks: Linear, Embed, RMSNorm, RoPE (with scaling), attention, gated MLP.
+
+Axis letters (used in names and einsums): B batch, T query length, S key length, D embed,
+N query heads, K key/value heads, H head dim, F mlp, V vocab, L layers.
+
+Every projection in every model goes through :class:`Linear`. Its kernel layout is
+``[*in_shape, *out_shape]`` and ``__call__`` contracts the trailing ``len(in_shape)`` axes of
+the input with the leading axes of the kernel, so heads stay their own axis and no reshape or
+transpose is needed around attention:
+
+=========================  ==============  ====================================
+projection                 kernel          logical axes
+=========================  ==============  ====================================
+``q_proj``                 ``[D, N, H]``   ``(embed, heads, head_dim)``
+``k_proj`` / ``v_proj``    ``[D, K, H]``   ``(embed, kv_heads, head_dim)``
+``o_proj``                 ``[N, H, D]``   ``(heads, head_dim, embed)``
+``gate_proj``/``up_proj``  ``[D, F]``      ``(embed, mlp)``
+``down_proj``              ``[F, D]``      ``(mlp, embed)``
+``lm_head``                ``[D, V]``      ``(embed, vocab)``
+=========================  ==============  ====================================
+
+The bias, when present, has the output shape (e.g. ``[N, H]`` for ``q_proj``). Parameters are
+stored in ``param_dtype``; a layer computes in the dtype of its input (the model's compute
+dtype), casting its weights on the way in.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxtune.errors import JaxtuneError
+from jaxtune.sharding import constrain
+
+Initializer = Callable[..., jax.Array]
+INIT_STD = 0.02  # HF's default initializer_range
+
+
+def _normal(std: float = INIT_STD) -> Initializer:
+    return jax.nn.initializers.normal(stddev=std)
+
+
+# --------------------------------------------------------------------------- Linear
+
+
+class Linear(nnx.Module):
+    """``y = x . kernel (+ bias)`` over the trailing ``len(in_shape)`` axes of ``x``.
+
+    Args:
+      in_shape / out_shape: the contracted input dims and the produced output dims.
+      in_axes / out_axes: their logical axis names (the kernel carries both, the bias the
+        output ones).
+      use_bias: add a bias of shape ``out_shape`` (zeros at init).
+    """
+
+    def __init__(
+        self,
+        in_shape: Sequence[int],
+        out_shape: Sequence[int],
+        *,
+        in_axes: Sequence[str],
+        out_axes: Sequence[str],
+        use_bias: bool = False,
+        param_dtype: Any = jnp.float32,
+        kernel_init: Initializer | None = None,
+        rngs: nnx.Rngs,
+    ):
+        in_shape, out_shape = tuple(in_shape), tuple(out_shape)
+        init = kernel_init or _normal()
+        self.kernel = nnx.Param(
+            init(rngs.params(), in_shape + out_shape, param_dtype),
+            logical_axes=tuple(in_axes) + tuple(out_axes),
+        )
+        self.bias = (
+            nnx.Param(jnp.zeros(out_shape, param_dtype), logical_axes=tuple(out_axes))
+            if use_bias
+            else None
+        )
+        self.num_in = len(in_shape)
+
+    def __call__(self, x: jax.Array, out_dtype: Any = None) -> jax.Array:
+        """Apply the projection; ``out_dtype`` (e.g. float32) sets the accumulation dtype."""
+        kernel = self.kernel[...].astype(x.dtype)
+        contract = (tuple(range(x.ndim - self.num_in, x.ndim)), tuple(range(self.num_in)))
+        y = jax.lax.dot_general(x, kernel, (contract, ((), ())), preferred_element_type=out_dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(y.dtype)
+        return y
+
+
+# --------------------------------------------------------------------------- Embed, RMSNorm
+
+
+class Embed(nnx.Module):
+    """Token embedding table ``[V, D]``; also the output projection when embeddings are tied."""
+
+    def __init__(self, vocab_size: int, dim: int, *, param_dtype: Any = jnp.float32,
+                 rngs: nnx.Rngs):
+        self.embedding = nnx.Param(
+            _normal()(rngs.params(), (vocab_size, dim), param_dtype),
+            logical_axes=("vocab", "embed"),
+        )
+
+    def __call__(self, ids_BT: jax.Array, dtype: Any) -> jax.Array:
+        return jnp.take(self.embedding[...], ids_BT, axis=0).astype(dtype)
+
+    def attend(self, x_BTD: jax.Array) -> jax.Array:
+        """Logits against the embedding table (tied lm_head), accumulated in float32."""
+        table_VD = self.embedding[...].astype(x_BTD.dtype)
+        return jnp.einsum("...D,VD->...V", x_BTD, table_VD, preferred_element_type=jnp.float32)
+
+
+class RMSNorm(nnx.Module):
+    """RMS normalisation over the last axis, computed in float32 as transformers does."""
+
+    def __init__(self, dim: int, *, eps: float, axis_name: str = "embed",
+                 param_dtype: Any = jnp.float32):
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=(axis_name,))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        # transformers rounds to the input dtype before multiplying by the weight.
+        return normed.astype(x.dtype) * self.scale[...].astype(x.dtype)
+
+
+# --------------------------------------------------------------------------- RoPE
+
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+@dataclass(frozen=True)
+class RopeParameters:
+    """RoPE settings in transformers' ``rope_parameters`` spelling (unset fields are None)."""
+
+    rope_type: str = "default"
+    rope_theta: float = 10000.0
+    factor: float | None = None
+    original_max_position_embeddings: int | None = None
+    low_freq_factor: float | None = None  # llama3
+    high_freq_factor: float | None = None  # llama3
+    attention_factor: float | None = None  # yarn
+    beta_fast: float | None = None  # yarn
+    beta_slow: float | None = None  # yarn
+    mscale: float | None = None  # yarn
+    mscale_all_dim: float | None = None  # yarn
+    truncate: bool | None = None  # yarn
+
+    @classmethod
+    def from_hf(cls, params: dict[str, Any], max_position_embeddings: int) -> RopeParameters:
+        """Parse a standardised ``rope_parameters`` dict (``rope_type`` and ``rope_theta`` set)."""
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        if rope_type not in ROPE_TYPES:
+            raise JaxtuneError(
+                f"RoPE type '{rope_type}' is not supported; jaxtune supports "
+                f"{', '.join(ROPE_TYPES)}. Check rope_parameters / rope_scaling in config.json."
+            )
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(params) - known - {"type", "partial_rotary_factor"})
+        if unknown or params.get("partial_rotary_factor", 1.0) != 1.0:
+            raise JaxtuneError(
+                f"RoPE parameters {unknown or ['partial_rotary_factor']} are not supported "
+                f"for rope_type '{rope_type}'."
+            )
+        fields = {k: v for k, v in params.items() if k in known}
+        fields["rope_type"] = rope_type
+        if rope_type in ("llama3", "yarn"):
+            fields.setdefault("original_max_position_embeddings", max_position_embeddings)
+        need = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
+                "yarn": ("factor",)}.get(rope_type, ())
+        missing = [k for k in need if fields.get(k) is None]
+        if missing:
+            raise JaxtuneError(f"RoPE type '{rope_type}' needs {missing} in rope_parameters.")
+        return cls(**fields)
+
+    def to_hf(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+@functools.lru_cache(maxsize=64)
+def rope_frequencies(rope: RopeParameters, head_dim: int) -> tuple[np.ndarray, float]:
+    """Inverse frequencies ``[H/2]`` (float32) and the cos/sin scale, as transformers computes them.
+
+    Follows ``transformers.modeling_rope_utils`` for the default, linear, llama3 and yarn types.
+    """
+    dim = head_dim
+    base = float(rope.rope_theta)
+    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    inv_freq = (1.0 / (np.float32(base) ** exponents)).astype(np.float32)
+    scale = 1.0
+    kind = rope.rope_type
+    if kind == "linear":
+        inv_freq = inv_freq / np.float32(rope.factor)
+    elif kind == "llama3":
+        inv_freq = _llama3_inv_freq(inv_freq, rope)
+    elif kind == "yarn":
+        inv_freq, scale = _yarn_inv_freq(rope, dim, base)
+    return inv_freq.astype(np.float32), float(scale)
+
+
+def _llama3_inv_freq(inv_freq: np.ndarray, rope: RopeParameters) -> np.ndarray:
+    factor, low, high = rope.factor, rope.low_freq_factor, rope.high_freq_factor
+    old_len = rope.original_max_position_embeddings
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def _yarn_inv_freq(rope: RopeParameters, dim: int, base: float) -> tuple[np.ndarray, float]:
+    factor = rope.factor
+    orig_len = rope.original_max_position_embeddings
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = rope.attention_factor
+    if attention_factor is None:
+        if rope.mscale and rope.mscale_all_dim:
+            attention_factor = mscale(factor, rope.mscale) / mscale(factor, rope.mscale_all_dim)
+        else:
+            attention_factor = mscale(factor)
+    beta_fast = rope.beta_fast or 32
+    beta_slow = rope.beta_slow or 1
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(orig_len / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if rope.truncate is None or rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # transformers' guard against a zero-width ramp
+    pos_freqs = np.float32(base) ** (np.arange(0, dim, 2).astype(np.float32) / np.float32(dim))
+    extrapolation = 1.0 / pos_freqs
+    interpolation = 1.0 / (np.float32(factor) * pos_freqs)
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+    extra_factor = (1 - ramp).astype(np.float32)
+    inv_freq = interpolation * (1 - extra_factor) + extrapolation * extra_factor
+    return inv_freq.astype(np.float32), attention_factor
+
+
+def rope_cos_sin(positions_BT: jax.Array, rope: RopeParameters, head_dim: int,
+                 dtype: Any) -> tuple[jax.Array, jax.Array]:
+    """cos and sin tables ``[B, T, H/2]`` for the given positions, in ``dtype``."""
+    inv_freq, scale = rope_frequencies(rope, head_dim)
+    angles_BTh = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    return (jnp.cos(angles_BTh) * scale).astype(dtype), (jnp.sin(angles_BTh) * scale).astype(dtype)
+
+
+def apply_rope(x_BTNH: jax.Array, cos_BTh: jax.Array, sin_BTh: jax.Array) -> jax.Array:
+    """Rotate the two halves of the head dim (transformers' ``rotate_half`` convention)."""
+    x1, x2 = jnp.split(x_BTNH, 2, axis=-1)
+    cos, sin = cos_BTh[:, :, None, :], sin_BTh[:, :, None, :]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+# --------------------------------------------------------------------------- attention
+
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+
+
+def resolve_attention_impl(choice: str, dtype: Any, head_dim: int) -> str:
+    """Pick the attention kernel: ``auto`` takes cuDNN flash attention where it applies."""
+    if choice not in ATTENTION_IMPLS:
+        raise JaxtuneError(f"attention='{choice}' is not one of {', '.join(ATTENTION_IMPLS)}.")
+    if choice != "auto":
+        return choice
+    cudnn_ok = (
+        jax.default_backend() == "gpu"
+        and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+        and head_dim % 8 == 0
+        and head_dim <= 128
+    )
+    return "cudnn" if cudnn_ok else "xla"
+
+
+def dot_product_attention(
+    q_BTNH: jax.Array,
+    k_BSKH: jax.Array,
+    v_BSKH: jax.Array,
+    *,
+    segment_ids_BT: jax.Array | None,
+    window: int | jax.Array | None,
+    implementation: str,
+) -> jax.Array:
+    """Causal grouped-query attention with optional packing and sliding window.
+
+    ``segment_ids_BT``: a token attends only to earlier tokens of its own segment (padding,
+    segment 0, attends only to padding, so no row is empty). ``window``: a query attends to
+    itself and the ``window - 1`` tokens before it, as transformers' sliding window does; a
+    Python int is static (and reaches cuDNN's sliding window), an array is applied in the mask.
+    """
+    mask_B1TS = None
+    if segment_ids_BT is not None:
+        mask_B1TS = segment_ids_BT[:, None, :, None] == segment_ids_BT[:, None, None, :]
+    local_window = None
+    if isinstance(window, int):
+        local_window = (window - 1, 0)
+    elif window is not None:
+        t = q_BTNH.shape[1]
+        distance_TS = jnp.arange(t)[:, None] - jnp.arange(k_BSKH.shape[1])[None, :]
+        in_window_11TS = (distance_TS < window)[None, None]
+        mask_B1TS = in_window_11TS if mask_B1TS is None else mask_B1TS & in_window_11TS
+    return jax.nn.dot_product_attention(
+        q_BTNH, k_BSKH, v_BSKH, mask=mask_B1TS, is_causal=True,
+        local_window_size=local_window, implementation=implementation,
+    )
+
+
+class Attention(nnx.Module):
+    """Self-attention with grouped KV heads, RoPE, optional q/k/v/o biases and q/k RMSNorm."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        qkv_bias: bool = False,
+        out_bias: bool = False,
+        qk_norm_eps: float | None = None,
+        implementation: str = "xla",
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        def proj(heads: int, axis: str, bias: bool) -> Linear:
+            return Linear((dim,), (heads, head_dim), in_axes=("embed",),
+                          out_axes=(axis, "head_dim"), use_bias=bias, param_dtype=param_dtype,
+                          rngs=rngs)
+
+        self.q_proj = proj(num_heads, "heads", qkv_bias)
+        self.k_proj = proj(num_kv_heads, "kv_heads", qkv_bias)
+        self.v_proj = proj(num_kv_heads, "kv_heads", qkv_bias)
+        self.o_proj = Linear((num_heads, head_dim), (dim,), in_axes=("heads", "head_dim"),
+                             out_axes=("embed",), use_bias=out_bias, param_dtype=param_dtype,
+                             rngs=rngs)
+        if qk_norm_eps is not None:  # Qwen3: RMSNorm over each head before RoPE
+            self.q_norm = RMSNorm(head_dim, eps=qk_norm_eps, axis_name="head_dim",
+                                  param_dtype=param_dtype)
+            self.k_norm = RMSNorm(head_dim, eps=qk_norm_eps, axis_name="head_dim",
+                                  param_dtype=param_dtype)
+        else:
+            self.q_norm = self.k_norm = None
+        self.implementation = implementation
+
+    def __call__(self, x_BTD: jax.Array, cos_BTh: jax.Array, sin_BTh: jax.Array,
+                 segment_ids_BT: jax.Array | None, window: int | jax.Array | None) -> jax.Array:
+        q_BTNH = self.q_proj(x_BTD)
+        k_BTKH = self.k_proj(x_BTD)
+        v_BTKH = self.v_proj(x_BTD)
+        if self.q_norm is not None:
+            q_BTNH, k_BTKH = self.q_norm(q_BTNH), self.k_norm(k_BTKH)
+        q_BTNH = constrain(apply_rope(q_BTNH, cos_BTh, sin_BTh),
+                           ("batch", "seq", "heads", "head_dim"))
+        k_BTKH = constrain(apply_rope(k_BTKH, cos_BTh, sin_BTh),
+                           ("batch", "seq", "kv_heads", "head_dim"))
+        out_BTNH = dot_product_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT=segment_ids_BT,
+                                         window=window, implementation=self.implementation)
+        return self.o_proj(out_BTNH)
+
+
+# --------------------------------------------------------------------------- MLP
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "silu": jax.nn.silu,
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "relu": jax.nn.relu,
+}
+
+
+class GatedMLP(nnx.Module):
+    """``down(act(gate(x)) * up(x))``: the SwiGLU feed-forward block."""
+
+    def __init__(self, dim: int, hidden: int, *, activation: str = "silu", use_bias: bool = False,
+                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+        def lin(n_in: int, n_out: int, a_in: str, a_out: str) -> Linear:
+            return Linear((n_in,), (n_out,), in_axes=(a_in,), out_axes=(a_out,),
+                          use_bias=use_bias, param_dtype=param_dtype, rngs=rngs)
+
+        self.gate_proj = lin(dim, hidden, "embed", "mlp")
+        self.up_proj = lin(dim, hidden, "embed", "mlp")
+        self.down_proj = lin(hidden, dim, "mlp", "embed")
+        self.activation = activation
+
+    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+        act = ACTIVATIONS[self.activation]
+        h_BTF = act(self.gate_proj(x_BTD)) * self.up_proj(x_BTD)
+        return self.down_proj(constrain(h_BTF, ("batch", "seq", "mlp")))

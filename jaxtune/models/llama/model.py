@@ -1,0 +1,385 @@
+"""Llama-family decoder (HF model types llama, mistral, qwen2, qwen3) as a Flax NNX model.
+
+Axis letters: B batch, T query length, S key length, D embed, N query heads, K key/value heads,
+H head dim, F mlp, V vocab, L layers.
+
+The four HF model types differ only in switches of one architecture, all read from
+``config.json`` by :meth:`LlamaConfig.from_hf_config`:
+
+- ``llama`` (Llama 2/3/3.1/3.2): optional ``attention_bias`` / ``mlp_bias``; RoPE scaling
+  ``default``, ``linear``, ``llama3`` or ``yarn``.
+- ``mistral``: a sliding window on every layer (``sliding_window``).
+- ``qwen2`` (Qwen2, Qwen2.5): biases on q/k/v; optional sliding window on layers
+  ``>= max_window_layers`` (``use_sliding_window``).
+- ``qwen3``: RMSNorm on each query/key head (``q_norm`` / ``k_norm``); optional biases.
+
+Module names follow HF (``model.layers[i].self_attn.q_proj`` ...), so the HF table in
+``hf.py`` only encodes layout changes. With ``scan_layers=True`` the layers are one stacked
+module (every parameter gets a leading ``layers`` axis) run by ``jax.lax.scan``, so compile
+time does not grow with depth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxtune.errors import JaxtuneError
+from jaxtune.models.layers import (
+    ACTIVATIONS,
+    Attention,
+    Embed,
+    GatedMLP,
+    Linear,
+    RMSNorm,
+    RopeParameters,
+    resolve_attention_impl,
+    rope_cos_sin,
+)
+from jaxtune.sharding import constrain
+
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+# transformers' defaults for fields a config.json may leave out.
+_MAX_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768}
+_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+             "num_attention_heads")
+SLIDING, FULL = "sliding_attention", "full_attention"
+_NO_WINDOW = 2**30  # a "window" longer than any sequence, for full layers in a mixed scan
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only each layer's input
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,  # keep every matmul output
+    # keep weight-matmul outputs, recompute attention scores and elementwise ops
+    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class ConfigError(JaxtuneError, ValueError):
+    """config.json describes something this family cannot build; the message says what."""
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    """Architecture of one Llama-family model (hashable, so it can be static under jit)."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope: RopeParameters = RopeParameters()
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    hidden_act: str = "silu"
+    attention_bias: bool = False  # biases on q_proj, k_proj, v_proj
+    attention_out_bias: bool = False  # bias on o_proj
+    mlp_bias: bool = False
+    qk_norm: bool = False  # RMSNorm on each query / key head (Qwen3)
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] = ()  # per layer: full_attention | sliding_attention
+    hf_extra: str = "{}"  # JSON of the config.json fields not modelled here, written back as is
+
+    def __post_init__(self):
+        if not self.layer_types:
+            object.__setattr__(self, "layer_types", (FULL,) * self.num_hidden_layers)
+
+    @property
+    def rope_theta(self) -> float:
+        return self.rope.rope_theta
+
+    def layer_windows(self) -> tuple[int | None, ...]:
+        """The sliding window of each layer (None: full causal attention)."""
+        return tuple(self.sliding_window if t == SLIDING else None for t in self.layer_types)
+
+    def replace(self, **changes: Any) -> LlamaConfig:
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ HF config.json
+
+    @classmethod
+    def from_hf_config(cls, hf: dict[str, Any]) -> LlamaConfig:
+        """Read a transformers ``config.json`` dict (v5 ``rope_parameters`` or older
+        ``rope_scaling`` + ``rope_theta``), with transformers' defaults for absent fields."""
+        mt = hf.get("model_type")
+        if mt not in MODEL_TYPES:
+            raise ConfigError(f"model_type '{mt}' is not a Llama-family type {MODEL_TYPES}.")
+        missing = [k for k in _REQUIRED if hf.get(k) is None]
+        if missing:
+            raise ConfigError(f"config.json lacks {missing}, which a {mt} model needs.")
+        act = hf.get("hidden_act", "silu")
+        if act not in ACTIVATIONS:
+            raise ConfigError(f"hidden_act '{act}' is not supported; use one of "
+                              f"{list(ACTIVATIONS)}.")
+        heads = hf["num_attention_heads"]
+        head_dim = hf.get("head_dim") or (
+            128 if mt == "qwen3" and "head_dim" not in hf else hf["hidden_size"] // heads
+        )
+        max_pos = hf.get("max_position_embeddings") or _MAX_POSITIONS[mt]
+        used = set(_REQUIRED) | {"model_type", "hidden_act", "head_dim", "num_key_value_heads",
+                                 "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
+                                 "architectures"}
+        fields: dict[str, Any] = dict(
+            model_type=mt,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=head_dim,
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope=_rope_from_hf(hf, max_pos, used),
+            max_position_embeddings=max_pos,
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            hidden_act=act,
+        )
+        fields.update(_variant_from_hf(mt, hf, used))
+        extra = {k: v for k, v in hf.items() if k not in used}
+        fields["hf_extra"] = json.dumps(extra, sort_keys=True)
+        return cls(**fields)
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """The transformers ``config.json`` dict (v5 spelling) that rebuilds this model."""
+        out: dict[str, Any] = json.loads(self.hf_extra)
+        out.update(
+            model_type=self.model_type,
+            architectures=[ARCHITECTURES[self.model_type]],
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads,
+            head_dim=self.head_dim,
+            rms_norm_eps=self.rms_norm_eps,
+            rope_parameters=self.rope.to_hf(),
+            max_position_embeddings=self.max_position_embeddings,
+            tie_word_embeddings=self.tie_word_embeddings,
+            hidden_act=self.hidden_act,
+        )
+        mt = self.model_type
+        if mt == "llama":
+            out.update(attention_bias=self.attention_bias, mlp_bias=self.mlp_bias)
+        elif mt == "mistral":
+            out.update(sliding_window=self.sliding_window)
+        else:
+            out.update(use_sliding_window=self.sliding_window is not None,
+                       sliding_window=self.sliding_window, layer_types=list(self.layer_types))
+            if mt == "qwen3":
+                out.update(attention_bias=self.attention_bias)
+        return out
+
+
+def _rope_from_hf(hf: dict[str, Any], max_pos: int, used: set[str]) -> RopeParameters:
+    # transformers: rope_scaling (old spelling) wins over rope_parameters; a theta inside the
+    # dict wins over the top-level rope_theta; a top-level original_max_position_embeddings
+    # wins over the dict's (Phi3-style).
+    used.update({"rope_scaling", "rope_parameters", "rope_theta"})
+    params = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+    params.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
+    params.setdefault("rope_type", params.get("type", "default"))
+    params.pop("type", None)
+    if "original_max_position_embeddings" in hf and params["rope_type"] in ("llama3", "yarn"):
+        used.add("original_max_position_embeddings")
+        params["original_max_position_embeddings"] = hf["original_max_position_embeddings"]
+    return RopeParameters.from_hf(params, max_pos)
+
+
+def _variant_from_hf(mt: str, hf: dict[str, Any], used: set[str]) -> dict[str, Any]:
+    """The per-model-type switches: biases, q/k norm, sliding windows."""
+    n = hf["num_hidden_layers"]
+    if mt == "llama":
+        used.update({"attention_bias", "mlp_bias"})
+        bias = bool(hf.get("attention_bias", False))
+        return dict(attention_bias=bias, attention_out_bias=bias,
+                    mlp_bias=bool(hf.get("mlp_bias", False)))
+    if mt == "mistral":
+        used.update({"sliding_window", "layer_types"})
+        window = hf.get("sliding_window", 4096)
+        return dict(sliding_window=window, layer_types=((SLIDING if window else FULL),) * n)
+    # qwen2 / qwen3
+    used.update({"use_sliding_window", "sliding_window", "max_window_layers", "layer_types",
+                 "attention_bias"})
+    window = hf.get("sliding_window", 4096) if hf.get("use_sliding_window", False) else None
+    types = hf.get("layer_types") or [
+        SLIDING if window is not None and i >= hf.get("max_window_layers", 28) else FULL
+        for i in range(n)
+    ]
+    if len(types) != n or any(t not in (SLIDING, FULL) for t in types):
+        raise ConfigError(f"layer_types {types} must list {n} of '{FULL}' / '{SLIDING}'.")
+    out = dict(sliding_window=window, layer_types=tuple(types))
+    if mt == "qwen2":
+        out.update(attention_bias=True, attention_out_bias=False)
+    else:
+        bias = bool(hf.get("attention_bias", False))
+        out.update(attention_bias=bias, attention_out_bias=bias, qk_norm=True)
+    return out
+
+
+# --------------------------------------------------------------------------- the model
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
+
+    def __init__(self, cfg: LlamaConfig, *, param_dtype: Any, attention: str, rngs: nnx.Rngs):
+        d = cfg.hidden_size
+        self.input_layernorm = RMSNorm(d, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.self_attn = Attention(
+            d, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+            qkv_bias=cfg.attention_bias, out_bias=cfg.attention_out_bias,
+            qk_norm_eps=cfg.rms_norm_eps if cfg.qk_norm else None,
+            implementation=attention, param_dtype=param_dtype, rngs=rngs,
+        )
+        self.post_attention_layernorm = RMSNorm(d, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.mlp = GatedMLP(d, cfg.intermediate_size, activation=cfg.hidden_act,
+                            use_bias=cfg.mlp_bias, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x_BTD, cos_BTh, sin_BTh, segment_ids_BT, window) -> jax.Array:
+        attn = self.self_attn(self.input_layernorm(x_BTD), cos_BTh, sin_BTh, segment_ids_BT,
+                              window)
+        x_BTD = constrain(x_BTD + attn, ("batch", "seq", "embed"))
+        x_BTD = x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
+        return constrain(x_BTD, ("batch", "seq", "embed"))
+
+
+def _apply_layer(graphdef, window, state, x_BTD, cos_BTh, sin_BTh, segment_ids_BT):
+    # A pure function of the layer's state, so jax.checkpoint / lax.scan can wrap it.
+    return nnx.merge(graphdef, state)(x_BTD, cos_BTh, sin_BTh, segment_ids_BT, window)
+
+
+def _prepend_layers_axis(module: nnx.Module) -> None:
+    for _, var in nnx.iter_graph(module):
+        if isinstance(var, nnx.Variable):
+            axes = var.get_metadata().get("logical_axes")
+            if axes is not None:
+                var.set_metadata(logical_axes=("layers",) + tuple(axes))
+
+
+class LlamaModel(nnx.Module):
+    """HF's ``model``: ``embed_tokens``, ``layers``, final ``norm``."""
+
+    def __init__(self, cfg: LlamaConfig, *, param_dtype: Any, compute_dtype: Any,
+                 scan_layers: bool, remat: str, attention: str, rngs: nnx.Rngs):
+        self.config = cfg
+        self.compute_dtype = compute_dtype
+        self.scan_layers = scan_layers
+        self.remat = remat
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=param_dtype,
+                                  rngs=rngs)
+        make = functools.partial(DecoderLayer, cfg, param_dtype=param_dtype, attention=attention)
+        if scan_layers:
+            @nnx.split_rngs(splits=cfg.num_hidden_layers)
+            @nnx.vmap(in_axes=0, out_axes=0)
+            def stacked(rngs: nnx.Rngs) -> DecoderLayer:
+                return make(rngs=rngs)
+
+            self.layers = stacked(rngs)
+            _prepend_layers_axis(self.layers)
+        else:
+            self.layers = nnx.List([make(rngs=rngs) for _ in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+
+    def __call__(self, input_ids_BT, positions_BT, segment_ids_BT) -> jax.Array:
+        cfg = self.config
+        x_BTD = constrain(self.embed_tokens(input_ids_BT, self.compute_dtype),
+                          ("batch", "seq", "embed"))
+        cos_BTh, sin_BTh = rope_cos_sin(positions_BT, cfg.rope, cfg.head_dim, x_BTD.dtype)
+        args = (cos_BTh, sin_BTh, segment_ids_BT)
+        policy = REMAT_POLICIES[self.remat]
+        windows = cfg.layer_windows()
+        if self.scan_layers:
+            x_BTD = self._scan(x_BTD, args, windows, policy)
+        else:
+            for layer, window in zip(self.layers, windows, strict=True):
+                graphdef, state = nnx.split(layer)
+                fn = functools.partial(_apply_layer, graphdef, window)
+                if self.remat != "none":
+                    fn = jax.checkpoint(fn, policy=policy)
+                x_BTD = fn(state, x_BTD, *args)
+        return self.norm(x_BTD)
+
+    def _scan(self, x_BTD, args, windows, policy) -> jax.Array:
+        graphdef, state = nnx.split(self.layers)
+        uniform = len(set(windows)) == 1
+        # Mixed full / sliding layers (Qwen2 with max_window_layers) scan a per-layer window.
+        window_L = None if uniform else jnp.asarray([w or _NO_WINDOW for w in windows])
+
+        def body(x_BTD, xs):
+            layer_state, window = xs
+            return _apply_layer(graphdef, windows[0] if uniform else window, layer_state,
+                                x_BTD, *args), None
+
+        if self.remat != "none":
+            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+        x_BTD, _ = jax.lax.scan(body, x_BTD, (state, window_L))
+        return x_BTD
+
+
+class Llama(nnx.Module):
+    """Causal LM: ``model`` (embeddings, layers, norm) plus ``lm_head`` or tied embeddings.
+
+    ``model(input_ids_BT, positions_BT=None, segment_ids_BT=None)`` returns float32 logits
+    ``[B, T, V]``; it equals ``unembed(hidden_states(...))``, which a chunked loss can call
+    separately so the full logits are never materialised.
+    """
+
+    def __init__(
+        self,
+        config: LlamaConfig,
+        *,
+        param_dtype: Any = jnp.float32,
+        compute_dtype: Any = None,
+        scan_layers: bool = False,
+        remat: str = "none",
+        attention: str = "auto",
+        rngs: nnx.Rngs,
+    ):
+        if remat not in REMAT_POLICIES:
+            raise ConfigError(f"remat='{remat}' is not one of {', '.join(REMAT_POLICIES)}.")
+        param_dtype = jnp.dtype(param_dtype)
+        compute_dtype = jnp.dtype(compute_dtype or param_dtype)
+        impl = resolve_attention_impl(attention, compute_dtype, config.head_dim)
+        self.config = config
+        self.model = LlamaModel(config, param_dtype=param_dtype, compute_dtype=compute_dtype,
+                                scan_layers=scan_layers, remat=remat, attention=impl, rngs=rngs)
+        self.lm_head = None if config.tie_word_embeddings else Linear(
+            (config.hidden_size,), (config.vocab_size,), in_axes=("embed",),
+            out_axes=("vocab",), param_dtype=param_dtype, rngs=rngs,
+        )
+
+    def hidden_states(self, input_ids_BT, positions_BT=None, segment_ids_BT=None) -> jax.Array:
+        """Final-norm hidden states ``[B, T, D]`` in the compute dtype."""
+        b, t = input_ids_BT.shape
+        if positions_BT is None:
+            positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if segment_ids_BT is not None:
+            segment_ids_BT = segment_ids_BT.astype(jnp.int32)
+        return self.model(input_ids_BT, positions_BT, segment_ids_BT)
+
+    def unembed(self, hidden_D: jax.Array) -> jax.Array:
+        """Float32 logits ``[..., V]`` from hidden states ``[..., D]``."""
+        if self.lm_head is None:
+            return self.model.embed_tokens.attend(hidden_D)
+        return self.lm_head(hidden_D, out_dtype=jnp.float32).astype(jnp.float32)
+
+    def __call__(self, input_ids_BT, positions_BT=None, segment_ids_BT=None) -> jax.Array:
+        return self.unembed(self.hidden_states(input_ids_BT, positions_BT, segment_ids_BT))

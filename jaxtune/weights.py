@@ -1,0 +1,426 @@
+"""Strict, streaming Hugging Face weights in and out, driven by each family's table.
+
+Loading (:func:`from_pretrained`):
+
+1. resolve the folder (local path, or a hub id through ``huggingface_hub``'s cache);
+2. ``config.json`` -> family config; the model is built abstractly (``nnx.eval_shape``);
+3. every safetensors header is matched against the family's HF table *before* any data is
+   read: every key consumed, every parameter filled, every shape and dtype checked, and all
+   problems reported in one :class:`CheckpointError`;
+4. each parameter is created with ``jax.make_array_from_callback`` over its sharding; the
+   callback reads only that device's block (``safe_open(...).get_slice``) and converts it to
+   the requested dtype, so no host ever holds the whole model.
+
+Pickled checkpoints (``.bin``) are never opened: unpickling runs arbitrary code.
+
+Export (:func:`to_hf_tensors`) runs the same table backwards, one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+from safetensors import safe_open
+
+from jaxtune.errors import JaxtuneError
+from jaxtune.models import Family, abstract_model, get_family, init_model
+from jaxtune.models.build import single_device_mesh
+from jaxtune.models.table import Rule, Transform
+from jaxtune.sharding import Rules, state_shardings
+
+__all__ = ["CheckpointError", "checkpoint_index", "from_pretrained", "init_model",
+           "load_hf_config", "resolve_model_dir", "to_hf_tensors"]
+
+SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+INDEX_FILE = "model.safetensors.index.json"
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+
+
+class CheckpointError(JaxtuneError, ValueError):
+    """The folder, its config.json or its safetensors cannot become the model; says why."""
+
+
+# --------------------------------------------------------------------------- locating
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    return env or bool(constants.HF_HUB_OFFLINE)
+
+
+def _hub_cache_dir() -> str:
+    # Read at call time (huggingface_hub reads these once, at import).
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.environ["HF_HOME"], "hub")
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
+def resolve_model_dir(path_or_hub_id: str | os.PathLike) -> Path:
+    """A local model folder for a path or a hub id (``org/name``), via the HF cache.
+
+    Hub ids go through ``huggingface_hub.snapshot_download`` (config, safetensors and
+    tokenizer files only), which respects ``HF_HUB_OFFLINE`` and the cache location.
+    """
+    path = Path(path_or_hub_id).expanduser()
+    if path.is_dir():
+        return path
+    text = str(path_or_hub_id)
+    if path.exists():
+        raise CheckpointError(f"{text} is a file; give the model folder that holds config.json.")
+    looks_local = text.startswith((".", "/", "~")) or text.count("/") > 1 or os.sep != "/"
+    if looks_local or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", text):
+        raise CheckpointError(f"Model folder {text} does not exist.")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    offline, cache = _hub_offline(), _hub_cache_dir()
+    try:
+        return Path(snapshot_download(text, allow_patterns=_HUB_FILES, cache_dir=cache,
+                                      local_files_only=offline))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as err:
+        if offline:
+            raise CheckpointError(
+                f"'{text}' is not a local folder, HF_HUB_OFFLINE is set, and the model is not "
+                f"in the Hugging Face cache ({cache}). Download it once with network access "
+                f"(`hf download {text}`), point HF_HUB_CACHE at a cache that has it, or pass "
+                "a local folder."
+            ) from None
+        raise CheckpointError(
+            f"'{text}' is not a local folder and could not be fetched from the Hugging Face "
+            f"hub into {cache}: {err}"
+        ) from None
+
+
+def load_hf_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``config.json`` of a model folder (or hub id) as a dict."""
+    path = Path(path)
+    file = path if path.is_file() else resolve_model_dir(path) / "config.json"
+    if not file.is_file():
+        raise CheckpointError(
+            f"{file.parent} has no config.json; a Hugging Face model folder needs config.json "
+            "and *.safetensors."
+        )
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{file} is not valid JSON: {err}") from None
+
+
+# --------------------------------------------------------------------------- the checkpoint
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one checkpoint tensor lives, from its safetensors header (no data read)."""
+
+    file: Path
+    key: str
+    dtype: str  # safetensors dtype code: F32, BF16, F16, ...
+    shape: tuple[int, ...]
+
+
+def _pickle_error(model_dir: Path, files: list[Path]) -> CheckpointError:
+    names = ", ".join(f.name for f in files[:5])
+    return CheckpointError(
+        f"{model_dir} has only PyTorch pickle weights ({names}); jaxtune never unpickles "
+        "files (loading a pickle can run arbitrary code). Convert the folder to safetensors "
+        "once, e.g. in Python with transformers: "
+        f"AutoModelForCausalLM.from_pretrained('{model_dir}').save_pretrained('OUT_DIR') "
+        "(writes model.safetensors), then load OUT_DIR."
+    )
+
+
+def checkpoint_index(model_dir: Path) -> dict[str, TensorInfo]:
+    """Every tensor in the folder's safetensors (single file or indexed shards)."""
+    index_file = model_dir / INDEX_FILE
+    if index_file.is_file():
+        weight_map = json.loads(index_file.read_text()).get("weight_map", {})
+        files = sorted({model_dir / f for f in weight_map.values()})
+        absent = [f.name for f in files if not f.is_file()]
+        if absent:
+            raise CheckpointError(f"{index_file} lists shard files that are missing: {absent}.")
+    else:
+        weight_map = None
+        files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(f for f in model_dir.iterdir() if f.suffix in _PICKLE_SUFFIXES)
+        if pickles:
+            raise _pickle_error(model_dir, pickles)
+        raise CheckpointError(f"{model_dir} has no *.safetensors weights.")
+    tensors: dict[str, TensorInfo] = {}
+    problems: list[str] = []
+    for file in files:
+        with safe_open(file, framework="numpy") as f:
+            for key in f.keys():
+                sl = f.get_slice(key)
+                if key in tensors:
+                    problems.append(f"{key} is in both {tensors[key].file.name} and {file.name}")
+                elif weight_map is not None and weight_map.get(key) != file.name:
+                    problems.append(f"{key} is in {file.name} but {INDEX_FILE} says "
+                                    f"{weight_map.get(key)}")
+                tensors[key] = TensorInfo(file, key, sl.get_dtype(), tuple(sl.get_shape()))
+    if weight_map is not None:
+        problems += [f"{INDEX_FILE} lists {k} in {v}, which lacks it"
+                     for k, v in weight_map.items() if k not in tensors]
+    if problems:
+        raise CheckpointError(f"{model_dir}: inconsistent safetensors files:\n  "
+                              + "\n  ".join(problems))
+    return tensors
+
+
+@dataclass
+class _ParamPlan:
+    """Where every slice of one parameter comes from (one source per layer if stacked)."""
+
+    shape: tuple[int, ...]
+    stacked: bool
+    transform: Transform | None = None
+    sources: dict[int, TensorInfo] = field(default_factory=dict)  # layer (or 0) -> tensor
+
+
+def _unstack_path(path: str, layers_path: str, stacked: bool) -> tuple[str, int]:
+    """``model.layers.3.x`` -> (``model.layers.x``, 3) when layers are stacked."""
+    prefix = layers_path + "."
+    if stacked and path.startswith(prefix):
+        layer, _, rest = path[len(prefix):].partition(".")
+        if layer.isdigit():
+            return prefix + rest, int(layer)
+    return path, 0
+
+
+def _hf_key_for(rules: tuple[Rule, ...], path: str) -> tuple[str, Rule] | None:
+    for rule in rules:
+        m = rule.match_target(path)
+        if m:
+            return rule.hf_key(m), rule
+    return None
+
+
+def _flat_params(state: nnx.State) -> dict[str, nnx.Variable]:
+    return {".".join(map(str, p)): v for p, v in nnx.to_flat_state(state)}
+
+
+def plan_load(family: Family, cfg: Any, abstract_state: nnx.State,
+              tensors: Mapping[str, TensorInfo], *, scan_layers: bool,
+              where: str) -> dict[str, _ParamPlan]:
+    """Match checkpoint keys to parameters; raise one error listing every problem."""
+    rules = family.hf_table(cfg)
+    params = _flat_params(abstract_state)
+    n_layers = cfg.num_hidden_layers
+    plans: dict[str, _ParamPlan] = {}
+    for path, var in params.items():
+        stacked = scan_layers and path.startswith(family.layers_path + ".")
+        plans[path] = _ParamPlan(tuple(var.get_value().shape), stacked)
+    unexpected, wrong, dtypes = [], [], []
+    for key in sorted(tensors, key=_natural):
+        info = tensors[key]
+        match = next(((r, m) for r in rules if (m := r.match(key))), None)
+        if match is None:
+            unexpected.append(f"{key} (no rule in the {family.name} table)")
+            continue
+        rule, m = match
+        target = rule.target_path(m)
+        if target is None:
+            continue  # known, deliberately not loaded
+        path, layer = _unstack_path(target, family.layers_path, scan_layers)
+        plan = plans.get(path)
+        if plan is None or layer >= (n_layers if plan.stacked else 1):
+            unexpected.append(f"{key} (the model built from config.json has no {target})")
+            continue
+        want = rule.transform.hf_shape(plan.shape[1:] if plan.stacked else plan.shape)
+        if info.shape != want:
+            wrong.append(f"{key}: file has {list(info.shape)}, the model needs {list(want)}")
+        if info.dtype not in SAFETENSORS_DTYPES:
+            dtypes.append(f"{key}: {info.dtype} (supported: {', '.join(SAFETENSORS_DTYPES)})")
+        plan.transform = rule.transform
+        plan.sources[layer] = info
+    missing = []
+    for path, plan in plans.items():
+        for layer in range(n_layers if plan.stacked else 1):
+            if layer not in plan.sources:
+                full = path.replace(family.layers_path + ".", f"{family.layers_path}.{layer}.", 1) \
+                    if plan.stacked else path
+                found = _hf_key_for(rules, full)
+                missing.append(f"{found[0] if found else '?'} (for {full})")
+    sections = [("missing keys", missing), ("unexpected keys", unexpected),
+                ("wrong shapes", wrong), ("unsupported dtypes", dtypes)]
+    problems = [(title, items) for title, items in sections if items]
+    if problems:
+        count = sum(len(items) for _, items in problems)
+        lines = [f"{where} does not match the {cfg.model_type} model its config.json describes "
+                 f"({count} problem{'s' if count > 1 else ''}):"]
+        for title, items in problems:
+            lines.append(f"  {title} ({len(items)}):")
+            lines += [f"    {item}" for item in items]
+        lines.append("  Check that config.json belongs to these weights, or fix the overrides.")
+        raise CheckpointError("\n".join(lines))
+    return plans
+
+
+def _natural(key: str) -> list[Any]:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)]
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _read_slices(info: TensorInfo, slices: tuple[slice, ...]) -> np.ndarray:
+    # One open per read: the file's memory map (and the pages it touched) is released right
+    # after, so a big single-file checkpoint never counts fully in the process's RSS.
+    with safe_open(info.file, framework="numpy") as f:
+        return f.get_slice(info.key)[slices]
+
+
+def _read_block(plan: _ParamPlan, block: tuple[slice, ...], dtype: np.dtype) -> np.ndarray:
+    if not plan.stacked:
+        info = plan.sources[0]
+        data = plan.transform.read_block(lambda s: _read_slices(info, s), block, plan.shape)
+        return np.asarray(data, dtype=dtype)
+    layer_block, rest = block[0], block[1:]
+    out = np.empty([s.stop - s.start for s in block], dtype=dtype)
+    for i, layer in enumerate(range(layer_block.start, layer_block.stop)):
+        info = plan.sources[layer]
+        out[i] = plan.transform.read_block(lambda s, info=info: _read_slices(info, s), rest,
+                                           plan.shape[1:])
+    return out
+
+
+def _make_array(plan: _ParamPlan, sharding: jax.sharding.Sharding, dtype: np.dtype) -> jax.Array:
+    cache: dict[tuple, np.ndarray] = {}  # replicated shards are read once
+
+    def callback(index: tuple[slice, ...]) -> np.ndarray:
+        block = tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, plan.shape, strict=True))
+        key = tuple((s.start, s.stop) for s in block)
+        if key not in cache:
+            cache[key] = _read_block(plan, block, dtype)
+        return cache[key]
+
+    return jax.make_array_from_callback(plan.shape, sharding, callback)
+
+
+def _as_dtype(dtype: Any) -> np.dtype:
+    try:
+        return np.dtype(jnp.dtype(dtype))
+    except TypeError:
+        raise JaxtuneError(f"dtype '{dtype}' is not a dtype; use float32, bfloat16 or "
+                           "float16.") from None
+
+
+def from_pretrained(
+    path_or_hub_id: str | os.PathLike,
+    dtype: Any = "float32",
+    mesh: Mesh | None = None,
+    *,
+    compute_dtype: Any = None,
+    scan_layers: bool = False,
+    remat: str = "none",
+    attention: str = "auto",
+    rules: Rules | None = None,
+    **overrides: Any,
+) -> nnx.Module:
+    """Load an HF checkpoint (folder or hub id) as a Flax NNX model on ``mesh``.
+
+    Args:
+      path_or_hub_id: a folder with config.json and *.safetensors, or a hub id.
+      dtype: parameter dtype (float32, bfloat16, float16); weights are converted on read.
+      mesh: the device mesh (default: the first device); parameters are sharded by ``rules``.
+      compute_dtype: activation dtype (default: ``dtype``).
+      scan_layers, remat, attention: model options (see ``jaxtune.models.llama.model``).
+      rules: logical-axis rules (default ``jaxtune.sharding.DEFAULT_RULES``).
+      **overrides: config.json fields to replace before the model is built.
+
+    Returns:
+      The model; ``model(input_ids)`` gives float32 logits ``[batch, seq, vocab]``.
+    """
+    model_dir = resolve_model_dir(path_or_hub_id)
+    hf_config = {**load_hf_config(model_dir), **overrides}
+    family = get_family(hf_config.get("model_type"))
+    cfg = family.config_cls.from_hf_config(hf_config)
+    tensors = checkpoint_index(model_dir)
+    param_dtype = _as_dtype(dtype)
+    abstract = abstract_model(cfg, param_dtype=param_dtype,
+                              compute_dtype=_as_dtype(compute_dtype or dtype),
+                              scan_layers=scan_layers, remat=remat, attention=attention)
+    graphdef, abstract_state = nnx.split(abstract)
+    plans = plan_load(family, cfg, abstract_state, tensors, scan_layers=scan_layers,
+                      where=str(model_dir))
+    shardings = _flat_params(state_shardings(abstract_state, mesh or single_device_mesh(),
+                                             rules))
+    flat = []
+    for path, var in nnx.to_flat_state(abstract_state):
+        name = ".".join(map(str, path))
+        flat.append((path, var.replace(_make_array(plans[name], shardings[name], param_dtype))))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _to_numpy(x: jax.Array) -> np.ndarray:
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def to_hf_tensors(model_or_state: nnx.Module | nnx.State, config: Any = None, *,
+                  dtype: Any = None, strict: bool = True) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield ``(hf_key, numpy array)`` for every parameter, one tensor at a time.
+
+    Runs the family's table backwards: stacked (scanned) layers are split per layer, kernels
+    go back to torch's ``[out, in]``. Tied embeddings produce no ``lm_head.weight``, as HF
+    writes them. ``config`` is needed only when passing a bare state. ``dtype`` casts each
+    tensor (default: keep the parameter dtype). With ``strict``, parameters the table does
+    not cover (e.g. unmerged LoRA adapters) raise instead of being skipped.
+    """
+    if isinstance(model_or_state, nnx.Module):
+        config = config or model_or_state.config
+        state = nnx.state(model_or_state, nnx.Param)
+    else:
+        state = model_or_state
+    if config is None:
+        raise JaxtuneError("to_hf_tensors needs the family config when given a bare state.")
+    family = get_family(config.model_type)
+    rules = family.hf_table(config)
+    prefix = family.layers_path + "."
+    items: list[tuple[str, Any, int | None, Transform]] = []
+    unmapped = []
+    for path, var in nnx.to_flat_state(state):
+        name = ".".join(map(str, path))
+        value = var.get_value() if isinstance(var, nnx.Variable) else var
+        stacked = name.startswith(prefix) and not name[len(prefix):].split(".")[0].isdigit()
+        layers = range(value.shape[0]) if stacked else [None]
+        for layer in layers:
+            full = name.replace(prefix, f"{prefix}{layer}.", 1) if stacked else name
+            found = _hf_key_for(rules, full)
+            if found is None:
+                unmapped.append(full)
+                continue
+            items.append((found[0], value, layer, found[1].transform))
+    if unmapped and strict:
+        raise JaxtuneError(f"No HF key for parameters {unmapped}; merge adapters first or "
+                           "pass strict=False to skip them.")
+    out_dtype = None if dtype is None else _as_dtype(dtype)
+    for key, value, layer, transform in sorted(items, key=lambda it: _natural(it[0])):
+        array = _to_numpy(value if layer is None else value[layer])
+        array = transform.to_hf(array)
+        yield key, array if out_dtype is None else array.astype(out_dtype)
