@@ -9,3 +9,4 @@ import os
 
 collect_ignore = [] if os.environ.get("JAXTUNE_MULTIDEVICE") else ["multidevice"]
 from tests.fixtures_data import *  # noqa: F401,F403,E402
+from tests.fixtures_models import *  # noqa: F401,F403,E402
