@@ -63,9 +63,9 @@ class LoraConfig:
 @dataclass
 class DataSourceConfig:
     path: str = ""  # local file / folder (json, jsonl, parquet, csv, txt, arrow) or hub id
-    split: str = "train"  # split to read; slicing like 'train[:90%]' is allowed
+    split: str = "train"  # split to read; slices like 'train[:90%]' select rows of the source
     subset: str = ""  # dataset configuration name (hub datasets)
-    weight: float = 1.0  # mixture weight relative to the other sources
+    weight: float = 1.0  # per-epoch multiplier: 2 repeats each example, 0.5 takes half of them
 
 
 @dataclass
@@ -81,17 +81,18 @@ class DataConfig:
     output_field: str = "output"  # alpaca output field
     messages_field: str = "messages"  # chat field: list of {role, content} or {from, value}
     role_map: dict[str, str] = field(default_factory=dict)  # extra role names, e.g. gpt: assistant
-    system_prompt: str = ""  # system prompt added to chats that have none
-    chat_template: str = ""  # override the tokenizer's chat template (a Jinja string or file)
+    system_prompt: str = ""  # system prompt added to chats (and alpaca prompts) that have none
+    chat_template: str = ""  # override the chat template: chatml | llama3 | gemma, a file, Jinja
+    alpaca_prompt: str = "auto"  # alpaca: auto (chat template if any) | chat | classic
     train_on_inputs: bool = False  # also train on prompts / user turns
     seq_len: int = 512  # tokens per row
     packing: bool = True  # pack several examples into each row (segment ids keep them apart)
-    truncation: str = "truncate"  # over-long examples: truncate | drop | error
+    truncation: str = "truncate"  # over-long examples: truncate | drop | error | split (text)
     on_bad_row: str = "error"  # malformed rows: error | skip
     shuffle: bool = True  # shuffle examples each epoch (seeded from run.seed)
-    streaming: bool = False  # stream large sources instead of loading them whole
+    streaming: bool = False  # stream large sources instead of tokenizing them into the cache
+    shuffle_buffer: int = 10000  # streaming only: examples held in the shuffle buffer
     cache_dir: str = ".cache/jaxtune/data"  # tokenization cache; keyed by data, tokenizer, template
-    num_workers: int = 0  # grain worker processes; 0 keeps loading in the main process
 
 
 @dataclass
@@ -139,12 +140,13 @@ class TrainerConfig:
 
 @dataclass
 class CheckpointConfig:
-    enabled: bool = True  # write checkpoints under <output_dir>/checkpoints
-    save_every: int = 0  # save every N steps; 0 saves only at the end
-    keep: int = 3  # keep the last K checkpoints
+    enabled: bool = True  # write checkpoints (see docs/checkpoints.md)
+    dir: str = ""  # checkpoint folder, local or gs://bucket/path; empty: <output_dir>/checkpoints
+    save_every: int = 0  # save every N steps; 0 saves only at the end (and on SIGTERM)
+    keep: int = 3  # keep the last K checkpoints; 0 keeps all
     keep_every: int = 0  # also keep every M-th step for good; 0 disables
     resume: str = "auto"  # auto (latest complete step) | none | a step number
-    async_save: bool = True  # save in the background while training continues
+    async_save: bool = True  # write in the background; training waits only for the host copy
 
 
 @dataclass
@@ -336,7 +338,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.attention": ("auto", "xla", "cudnn"),
     "lora.quantize_base": ("none", "int8", "nf4"),
     "data.format": ("text", "completion", "alpaca", "chat"),
-    "data.truncation": ("truncate", "drop", "error"),
+    "data.truncation": ("truncate", "drop", "error", "split"),
+    "data.alpaca_prompt": ("auto", "chat", "classic"),
     "data.on_bad_row": ("error", "skip"),
     "optimizer.name": ("adamw", "adafactor", "lion", "sgd", "muon"),
     "optimizer.schedule": ("constant", "linear", "cosine", "wsd"),
@@ -399,6 +402,9 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(
             f"'checkpoint.resume' is '{resume}'; use auto, none or a step number."
         )
+    for key in ("checkpoint.save_every", "checkpoint.keep", "checkpoint.keep_every"):
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"'{key}' must be >= 0 (0 turns it off), got {_get(cfg, key)}.")
     d = cfg.distributed
     if d.initialize == "explicit" and (not d.coordinator_address or d.num_processes < 1):
         raise ConfigError(
