@@ -142,7 +142,7 @@ class Trainer:
         if start == 0 or start == t.steps:
             evals.append(self._eval_and_log(start))
 
-        compiled, pending = None, None
+        compiled, pending, last = None, None, start
         bar = self._progress(start)
         for step in range(start + 1, t.steps + 1):
             host_batch = next(self.train_iter)
@@ -160,15 +160,21 @@ class Trainer:
                 pending = None
                 evals.append(self._eval_and_log(step))
             self._save(step)
+            last = step
+            if self._preemption_requested(step):
+                break
         if pending is not None:
             history.append(self._finish_step(*pending, bar))
         if bar is not None:
             bar.close()
-        if t.steps > start:
+        if last < t.steps:
+            log.warning("preemption notice: saving step %d and stopping; run the same command "
+                        "to continue", last)
+        elif t.steps > start:
             evals.append(self._eval_and_log(t.steps))
-        self._save(t.steps, force=True)
+        self._save(last, force=True)
         self.close()
-        return TrainResult(self.run_dir, t.steps, history, [e for e in evals if e], self.state)
+        return TrainResult(self.run_dir, last, history, [e for e in evals if e], self.state)
 
     def _finish_step(self, step: int, step_metrics, tokens: float, bar) -> dict[str, float]:
         """Read one step's metrics back (blocking on that step only), check, log."""
@@ -231,6 +237,10 @@ class Trainer:
     def _save(self, step: int, force: bool = False) -> None:
         if self.checkpointer is not None:
             self.checkpointer.save(step, self.state, self.train_iter, force=force)
+
+    def _preemption_requested(self, step: int) -> bool:
+        """SIGTERM or a TPU preemption notice: save at this step boundary and stop cleanly."""
+        return self.checkpointer is not None and self.checkpointer.preemption_requested(step)
 
     def close(self) -> None:
         if self.checkpointer is not None:
