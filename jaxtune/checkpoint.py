@@ -56,6 +56,10 @@ STRUCTURAL_KEYS = (
     "optimizer.name", "optimizer.state_dtype", "optimizer.freeze",
 )
 
+#: Keys whose switching on or off (0 <-> non-zero) adds or removes an optimizer transform,
+#: and so changes the optimizer state's layout; other changes of their values are harmless.
+SWITCH_KEYS = ("optimizer.weight_decay", "optimizer.max_grad_norm")
+
 #: HF config.json fields (after model.overrides) that fix parameter shapes.
 ARCH_KEYS = (
     "model_type", "architectures", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -320,6 +324,9 @@ class Checkpointer:
         old, new = _flatten(old_cfg), _flatten(config_to_dict(self.cfg))
         problems = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in STRUCTURAL_KEYS
                     if old.get(k) != new.get(k)]
+        problems += [f"{k}: {old.get(k)!r} -> {new.get(k)!r} (turning it on or off changes the "
+                     "optimizer state)" for k in SWITCH_KEYS
+                     if bool(old.get(k)) != bool(new.get(k))]
         arch_old, arch_new = meta.get("arch") or {}, model_arch(self.cfg)
         if arch_old and arch_new:
             problems += [f"model config.json {k}: {arch_old.get(k)!r} -> {arch_new.get(k)!r}"

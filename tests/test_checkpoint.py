@@ -299,14 +299,17 @@ def test_incompatible_config_is_refused_naming_the_keys(tmp_path, mesh, step_fn)
     changed = make_cfg(tmp_path, save_every=2)
     changed.optimizer.name = "lion"
     changed.model.dtype = "bfloat16"
+    changed.optimizer.max_grad_norm = 0.0
     with pytest.raises(CheckpointError) as err:
         Checkpointer(changed, mesh).restore(toy_state(mesh), ToyData())
     msg = str(err.value)
     assert "optimizer.name: 'adamw' -> 'lion'" in msg
     assert "model.dtype: 'float32' -> 'bfloat16'" in msg
+    assert "optimizer.max_grad_norm: 1.0 -> 0.0 (turning it on or off" in msg
 
     harmless = make_cfg(tmp_path, save_every=5)
     harmless.optimizer.learning_rate = 3e-3
+    harmless.optimizer.max_grad_norm = 0.5
     harmless.trainer.steps = 500
     harmless.logging.tensorboard = False
     state = Checkpointer(harmless, mesh).restore(toy_state(mesh), ToyData())
