@@ -122,7 +122,7 @@ def tokenize_shard(
         err = BadRowError(f"{shard.name}, row {base + i}", p.field, p.problem, p.fix)
         if on_bad_row == "error":
             raise err
-        bad.append(str(err))
+        bad.append(f"{err.where}: field '{err.field}' {err.problem}")
 
     for batch in ds.iter(batch_size=_BATCH_ROWS):
         cols = list(batch)

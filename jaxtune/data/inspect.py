@@ -1,0 +1,114 @@
+"""``jaxtune inspect-data``: show exactly what the model trains on, before training.
+
+Prints the first examples as text with the trained tokens marked (green in a terminal,
+``[[like this]]`` otherwise, or when ``color=False``), then the totals: examples, tokens,
+trained tokens, truncated, dropped, skipped bad rows and packing efficiency.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import numpy as np
+
+from jaxtune.data.loader import BatchIterator
+from jaxtune.data.prepare import PreparedData, prepare
+from jaxtune.data.tokenizer import load_tokenizer
+
+_GREEN, _DIM, _RESET = "\033[1;32m", "\033[2m", "\033[0m"
+
+
+def _use_color(color: bool | None) -> bool:
+    if color is not None:
+        return color
+    return sys.stdout.isatty() and "NO_COLOR" not in os.environ
+
+
+def render_marked(tokenizer, tokens: np.ndarray, trained: np.ndarray, color: bool) -> str:
+    """Decode ``tokens``, marking runs of trained tokens."""
+    out, start = [], 0
+    flags = np.asarray(trained).astype(bool)
+    for end in range(1, len(tokens) + 1):
+        if end == len(tokens) or flags[end] != flags[start]:
+            text = tokenizer.decode(np.asarray(tokens[start:end]).tolist(),
+                                    skip_special_tokens=False)
+            if flags[start]:
+                text = f"{_GREEN}{text}{_RESET}" if color else f"[[{text}]]"
+            out.append(text)
+            start = end
+    return "".join(out)
+
+
+def inspect_data(cfg, n: int = 3, color: bool | None = None) -> dict[str, Any]:
+    """Print the first ``n`` training examples with trained tokens marked, then totals."""
+    use_color = _use_color(color)
+    tokenizer = load_tokenizer(cfg)
+    data = prepare(cfg, tokenizer, "train")
+    marker = f"{_GREEN}green{_RESET}" if use_color else "[[in double brackets]]"
+    print(f"Trained tokens (loss targets) are shown {marker}.\n")
+    for i in range(min(n, len(data.docs))):
+        print(_example(data, tokenizer, i, use_color, cfg.data.seq_len))
+    stats = _totals(cfg, data)
+    print(_report(stats, cfg, data))
+    if cfg.data.eval_sources:
+        ev = prepare(cfg, tokenizer, "eval").stats
+        print(f"eval: {ev['examples']:,} examples, {ev['tokens']:,} tokens, "
+              f"{ev['trained_tokens']:,} trained")
+    return stats
+
+
+def _example(data: PreparedData, tokenizer, i: int, color: bool, seq_len: int) -> str:
+    docs = data.docs
+    shard = data.shards[docs.shard[i]]
+    tok = data.tokenized[docs.shard[i]]
+    s, length = int(docs.start[i]), int(docs.length[i])
+    tokens, trained = tok.tokens[s:s + length], tok.trained[s:s + length]
+    example = np.searchsorted(np.asarray(tok.offsets), s, side="right") - 1
+    full = int(tok.offsets[example + 1] - tok.offsets[example])
+    cut = f", truncated from {full}" if full > length else ""
+    head = (f"--- example {i + 1}: {shard.name}, row {int(docs.row[i])} "
+            f"({length} tokens{cut}, {int(docs.trained[i])} trained) ---")
+    if color:
+        head = f"{_DIM}{head}{_RESET}"
+    return f"{head}\n{render_marked(tokenizer, tokens, trained, color)}\n"
+
+
+def _totals(cfg, data: PreparedData) -> dict[str, Any]:
+    it = BatchIterator(
+        data, seq_len=cfg.data.seq_len, global_batch_size=cfg.trainer.global_batch_size,
+        seed=cfg.run.seed, shuffle=cfg.data.shuffle, packing=cfg.data.packing,
+    ) if len(data.docs) else None
+    stats = dict(it.stats if it else data.stats)
+    stats.setdefault("packing_efficiency", 0.0)
+    stats.setdefault("rows_per_epoch", 0)
+    return stats
+
+
+def _report(s: dict[str, Any], cfg, data: PreparedData) -> str:
+    pct = 100.0 * s["trained_tokens"] / max(s["tokens"], 1)
+    steps = s["rows_per_epoch"] / cfg.trainer.global_batch_size
+    lines = [
+        "totals:",
+        f"  examples            {s['examples']:,} (of {s['rows_read']:,} rows read)",
+        f"  tokens              {s['tokens']:,}",
+        f"  trained tokens      {s['trained_tokens']:,} ({pct:.1f}%)",
+        f"  truncated           {s['truncated']:,} (data.truncation: {cfg.data.truncation}, "
+        f"seq_len {cfg.data.seq_len})",
+        f"  dropped             {s['dropped']:,} ({s['dropped_too_long']:,} too long, "
+        f"{s['dropped_untrained']:,} with nothing to train)",
+        f"  skipped bad rows    {s['skipped_bad_rows']:,}",
+        f"  packing efficiency  {100.0 * s['packing_efficiency']:.1f}% "
+        f"({s['rows_per_epoch']:,} rows of {cfg.data.seq_len}, {steps:,.1f} steps per epoch; "
+        f"packing {'on' if cfg.data.packing else 'off'})",
+    ]
+    if s["turns_without_end"]:
+        lines.append(
+            f"warning: {s['turns_without_end']:,} trained turns have no end-of-turn special "
+            "token, so the model may not learn to stop; check data.chat_template."
+        )
+    for t in data.tokenized:
+        for problem in t.meta.get("first_bad_rows", [])[:3]:
+            lines.append(f"skipped: {problem}")
+    return "\n".join(lines)
