@@ -111,7 +111,7 @@ class OptimizerConfig:
     momentum: float = 0.9  # sgd momentum
     max_grad_norm: float = 1.0  # clip by global norm; 0 disables clipping
     freeze: list[str] = field(default_factory=list)  # path regexes of parameters not trained
-    state_dtype: str = "float32"  # dtype of optimizer moments
+    state_dtype: str = "float32"  # dtype of first moments (mu, momentum); second moments stay f32
 
 
 @dataclass
@@ -154,6 +154,9 @@ class LoggingConfig:
     jsonl: bool = True  # write metrics.jsonl in the run directory
     tensorboard: bool = True  # write TensorBoard events in the run directory
     wandb_project: str = ""  # Weights & Biases project; empty disables W&B
+    wandb_entity: str = ""  # W&B team or user; empty uses your default entity
+    stdout: bool = True  # print a compact metrics line every log_every steps
+    peak_tflops: float = 0.0  # per-device peak TFLOP/s for MFU; 0 looks it up (measured on CPU)
     level: str = "INFO"  # log level
 
 
