@@ -114,7 +114,10 @@ class Rule:
         """Match a jaxtune parameter path against ``target`` (for export)."""
         if self.target is None:
             return None
-        regex = re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^.]+)", re.escape(self.target))
+        # Each {name} in the target takes the sub-pattern of the same group in ``pattern``.
+        groups = dict(re.findall(r"\(\?P<(\w+)>([^)]*)\)", self.pattern))
+        regex = re.sub(r"\\\{(\w+)\\\}", lambda g: f"(?P<{g.group(1)}>{groups[g.group(1)]})",
+                       re.escape(self.target))
         return re.fullmatch(regex, path)
 
     def hf_key(self, m: re.Match) -> str:
