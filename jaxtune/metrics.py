@@ -1,0 +1,362 @@
+"""Training metrics: where they go (stdout, metrics.jsonl, TensorBoard, W&B) and the throughput
+figures (tokens/s, MFU) and memory readings that go with them.
+
+Only one process writes (process 0 by default); the others construct a writer that does
+nothing, so the training loop needs no ``if`` around logging.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import math
+import os
+import resource
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxtune.errors import JaxtuneError
+
+log = logging.getLogger(__name__)
+
+# --------------------------------------------------------------------------- FLOPs
+
+
+def flops_per_token(model_config: Any, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward), the PaLM paper's appendix B formula.
+
+    ``6 * N + 12 * L * H * Q * T`` where ``N`` counts the parameters that take part in matmuls:
+    per layer the q/k/v/o projections ``D * Q * (2H + 2K)`` and the gated MLP ``3 * D * F``,
+    plus the LM head ``D * V`` (counted when tied too: the projection happens either way); the
+    input embedding is a lookup, not a matmul, and norms/biases are negligible, so neither
+    counts. ``12 * L * H * Q * T`` is the attention score and value matmuls (``2 * 2 * H * Q * T``
+    forward per layer, x3 for forward + backward), over the full sequence as PaLM counts it
+    (causal masking is not subtracted). L layers, D hidden, H query heads, K kv heads,
+    Q head dim, F MLP width, V vocab, T sequence length.
+
+    LoRA runs skip the weight gradients of frozen matrices, so this overstates their work by
+    up to 1.5x (4N instead of 6N); it is still the number MFU is conventionally quoted in.
+    """
+    c = model_config
+    layers, d = c.num_hidden_layers, c.hidden_size
+    heads, kv_heads = c.num_attention_heads, c.num_key_value_heads
+    head_dim = getattr(c, "head_dim", None) or d // heads
+    attention = d * head_dim * (2 * heads + 2 * kv_heads)
+    mlp = 3 * d * c.intermediate_size
+    n = layers * (attention + mlp) + d * c.vocab_size
+    return float(6 * n + 12 * layers * heads * head_dim * seq_len)
+
+
+# --------------------------------------------------------------------------- peak FLOP/s
+
+#: Dense (no sparsity) bf16/fp16 peak FLOP/s of one JAX device, by a lower-case substring of
+#: ``device.device_kind``; the first match wins, so longer names come first. TPU v2/v3 devices
+#: are single cores (half a chip); v4 and later are whole chips.
+_PEAK_BF16: tuple[tuple[str, float], ...] = (
+    ("gb200", 2500e12),
+    ("b200", 2250e12),
+    ("gh200", 989e12),
+    ("h100 pcie", 756e12),
+    ("h100", 989e12),
+    ("h200", 989e12),
+    ("h800", 989e12),
+    ("h20", 148e12),
+    ("a100", 312e12),
+    ("a800", 312e12),
+    ("l40s", 362e12),
+    ("l40", 181e12),
+    ("l4", 121e12),
+    ("v100", 125e12),
+    ("tpu7", 2307e12),
+    ("v6 lite", 918e12),
+    ("v6e", 918e12),
+    ("v5 lite", 197e12),
+    ("v5e", 197e12),
+    ("v5p", 459e12),
+    ("tpu v5", 459e12),
+    ("tpu v4", 275e12),
+    ("tpu v3", 61.5e12),
+    ("tpu v2", 22.5e12),
+)
+
+
+def device_peak_flops(
+    device: Any = None, dtype: Any = "bfloat16", *, peak_tflops: float = 0.0
+) -> float | None:
+    """Peak matmul FLOP/s of one device for ``dtype``, or None when unknown.
+
+    ``peak_tflops`` > 0 (``logging.peak_tflops``) overrides everything. On CPU the peak is a
+    jitted matmul's measured rate (:func:`measure_matmul_peak`, cached per process). On NVIDIA
+    GPUs float32 matmuls run as TF32 (JAX's default precision), half the bf16 rate; TPUs run
+    float32 matmuls at default precision in bf16 passes, so the bf16 rate applies.
+    """
+    if peak_tflops and peak_tflops > 0:
+        return float(peak_tflops) * 1e12
+    device = device if device is not None else jax.devices()[0]
+    dtype = jnp.dtype(dtype)
+    if device.platform == "cpu":
+        return measure_matmul_peak(dtype=dtype.name)
+    kind = device.device_kind.lower()
+    for name, peak in _PEAK_BF16:
+        if name in kind:
+            if dtype == jnp.float32 and device.platform == "gpu":
+                return peak / 2
+            return peak
+    log.warning("No peak FLOP/s known for device '%s'; MFU is not reported. Set "
+                "logging.peak_tflops to the per-device peak to get it.", device.device_kind)
+    return None
+
+
+def measure_matmul_peak(dtype: Any = "float32", size: int = 1024, seconds: float = 0.5) -> float:
+    """FLOP/s of a jitted ``size x size`` matmul on the default device, best of 3 timings of
+    about ``seconds / 3`` each. Cached per process, so a run measures once."""
+    return _measure_matmul_peak(jnp.dtype(dtype).name, int(size), float(seconds))
+
+
+@functools.cache
+def _measure_matmul_peak(dtype: str, size: int, seconds: float) -> float:
+    a = jnp.full((size, size), 0.5, dtype=dtype)
+    b = jnp.full((size, size), 0.25, dtype=dtype)
+    matmul = jax.jit(lambda x, y: x @ y)
+    jax.block_until_ready(matmul(a, b))  # compile
+    flops = 2.0 * size**3
+    tick = time.perf_counter()
+    jax.block_until_ready(matmul(a, b))
+    one = max(time.perf_counter() - tick, 1e-6)
+    reps = max(1, int(seconds / 3 / one))
+    best = 0.0
+    for _ in range(3):
+        tick = time.perf_counter()
+        out = [matmul(a, b) for _ in range(reps)]
+        jax.block_until_ready(out)
+        best = max(best, flops * reps / (time.perf_counter() - tick))
+    return best
+
+
+# --------------------------------------------------------------------------- throughput
+
+
+@dataclasses.dataclass
+class Throughput:
+    """Step time -> tokens/s, tokens/s per device and MFU.
+
+    ``tokens_per_step`` counts the tokens the model processed in a step (all devices);
+    ``peak_flops_per_device`` None leaves MFU out.
+    """
+
+    tokens_per_step: float
+    flops_per_token: float
+    num_devices: int
+    peak_flops_per_device: float | None
+
+    def __call__(self, step_time_s: float, tokens: float | None = None) -> dict[str, float]:
+        tokens = self.tokens_per_step if tokens is None else tokens
+        tps = tokens / max(step_time_s, 1e-12)
+        out = {
+            "step_time_s": step_time_s,
+            "tokens_per_s": tps,
+            "tokens_per_s_per_device": tps / self.num_devices,
+        }
+        if self.peak_flops_per_device:
+            out["mfu"] = tps * self.flops_per_token / (
+                self.peak_flops_per_device * self.num_devices)
+        return out
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def memory_stats(device: Any = None) -> dict[str, float]:
+    """Memory in GiB: device 0's in-use and peak bytes where the backend reports them (GPU,
+    TPU; not CPU), and this process's peak resident set size on the host."""
+    gib = float(1 << 30)
+    out: dict[str, float] = {}
+    device = device if device is not None else jax.local_devices()[0]
+    try:
+        stats = device.memory_stats() or {}
+    except Exception:  # some backends raise instead of returning None
+        stats = {}
+    for key, name in (("bytes_in_use", "device_memory_gib"),
+                      ("peak_bytes_in_use", "device_peak_memory_gib"),
+                      ("bytes_limit", "device_memory_limit_gib")):
+        if key in stats:
+            out[name] = stats[key] / gib
+    # ru_maxrss is in KiB on Linux, bytes on macOS
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out["host_peak_rss_gib"] = rss * (1 if sys.platform == "darwin" else 1024) / gib
+    return out
+
+
+# --------------------------------------------------------------------------- writers
+
+#: Short names and formats for the stdout line; other metrics print under their own name.
+_STDOUT = {
+    "loss": ("loss", "{:.4f}"),
+    "learning_rate": ("lr", "{:.2e}"),
+    "grad_norm": ("gnorm", "{:.3f}"),
+    "param_norm": ("pnorm", "{:.1f}"),
+    "tokens_per_s": ("tok/s", "{:.0f}"),
+    "tokens_per_s_per_device": ("tok/s/dev", "{:.0f}"),
+    "mfu": ("mfu", "{:.1%}"),
+    "step_time_s": ("step_s", "{:.3f}"),
+}
+
+
+def _scalar(value: Any) -> float | int | str | None:
+    """A plain Python number (or string) from a metric value: jax/numpy scalars included."""
+    if isinstance(value, bool | int | str):
+        return value
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def format_line(step: int, metrics: dict[str, Any]) -> str:
+    """``step 12 | loss 2.3456 | lr 1.00e-04 | ...``: known metrics first, in a fixed order."""
+    parts = [f"step {step}"]
+    keys = [k for k in _STDOUT if k in metrics] + sorted(k for k in metrics if k not in _STDOUT)
+    for key in keys:
+        value = metrics[key]
+        if key in _STDOUT and isinstance(value, float) and math.isfinite(value):
+            name, fmt = _STDOUT[key]
+            parts.append(f"{name} {fmt.format(value)}")
+        elif isinstance(value, float):
+            parts.append(f"{key} {value:.4g}")
+        else:
+            parts.append(f"{key} {value}")
+    return " | ".join(parts)
+
+
+class MetricsWriter:
+    """Writes each logged step to stdout, ``<run_dir>/metrics.jsonl``, TensorBoard events in
+    ``<run_dir>/tensorboard`` and W&B, as ``cfg.logging`` enables them.
+
+    ``enabled`` defaults to ``jax.process_index() == 0``. With ``start_step`` (a resume), lines
+    and TensorBoard events after that step, left by the interrupted run, are dropped, so the
+    re-run steps are not logged twice. Every write is flushed: a crash loses at most the
+    current line.
+    """
+
+    def __init__(self, cfg: Any, run_dir: str, *, enabled: bool | None = None,
+                 start_step: int | None = None):
+        self.cfg = cfg
+        self.logging = cfg.logging
+        self.run_dir = run_dir
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self._jsonl = self._tb = self._wandb = None
+        if not self.enabled:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        if self.logging.jsonl:
+            path = os.path.join(run_dir, "metrics.jsonl")
+            if start_step is not None:
+                _drop_lines_after(path, start_step)
+            self._jsonl = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close)
+        if self.logging.tensorboard:
+            from tensorboardX import SummaryWriter
+
+            purge = None if start_step is None else start_step + 1
+            self._tb = SummaryWriter(logdir=os.path.join(run_dir, "tensorboard"),
+                                     purge_step=purge, flush_secs=30)
+        if self.logging.wandb_project:
+            self._wandb = _start_wandb(cfg, run_dir)
+
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
+        """Log one step's metrics (floats, or jax/numpy scalars); a 'step' key is ignored."""
+        if not self.enabled:
+            return
+        values = {k: _scalar(v) for k, v in metrics.items() if k != "step"}
+        values = {k: v for k, v in values.items() if v is not None}
+        if self.logging.stdout:
+            _print(format_line(step, values))
+        if self._jsonl is not None:
+            record = {"step": int(step), "time": round(time.time(), 3), **values}
+            self._jsonl.write(json.dumps(record) + "\n")
+            self._jsonl.flush()
+        numeric = {k: v for k, v in values.items() if not isinstance(v, str)}
+        if self._tb is not None:
+            for key, value in numeric.items():
+                self._tb.add_scalar(key, value, global_step=int(step))
+            self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(numeric, step=int(step))
+
+    def close(self) -> None:
+        """Flush and close every sink; safe to call twice."""
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _print(line: str) -> None:
+    # tqdm.write keeps a progress bar intact below the line (and is a plain print otherwise).
+    try:
+        from tqdm import tqdm
+
+        tqdm.write(line, file=sys.stdout)
+    except ImportError:
+        print(line, flush=True)
+    sys.stdout.flush()
+
+
+def _drop_lines_after(path: str, step: int) -> None:
+    """Keep only the lines of an existing metrics.jsonl whose step is <= ``step``."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            if int(json.loads(line)["step"]) <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a crash
+    if len(kept) != len(lines):
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+
+
+def _start_wandb(cfg: Any, run_dir: str):
+    try:
+        import wandb
+    except ImportError:
+        raise JaxtuneError(
+            f"logging.wandb_project is '{cfg.logging.wandb_project}' but wandb is not installed: "
+            "pip install 'jaxtune[wandb]' (or wandb), or set logging.wandb_project: ''."
+        ) from None
+    from jaxtune.config import config_to_dict
+
+    # The same run directory resumes the same W&B run.
+    run_id = hashlib.sha1(os.path.abspath(run_dir).encode()).hexdigest()[:16]
+    return wandb.init(
+        project=cfg.logging.wandb_project,
+        entity=getattr(cfg.logging, "wandb_entity", "") or None,
+        name=cfg.run.name,
+        dir=run_dir,
+        config=config_to_dict(cfg),
+        id=run_id,
+        resume="allow",
+    )

@@ -1,0 +1,167 @@
+"""Metric sinks (jsonl, TensorBoard, stdout), the FLOPs formula, MFU arithmetic, memory."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import struct
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxtune.config import TrainConfig
+from jaxtune.errors import JaxtuneError
+from jaxtune.metrics import (
+    MetricsWriter,
+    Throughput,
+    device_peak_flops,
+    flops_per_token,
+    format_line,
+    measure_matmul_peak,
+    memory_stats,
+)
+
+
+def make_cfg(**logging) -> TrainConfig:
+    cfg = TrainConfig()
+    cfg.logging = dataclasses.replace(cfg.logging, **logging)
+    return cfg
+
+
+def test_jsonl_tensorboard_and_stdout(tmp_path, capsys):
+    cfg = make_cfg()
+    with MetricsWriter(cfg, str(tmp_path), enabled=True) as w:
+        w.write(1, {"loss": jnp.float32(2.5), "learning_rate": 1e-4, "step": 1})
+        w.write(2, {"loss": np.float64(2.25), "grad_norm": 0.5, "mfu": 0.123})
+        # flushed as written: readable before close
+        lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+        assert len(lines) == 2
+    records = [json.loads(line) for line in lines]
+    assert records[0]["step"] == 1 and records[0]["loss"] == 2.5
+    assert records[0]["learning_rate"] == 1e-4
+    assert records[1] == {**records[1], "step": 2, "loss": 2.25, "grad_norm": 0.5, "mfu": 0.123}
+    events = os.listdir(tmp_path / "tensorboard")
+    assert any(e.startswith("events.out.tfevents") for e in events)
+    assert os.path.getsize(tmp_path / "tensorboard" / events[0]) > 100
+    out = capsys.readouterr().out
+    assert "step 2 | loss 2.2500 | gnorm 0.500 | mfu 12.3%" in out
+
+
+def test_tensorboard_holds_the_scalars(tmp_path):
+    with MetricsWriter(make_cfg(stdout=False, jsonl=False), str(tmp_path), enabled=True) as w:
+        for step in range(1, 4):
+            w.write(step, {"loss": 1.0 / step})
+    values = [(e.step, v.tag, v.simple_value) for e in read_events(tmp_path / "tensorboard")
+              for v in e.summary.value]
+    assert values == [(1, "loss", 1.0), (2, "loss", 0.5), (3, "loss", pytest.approx(1 / 3))]
+
+
+def read_events(folder):
+    """Parse TFRecord event files (length, crc, payload, crc) with tensorboardX's protos."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    events = []
+    for name in sorted(os.listdir(folder)):
+        data = (folder / name).read_bytes()
+        pos = 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            events.append(Event.FromString(data[pos + 12:pos + 12 + length]))
+            pos += 12 + length + 4
+    return [e for e in events if e.HasField("summary")]
+
+
+def test_resume_drops_lines_after_the_checkpoint(tmp_path):
+    cfg = make_cfg(stdout=False, tensorboard=False)
+    with MetricsWriter(cfg, str(tmp_path), enabled=True) as w:
+        for step in range(1, 6):
+            w.write(step, {"loss": float(step)})
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "lo')  # cut short by a crash
+    with MetricsWriter(cfg, str(tmp_path), enabled=True, start_step=3) as w:
+        w.write(4, {"loss": 40.0})
+    steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_disabled_writer_writes_nothing(tmp_path):
+    w = MetricsWriter(make_cfg(), str(tmp_path / "run"), enabled=False)
+    w.write(1, {"loss": 1.0})
+    w.close()
+    assert not (tmp_path / "run").exists()
+
+
+def test_wandb_missing_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "wandb", None)  # import fails
+    with pytest.raises(JaxtuneError, match="wandb is not installed"):
+        MetricsWriter(make_cfg(wandb_project="p"), str(tmp_path), enabled=True)
+
+
+def test_format_line_handles_odd_values():
+    line = format_line(7, {"loss": float("nan"), "zeta": 3, "eval_loss": 1.23456})
+    assert line == "step 7 | loss nan | eval_loss 1.235 | zeta 3"
+
+
+def test_flops_per_token_by_hand():
+    # Llama-like: L=2, D=64, H=4, K=2, Q=16, F=96, V=100, T=32
+    c = types.SimpleNamespace(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=16, intermediate_size=96,
+                              vocab_size=100, tie_word_embeddings=False)
+    q = 64 * 4 * 16
+    k = v = 64 * 2 * 16
+    o = 4 * 16 * 64
+    mlp = 3 * 64 * 96
+    n = 2 * (q + k + v + o + mlp) + 64 * 100  # LM head counted, input embedding not
+    attention = 12 * 2 * 4 * 16 * 32
+    assert flops_per_token(c, 32) == 6 * n + attention
+    tied = types.SimpleNamespace(**{**vars(c), "tie_word_embeddings": True})
+    assert flops_per_token(tied, 32) == 6 * n + attention  # a tied head is still a matmul
+    no_head_dim = types.SimpleNamespace(**{**vars(c), "head_dim": None})
+    assert flops_per_token(no_head_dim, 32) == 6 * n + attention  # D / H = 16
+
+
+def test_throughput_and_mfu_arithmetic():
+    t = Throughput(tokens_per_step=8192, flops_per_token=1e9, num_devices=4,
+                   peak_flops_per_device=1e14)
+    out = t(0.5)
+    assert out["tokens_per_s"] == 16384
+    assert out["tokens_per_s_per_device"] == 4096
+    assert math.isclose(out["mfu"], 16384 * 1e9 / 4e14)
+    assert t(1.0, tokens=100)["tokens_per_s"] == 100
+    assert "mfu" not in Throughput(1, 1, 1, None)(1.0)
+
+
+def test_peak_flops_table_and_override():
+    def dev(kind, platform="gpu"):
+        return types.SimpleNamespace(device_kind=kind, platform=platform)
+
+    assert device_peak_flops(dev("NVIDIA H100 80GB HBM3"), "bfloat16") == 989e12
+    assert device_peak_flops(dev("NVIDIA H100 80GB HBM3"), "float32") == 989e12 / 2
+    assert device_peak_flops(dev("NVIDIA H200"), jnp.bfloat16) == 989e12
+    assert device_peak_flops(dev("NVIDIA A100-SXM4-80GB")) == 312e12
+    assert device_peak_flops(dev("NVIDIA L4")) == 121e12
+    assert device_peak_flops(dev("TPU v4", "tpu")) == 275e12
+    assert device_peak_flops(dev("TPU v5 lite", "tpu"), "float32") == 197e12
+    assert device_peak_flops(dev("TPU v5p", "tpu")) == 459e12
+    assert device_peak_flops(dev("TPU v6 lite", "tpu")) == 918e12
+    assert device_peak_flops(dev("Some Future Chip")) is None
+    assert device_peak_flops(dev("Some Future Chip"), peak_tflops=123.0) == 123e12
+
+
+def test_cpu_peak_is_measured_and_cached():
+    cpu = jax.devices("cpu")[0]
+    peak = device_peak_flops(cpu, "float32")
+    assert 1e8 < peak < 1e14
+    assert measure_matmul_peak("float32") == peak  # cached, not re-measured
+
+
+def test_memory_stats():
+    stats = memory_stats()
+    assert stats["host_peak_rss_gib"] > 0.01  # this process has imported JAX
+    if jax.devices()[0].platform == "cpu":
+        assert "device_memory_gib" not in stats
