@@ -19,32 +19,53 @@ import numpy as np
 PACK_WINDOW = 64  # open rows the packer chooses among
 
 
-def pack(slots: np.ndarray, seq_len: int, window: int = PACK_WINDOW) -> list[list[int]]:
-    """Group document indices into rows whose ``slots`` sum to at most ``seq_len``."""
-    closed: list[list[int]] = []
-    free: list[int] = []  # free space of the open rows, ascending
-    ids: list[int] = []  # open row ids, parallel to ``free``
-    contents: list[list[int]] = []
-    for doc, need in enumerate(np.asarray(slots).tolist()):
-        k = bisect.bisect_left(free, need)
-        if k < len(free):
-            room, row = free.pop(k), ids.pop(k)
-            contents[row].append(doc)
+class Packer:
+    """Incremental best-fit packer: feed documents, collect the rows it closes."""
+
+    def __init__(self, seq_len: int, window: int = PACK_WINDOW):
+        self.seq_len, self.window = seq_len, window
+        self._free: list[int] = []  # free space of the open rows, ascending
+        self._ids: list[int] = []  # open row ids, parallel to ``_free``
+        self._rows: dict[int, list] = {}
+        self._next = 0
+
+    def add(self, item, need: int) -> list[list]:
+        """Place ``item`` (taking ``need`` positions); returns the rows this closed."""
+        closed = []
+        k = bisect.bisect_left(self._free, need)
+        if k < len(self._free):
+            room, row = self._free.pop(k), self._ids.pop(k)
+            self._rows[row].append(item)
             room -= need
         else:
-            if len(free) >= window:  # close the fullest open row to make room
-                free.pop(0)
-                closed.append(contents[ids.pop(0)])
-            row, room = len(contents), seq_len - need
-            contents.append([doc])
+            if len(self._free) >= self.window:  # close the fullest open row to make room
+                self._free.pop(0)
+                closed.append(self._rows.pop(self._ids.pop(0)))
+            row, room = self._next, self.seq_len - need
+            self._next += 1
+            self._rows[row] = [item]
         if room == 0:
-            closed.append(contents[row])
+            closed.append(self._rows.pop(row))
         else:
-            k = bisect.bisect_left(free, room)
-            free.insert(k, room)
-            ids.insert(k, row)
-    closed += [contents[r] for r in sorted(ids)]
-    return closed
+            k = bisect.bisect_left(self._free, room)
+            self._free.insert(k, room)
+            self._ids.insert(k, row)
+        return closed
+
+    def flush(self) -> list[list]:
+        """Close every open row, oldest first."""
+        rows = [self._rows.pop(r) for r in sorted(self._ids)]
+        self._free, self._ids = [], []
+        return rows
+
+
+def pack(slots: np.ndarray, seq_len: int, window: int = PACK_WINDOW) -> list[list[int]]:
+    """Group document indices into rows whose ``slots`` sum to at most ``seq_len``."""
+    packer = Packer(seq_len, window)
+    rows: list[list[int]] = []
+    for doc, need in enumerate(np.asarray(slots).tolist()):
+        rows += packer.add(doc, need)
+    return rows + packer.flush()
 
 
 def build_rows(
@@ -54,6 +75,20 @@ def build_rows(
 
     An empty row (``[]``) is all padding with a zero loss mask.
     """
+    spans = []
+    for row in rows:
+        spans.append([])
+        for d in row:
+            tok = tokenized[docs.shard[d]]
+            s, length = int(docs.start[d]), int(docs.length[d])
+            spans[-1].append((tok.tokens[s:s + length], tok.trained[s:s + length]))
+    return rows_to_arrays(spans, seq_len, pad_id)
+
+
+def rows_to_arrays(
+    rows: list[list[tuple[np.ndarray, np.ndarray]]], seq_len: int, pad_id: int
+) -> dict[str, np.ndarray]:
+    """Arrays for rows given as lists of documents ``(tokens, trained)``."""
     n = len(rows)
     out = {
         "input_ids": np.full((n, seq_len), pad_id, np.int32),
@@ -64,14 +99,11 @@ def build_rows(
     }
     for r, row in enumerate(rows):
         pos = 0
-        for k, d in enumerate(row):
-            tok = tokenized[docs.shard[d]]
-            s, length = int(docs.start[d]), int(docs.length[d])
-            ids = tok.tokens[s:s + length]
-            m = length - 1
+        for k, (ids, trained) in enumerate(row):
+            m = len(ids) - 1
             out["input_ids"][r, pos:pos + m] = ids[:-1]
             out["targets"][r, pos:pos + m] = ids[1:]
-            out["loss_mask"][r, pos:pos + m] = tok.trained[s + 1:s + length]
+            out["loss_mask"][r, pos:pos + m] = trained[1:]
             out["segment_ids"][r, pos:pos + m] = k + 1
             out["positions"][r, pos:pos + m] = np.arange(m, dtype=np.int32)
             pos += m
