@@ -146,6 +146,10 @@ class Checkpointer:
             return False
         tick = time.perf_counter()
         items = self._state_items(state)
+        if self.cfg.checkpoint.async_save and jax.default_backend() == "cpu":
+            # On CPU Orbax writes straight from the arrays' buffers, and the next train step,
+            # which donates them, would wait for the whole write; a copy lets it run.
+            items = jax.tree.map(lambda x: x.copy(), items)
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(items),
             data=ocp.args.JsonSave(self._data_state(data_iter)),
