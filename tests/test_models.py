@@ -166,6 +166,9 @@ def test_config_defaults_and_errors():
         LlamaConfig.from_hf_config({"model_type": "llama"})
     with pytest.raises(JaxtuneError, match="llama, mistral, qwen2, qwen3"):
         get_family("gpt2")
+    assert mistral.replace(num_hidden_layers=3).layer_windows() == (4096,) * 3
+    with pytest.raises(JaxtuneError, match="multiple of num_key_value_heads"):
+        cfg.replace(num_key_value_heads=3, num_attention_heads=4)
 
 
 def test_init_model_every_param_has_logical_axes():

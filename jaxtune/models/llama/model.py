@@ -100,6 +100,12 @@ class LlamaConfig:
     def __post_init__(self):
         if not self.layer_types:
             object.__setattr__(self, "layer_types", (FULL,) * self.num_hidden_layers)
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ConfigError(f"layer_types has {len(self.layer_types)} entries for "
+                              f"{self.num_hidden_layers} layers.")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(f"num_attention_heads={self.num_attention_heads} is not a "
+                              f"multiple of num_key_value_heads={self.num_key_value_heads}.")
 
     @property
     def rope_theta(self) -> float:
@@ -110,6 +116,13 @@ class LlamaConfig:
         return tuple(self.sliding_window if t == SLIDING else None for t in self.layer_types)
 
     def replace(self, **changes: Any) -> LlamaConfig:
+        """A copy with ``changes``; a new layer count keeps uniform ``layer_types`` uniform."""
+        n = changes.get("num_hidden_layers", self.num_hidden_layers)
+        if n != self.num_hidden_layers and "layer_types" not in changes:
+            if len(set(self.layer_types)) > 1:
+                raise ConfigError("This config mixes full and sliding layers: give layer_types "
+                                  "along with a new num_hidden_layers.")
+            changes["layer_types"] = self.layer_types[:1] * n
         return dataclasses.replace(self, **changes)
 
     # ------------------------------------------------------------------ HF config.json
