@@ -62,7 +62,7 @@ def test_two_processes_read_disjoint_parts_of_each_global_batch(tmp_path, data_t
     from jaxtune.data import load_tokenizer, make_batch_iterator
     from tests.fixtures_data import chat_rows, make_data_config, write_jsonl
 
-    path = write_jsonl(tmp_path / "chat.jsonl", chat_rows(30, seed=2))
+    path = write_jsonl(tmp_path / "chat.jsonl", chat_rows(60, seed=2))
     cfg = make_data_config(tmp_path, data_tokenizers["chatml"], [path], batch=8, seed=3)
     spec = {"address": f"localhost:{_free_port()}", "config": config_to_dict(cfg),
             "out": str(tmp_path)}
@@ -79,17 +79,20 @@ def test_two_processes_read_disjoint_parts_of_each_global_batch(tmp_path, data_t
     rec = [json.load(open(tmp_path / f"proc{i}.json")) for i in range(2)]
 
     single = make_batch_iterator(cfg, load_tokenizer(cfg), process_index=0, process_count=1)
+    seen: list[list] = [[], []]  # source rows each process saw during epoch 0
     for step in range(STEPS):
         whole = next(single)
-        seen = [{tuple(d) for row in r["examples"][step] for d in row} for r in rec]
-        assert not seen[0] & seen[1]
-        assert seen[0] | seen[1] == {d for row in single.last_examples for d in row}
+        if single.epoch == 0:
+            for i, r in enumerate(rec):
+                seen[i] += [tuple(d) for row in r["examples"][step] for d in row]
         local = np.concatenate([np.asarray(r["local"][step]) for r in rec])
         np.testing.assert_array_equal(local, whole["input_ids"])
         for r in rec:  # each global array shard holds the global batch's rows at its index
             for start, data in r["shards"][step]:
                 data = np.asarray(data)
                 np.testing.assert_array_equal(data, whole["input_ids"][start:start + len(data)])
+    assert len(seen[0]) > 5 and len(seen[1]) > 5
+    assert len(set(seen[0] + seen[1])) == len(seen[0]) + len(seen[1])  # each row seen once
 
 
 if __name__ == "__main__":

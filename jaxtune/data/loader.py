@@ -2,9 +2,10 @@
 
 For each epoch a *plan* is computed from the seed alone: which documents take part (each
 source contributes ``round(weight * size)`` documents: weight 2 repeats every document twice,
-0.5 takes a different seeded half each epoch), their shuffled order, and how they pack into
-rows. The rows of all epochs form one stream; global batch ``k`` is the next
-``global_batch_size`` rows of it, and process ``p`` of ``P`` builds only rows
+0.5 takes a different seeded half each epoch), how they pack into rows (best fit decreasing
+over the whole epoch, which fills rows to ~95-99%), and the shuffled order of those rows.
+The rows of all epochs form one stream; global batch ``k`` is the next ``global_batch_size``
+rows of it, and process ``p`` of ``P`` builds only rows
 ``[p * B / P, (p + 1) * B / P)`` of each batch. Every process computes the same plan, so the
 slices are disjoint and together form the global batch.
 
@@ -94,11 +95,18 @@ class BatchIterator:
         """Rows of ``epoch`` as lists of document indices (computed once, then cached)."""
         if epoch not in self._plans:
             sel = self._selection(epoch)
-            if self.packing:
+            if not self.packing:
+                plan = [[int(d)] for d in sel]
+            elif self.shuffle:
+                # Best fit decreasing (longest first, ties in shuffled order), then the rows
+                # in a seeded random order: ~4 points denser than packing in arrival order.
+                sel = sel[np.argsort(-self.data.docs.length[sel], kind="stable")]
+                rows = pack(self.data.docs.length[sel] - 1, self.seq_len, window=len(sel))
+                order = np.random.default_rng([self.seed, epoch, 4]).permutation(len(rows))
+                plan = [[int(sel[i]) for i in rows[r]] for r in order]
+            else:  # keep the data order: best fit within a window of open rows
                 rows = pack(self.data.docs.length[sel] - 1, self.seq_len)
                 plan = [[int(sel[i]) for i in row] for row in rows]
-            else:
-                plan = [[int(d)] for d in sel]
             if self.train and not plan:
                 raise DataError(f"Epoch {epoch} has no rows: every source weight rounds to 0.")
             for old in [e for e in self._plans if e < epoch - 1]:
