@@ -158,8 +158,19 @@ def resolve_source(index: int, src) -> list[Shard]:
         return [Shard(index, src.path, path, builder)]
     if os.path.isdir(path):
         return [Shard(index, f, f, _builder_for(f)) for f in _folder_files(index, path, src)]
+    if _looks_local(src.path):
+        raise DataError(
+            f"Data source {index}: '{src.path}' does not exist (no such file or folder; "
+            f"working directory '{os.getcwd()}'). Fix data.sources[{index}].path."
+        )
     return [Shard(index, f"{src.path}:{src.subset or 'default'}:{src.split}", src.path, None,
                   src.subset, src.split)]
+
+
+def _looks_local(path: str) -> bool:
+    """A path no hub id could be ('owner/name' has one slash and no file extension)."""
+    return (path.startswith(("/", "./", "../", "~", "\\")) or path.count("/") > 1
+            or _builder_for(path) is not None or os.sep != "/" and os.sep in path)
 
 
 def _folder_files(index: int, path: str, src) -> list[str]:
