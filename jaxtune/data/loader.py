@@ -33,6 +33,30 @@ log = logging.getLogger(__name__)
 _STATE_VERSION = 1
 
 
+class Plan:
+    """One epoch's rows, stored flat: row ``r`` holds ``docs[offsets[r]:offsets[r + 1]]``."""
+
+    def __init__(self, rows: list[list[int]], lengths: np.ndarray):
+        self.offsets = np.zeros(len(rows) + 1, np.int64)
+        np.cumsum([len(r) for r in rows], out=self.offsets[1:])
+        self.docs = np.fromiter((d for r in rows for d in r), np.int64, int(self.offsets[-1]))
+        self.slots = int((lengths[self.docs] - 1).sum())  # positions holding a document
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, rows: slice) -> list[list[int]]:
+        lo, hi, _ = rows.indices(len(self))
+        return [self.docs[self.offsets[r]:self.offsets[r + 1]].tolist() for r in range(lo, hi)]
+
+    def __iter__(self):
+        return iter(self[:])
+
+    def __eq__(self, other) -> bool:
+        return (isinstance(other, Plan) and np.array_equal(self.offsets, other.offsets)
+                and np.array_equal(self.docs, other.docs))
+
+
 class BatchIterator:
     """Host batches for one process: dicts of numpy arrays ``[B / P, seq_len]``.
 
@@ -60,7 +84,7 @@ class BatchIterator:
         self.seed, self.shuffle, self.packing, self.train = seed, shuffle, packing, train
         self.pad_id = pad_id
         self.epoch, self.row, self.batches = 0, 0, 0
-        self._plans: dict[int, list[list[int]]] = {}
+        self._plans: dict[int, Plan] = {}
         #: per local row of the last batch: ``(source, shard, row)`` of each of its documents
         self.last_examples: list[list[tuple[int, int, int]]] = []
         if train and len(data.docs) == 0:
@@ -91,27 +115,27 @@ class BatchIterator:
             sel = np.random.default_rng([self.seed, epoch, 0]).permutation(sel)
         return sel
 
-    def plan(self, epoch: int) -> list[list[int]]:
+    def plan(self, epoch: int) -> Plan:
         """Rows of ``epoch`` as lists of document indices (computed once, then cached)."""
         if epoch not in self._plans:
             sel = self._selection(epoch)
+            lengths = self.data.docs.length
             if not self.packing:
-                plan = [[int(d)] for d in sel]
+                rows = [[int(d)] for d in sel]
             elif self.shuffle:
                 # Best fit decreasing (longest first, ties in shuffled order), then the rows
                 # in a seeded random order: ~4 points denser than packing in arrival order.
-                sel = sel[np.argsort(-self.data.docs.length[sel], kind="stable")]
-                rows = pack(self.data.docs.length[sel] - 1, self.seq_len, window=len(sel))
-                order = np.random.default_rng([self.seed, epoch, 4]).permutation(len(rows))
-                plan = [[int(sel[i]) for i in rows[r]] for r in order]
+                sel = sel[np.argsort(-lengths[sel], kind="stable")]
+                packed = pack(lengths[sel] - 1, self.seq_len, window=len(sel))
+                order = np.random.default_rng([self.seed, epoch, 4]).permutation(len(packed))
+                rows = [sel[packed[r]].tolist() for r in order]
             else:  # keep the data order: best fit within a window of open rows
-                rows = pack(self.data.docs.length[sel] - 1, self.seq_len)
-                plan = [[int(sel[i]) for i in row] for row in rows]
-            if self.train and not plan:
+                rows = [sel[row].tolist() for row in pack(lengths[sel] - 1, self.seq_len)]
+            if self.train and not rows:
                 raise DataError(f"Epoch {epoch} has no rows: every source weight rounds to 0.")
             for old in [e for e in self._plans if e < epoch - 1]:
                 del self._plans[old]
-            self._plans[epoch] = plan
+            self._plans[epoch] = Plan(rows, lengths)
         return self._plans[epoch]
 
     # ----------------------------------------------------------------- iteration
@@ -183,13 +207,11 @@ class BatchIterator:
     def stats(self) -> dict[str, Any]:
         """Dataset totals plus the packing efficiency and rows of the current epoch's plan."""
         plan = self.plan(self.epoch if self.train else 0)
-        docs = self.data.docs
-        used = sum(int(docs.length[d]) - 1 for r in plan for d in r)
         return {
             **self.data.stats,
             "epoch": self.epoch,
             "rows_per_epoch": len(plan),
-            "packing_efficiency": used / (len(plan) * self.seq_len) if plan else 0.0,
+            "packing_efficiency": plan.slots / (len(plan) * self.seq_len) if len(plan) else 0.0,
         }
 
 
