@@ -218,3 +218,38 @@ def test_wrong_type_is_named(tmp_path, data_tokenizers):
     cfg = make_data_config(tmp_path, data_tokenizers["chatml"], [path], format="text")
     with pytest.raises(BadRowError, match=r"typed.jsonl, row 0: field 'text' must be a string"):
         prepare(cfg, load_tokenizer(cfg))
+
+
+# --------------------------------------------------------------------------- templates
+
+
+def test_named_file_and_inline_template_overrides(tmp_path, data_tokenizers):
+    from jaxtune.data.errors import DataError
+    from jaxtune.data.tokenizer import NAMED_TEMPLATES
+
+    path = write_jsonl(tmp_path / "c.jsonl", chat_rows(1))
+    cfg = make_data_config(tmp_path, data_tokenizers["llama3"], [path], chat_template="chatml")
+    assert load_tokenizer(cfg).chat_template == NAMED_TEMPLATES["chatml"]
+    cfg.data.chat_template = "gemma"  # the fixture vocabulary has no <start_of_turn>
+    with pytest.raises(DataError, match="start_of_turn"):
+        load_tokenizer(cfg)
+    jinja = tmp_path / "t.jinja"
+    jinja.write_text("{% for m in messages %}{{ m['content'] }}<|eot_id|>{% endfor %}")
+    cfg.data.chat_template = str(jinja)
+    assert load_tokenizer(cfg).chat_template == jinja.read_text()
+    cfg.data.chat_template = "no-such-template"
+    with pytest.raises(DataError, match="not a built-in template"):
+        load_tokenizer(cfg)
+
+
+def test_turn_without_end_token_is_counted_and_warned(tmp_path, data_tokenizers, caplog):
+    from jaxtune.data.prepare import prepare
+
+    plain = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+             "{% if add_generation_prompt %}assistant: {% endif %}")
+    path = write_jsonl(tmp_path / "c.jsonl", chat_rows(3, turns=1, system=False))
+    cfg = make_data_config(tmp_path, data_tokenizers["chatml"], [path], chat_template=plain)
+    with caplog.at_level("WARNING"):
+        data = prepare(cfg, load_tokenizer(cfg))
+    assert data.stats["turns_without_end"] == 3
+    assert "no end-of-turn special token" in caplog.text
