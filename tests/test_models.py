@@ -67,7 +67,7 @@ def test_positions_far_from_zero(tiny_hf_model, ids):
     import transformers
 
     path = tiny_hf_model("llama_llama3")
-    positions = np.broadcast_to(np.arange(24) + 200, ids.shape)
+    positions = np.broadcast_to(np.arange(24) + 200, ids.shape).copy()
     hf = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
     with torch.no_grad():
         ref = hf(torch.as_tensor(ids), position_ids=torch.as_tensor(positions)).logits.numpy()
