@@ -1,0 +1,157 @@
+"""Exact resume with real processes and real signals, through the ``jaxtune train`` CLI.
+
+Run A trains 12 steps straight. Run B saves every 4 steps, is killed with SIGKILL after step
+6 and restarted with the same command; it must reach step 12 with the losses of steps 5-12
+and the final state (parameters, optimizer state, RNG, step) bitwise equal to A's. Run C gets
+SIGTERM after step 5: it must save that step and exit 0, and its restart must again end
+bitwise equal to A. Packing and shuffling are on, on a tiny Llama at seq 32.
+
+The processes run ``jaxtune.cli`` through a small launcher that prints each step's loss and,
+after each step's checkpoint call, pauses briefly: the pause lets the test send its signal at
+a known step. The kill itself is a real ``kill -9``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.fixtures_data import chat_rows, write_jsonl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 12
+
+LAUNCHER = textwrap.dedent("""
+    import os, sys, time
+    from jaxtune import checkpoint, trainer
+    pace = float(os.environ.get("E2E_PACE", "0"))
+    save, finish = checkpoint.Checkpointer.save, trainer.Trainer._finish_step
+
+    def paced_save(self, step, *args, **kwargs):
+        out = save(self, step, *args, **kwargs)
+        print(f"E2E-STEP {step}", flush=True)
+        time.sleep(pace)
+        return out
+
+    def printed_finish(self, step, *args, **kwargs):
+        values = finish(self, step, *args, **kwargs)
+        print(f"E2E-LOSS {step} {values['loss']!r}", flush=True)
+        return values
+
+    checkpoint.Checkpointer.save = paced_save
+    trainer.Trainer._finish_step = printed_finish
+    from jaxtune.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory, tiny_hf_model, data_tokenizers):
+    root = tmp_path_factory.mktemp("resume_e2e")
+    data = write_jsonl(root / "chats.jsonl", chat_rows(40, seed=3))
+    cfg = {
+        "run": {"name": "resume-e2e", "seed": 5},
+        "model": {"path": str(tiny_hf_model("llama")), "tokenizer": data_tokenizers["chatml"]},
+        "data": {"sources": [{"path": data}], "format": "chat", "seq_len": 32, "packing": True,
+                 "shuffle": True, "cache_dir": str(root / "cache")},
+        "optimizer": {"learning_rate": 3e-3, "warmup_steps": 2, "weight_decay": 0.01},
+        "trainer": {"steps": STEPS, "global_batch_size": 4, "progress": False},
+        "checkpoint": {"save_every": 4, "keep": 2},
+        "logging": {"tensorboard": False},
+    }
+    path = root / "recipe.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return root, str(path)
+
+
+def launch(recipe_path: str, run_dir: str, *, stop_after: int | None = None,
+           sig: int = signal.SIGKILL) -> tuple[int, dict[int, float], str]:
+    """Run ``jaxtune train``; send ``sig`` once step ``stop_after`` has been saved/checked.
+
+    Returns the exit code, {step: loss} as printed, and the whole output.
+    """
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "E2E_PACE": "0.3",
+           "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-c", LAUNCHER, "train", recipe_path, f"--run.output_dir={run_dir}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, cwd=ROOT)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if stop_after is not None and line.strip() == f"E2E-STEP {stop_after}":
+                proc.send_signal(sig)
+                stop_after = None
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    losses = {}
+    for line in lines:
+        if line.startswith("E2E-LOSS "):
+            _, step, value = line.split()
+            losses[int(step)] = float(value)
+    return rc, losses, "".join(lines)
+
+
+def final_state(run_dir: str, step: int = STEPS) -> list[np.ndarray]:
+    """Every array of the saved TrainState at ``step``, in a fixed order."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    tree = ocp.StandardCheckpointer().restore(os.path.join(run_dir, "checkpoints", str(step),
+                                                           "state"))
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+@pytest.fixture(scope="module")
+def run_a(recipe):
+    root, path = recipe
+    run_dir = str(root / "a")
+    rc, losses, out = launch(path, run_dir)
+    assert rc == 0, out[-3000:]
+    assert sorted(losses) == list(range(1, STEPS + 1)), out[-3000:]
+    return losses, final_state(run_dir)
+
+
+def assert_same_end(run_dir: str, losses: dict[int, float], reference) -> None:
+    ref_losses, ref_state = reference
+    for step in range(9, STEPS + 1):
+        assert losses[step] == ref_losses[step], (step, losses[step], ref_losses[step])
+    state = final_state(run_dir)
+    assert len(state) == len(ref_state)
+    for got, want in zip(state, ref_state, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_sigkill_after_step_6_then_restart_matches_straight_run(recipe, run_a):
+    root, path = recipe
+    run_dir = str(root / "b")
+    rc, first, out = launch(path, run_dir, stop_after=6, sig=signal.SIGKILL)
+    assert rc == -signal.SIGKILL, out[-3000:]
+    assert max(first) < STEPS
+    rc, second, out = launch(path, run_dir)  # the same command again
+    assert rc == 0, out[-3000:]
+    assert min(second) == 5, out[-3000:]  # resumed from the step-4 checkpoint
+    assert all(second[s] == run_a[0][s] for s in range(5, STEPS + 1))
+    assert_same_end(run_dir, second, run_a)
+
+
+def test_sigterm_saves_the_step_reached_and_exits_0(recipe, run_a):
+    root, path = recipe
+    run_dir = str(root / "c")
+    rc, first, out = launch(path, run_dir, stop_after=5, sig=signal.SIGTERM)
+    assert rc == 0, out[-3000:]
+    assert max(first) == 5, out[-3000:]  # stopped at the boundary where SIGTERM arrived
+    assert "5" in os.listdir(os.path.join(run_dir, "checkpoints"))
+    rc, second, out = launch(path, run_dir)
+    assert rc == 0, out[-3000:]
+    assert min(second) == 6, out[-3000:]
+    assert_same_end(run_dir, second, run_a)
