@@ -96,8 +96,8 @@ def train_step(
     new_params = optax.apply_updates(params, updates)
     metrics = {
         "loss": loss,
-        "grad_norm": optax.global_norm(grads),
-        "param_norm": optax.global_norm(new_params),
+        "grad_norm": optax.tree.norm(grads),
+        "param_norm": optax.tree.norm(new_params),
         "trained_tokens": batch["loss_denominator"],
         **{k: v for k, v in aux.items() if k != "num_tokens"},
     }

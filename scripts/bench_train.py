@@ -1,0 +1,171 @@
+"""Training throughput: jaxtune vs a plain transformers + PyTorch loop, side by side.
+
+Two Llama-shaped models with untied embeddings, random tokens, AdamW, f32 (bf16 compute on a
+GPU). Both frameworks run in this process, alternating rounds after a warm-up, so machine noise
+hits both alike. Prints tokens/s for each, their ratio, and jaxtune's MFU against a matmul peak
+measured in the same run (CPU) or the device's bf16 peak (GPU/TPU).
+
+    python scripts/bench_train.py                 # S and M, as recorded in docs/benchmarks.md
+    python scripts/bench_train.py --sizes S --rounds 2 --steps 3   # quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+SIZES = {
+    "S": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=688,
+              vocab_size=8192, seq_len=256, batch=8),
+    "M": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, intermediate_size=1376,
+              vocab_size=8192, seq_len=512, batch=8),
+}
+
+
+def hf_config(size: dict):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        hidden_size=size["hidden_size"], num_hidden_layers=size["num_hidden_layers"],
+        num_attention_heads=size["num_attention_heads"],
+        num_key_value_heads=size["num_attention_heads"],
+        intermediate_size=size["intermediate_size"], vocab_size=size["vocab_size"],
+        max_position_embeddings=size["seq_len"], tie_word_embeddings=False,
+    )
+
+
+class TorchRunner:
+    """The reference: transformers' LlamaForCausalLM, sdpa attention, torch.optim.AdamW."""
+
+    def __init__(self, size: dict, threads: int):
+        import torch
+        from transformers import LlamaForCausalLM
+
+        torch.manual_seed(0)
+        torch.set_num_threads(threads)
+        self.torch = torch
+        self.model = LlamaForCausalLM._from_config(hf_config(size), attn_implementation="sdpa")
+        self.model.train()
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(0, size["vocab_size"], (size["batch"], size["seq_len"]),
+                                 generator=g)
+
+    def step(self) -> float:
+        loss = self.model(input_ids=self.ids, labels=self.ids).loss
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return float(loss)
+
+
+class JaxRunner:
+    """jaxtune's own pieces: init_model, TrainState, the jitted train step, chunked CE."""
+
+    def __init__(self, size: dict, compute_dtype: str):
+        import jax
+        import numpy as np
+
+        from jaxtune.config import MeshConfig, OptimizerConfig, TrainerConfig
+        from jaxtune.loss import make_loss_fn
+        from jaxtune.mesh import make_mesh
+        from jaxtune.models.llama.model import LlamaConfig
+        from jaxtune.optim import make_optimizer
+        from jaxtune.sharding import make_rules
+        from jaxtune.train_state import create_train_state
+        from jaxtune.train_step import jit_train_step, train_step
+        from jaxtune.models.build import init_model
+
+        self.jax = jax
+        mesh = make_mesh(MeshConfig(data=-1))
+        rules = make_rules()
+        cfg = LlamaConfig.from_hf_config(hf_config(size).to_dict())
+        model = init_model(cfg, mesh=mesh, rules=rules, seed=0, param_dtype="float32",
+                           compute_dtype=compute_dtype)
+        self.model_config = model.config
+        opt_cfg = OptimizerConfig(name="adamw", learning_rate=1e-4, schedule="constant",
+                                  max_grad_norm=0.0, weight_decay=0.0)
+        from flax import nnx
+
+        optimizer = make_optimizer(opt_cfg, 1000, nnx.state(model, nnx.Param))
+        self.state = create_train_state(model, optimizer, mesh=mesh, rules=rules)
+        step = jit_train_step(train_step, self.state, mesh, rules,
+                              loss_fn=make_loss_fn(TrainerConfig()), optimizer=optimizer)
+        rng = np.random.default_rng(0)
+        b, t = size["batch"], size["seq_len"]
+        ids = rng.integers(0, size["vocab_size"], (b, t + 1)).astype(np.int32)
+        host = {"input_ids": ids[:, :-1], "targets": ids[:, 1:],
+                "loss_mask": np.ones((b, t), np.float32), "segment_ids": np.ones((b, t), np.int32),
+                "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1))}
+        from jaxtune.sharding import batch_sharding
+
+        self.batch = {k: jax.device_put(v, batch_sharding(mesh)) for k, v in host.items()}
+        self.step_fn = step.lower(self.state, self.batch).compile()
+
+    def step(self) -> float:
+        self.state, metrics = self.step_fn(self.state, self.batch)
+        return float(metrics["loss"])  # blocks, so the timing covers the whole step
+
+
+def timed(runner, steps: int) -> float:
+    tick = time.perf_counter()
+    for _ in range(steps):
+        runner.step()
+    return (time.perf_counter() - tick) / steps
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--sizes", default="S,M")
+    p.add_argument("--rounds", type=int, default=3, help="alternating timed rounds per framework")
+    p.add_argument("--steps", type=int, default=5, help="steps per timed round")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="PyTorch intra-op threads (CPU)")
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+    args = p.parse_args()
+
+    import jax
+
+    from jaxtune.metrics import device_peak_flops, flops_per_token, measure_matmul_peak
+
+    platform = jax.devices()[0].platform
+    compute_dtype = "float32" if platform == "cpu" else "bfloat16"
+    if platform == "cpu":
+        peak, peak_src = measure_matmul_peak(), "measured f32 matmul"
+    else:
+        peak, peak_src = device_peak_flops(jax.devices()[0], compute_dtype), "device bf16 peak"
+    print(f"platform {platform} ({jax.devices()[0].device_kind}), {jax.device_count()} devices, "
+          f"compute {compute_dtype}, peak {peak / 1e9:.0f} GFLOP/s ({peak_src})")
+    rows = []
+    for name in args.sizes.split(","):
+        size = SIZES[name]
+        tokens = size["batch"] * size["seq_len"]
+        jx = JaxRunner(size, compute_dtype)
+        th = None if args.no_torch or platform != "cpu" else TorchRunner(size, args.threads)
+        for r in filter(None, (jx, th)):
+            timed(r, args.warmup)
+        jt, tt = [], []
+        for _ in range(args.rounds):
+            jt.append(timed(jx, args.steps))
+            if th is not None:
+                tt.append(timed(th, args.steps))
+        j_tps = tokens / statistics.median(jt)
+        t_tps = tokens / statistics.median(tt) if tt else float("nan")
+        fpt = flops_per_token(jx.model_config, size["seq_len"])
+        mfu = j_tps * fpt / (peak * jax.device_count()) if peak else float("nan")
+        t_mfu = t_tps * fpt / peak if peak else float("nan")
+        rows.append((name, j_tps, t_tps, mfu, t_mfu))
+        del jx, th
+    print(f"\n{'size':<5}{'jaxtune tok/s':>15}{'torch tok/s':>13}{'jaxtune MFU':>13}"
+          f"{'torch MFU':>11}")
+    for name, j, t, m, tm in rows:
+        print(f"{name:<5}{j:>15.0f}{t:>13.0f}{m:>13.1%}{tm:>11.1%}")
+    for name, j, t, *_ in rows:
+        print(f"ratio {name}: {j / t:.2f}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
