@@ -71,12 +71,12 @@ class JaxRunner:
         from jaxtune.config import MeshConfig, OptimizerConfig, TrainerConfig
         from jaxtune.loss import make_loss_fn
         from jaxtune.mesh import make_mesh
+        from jaxtune.models.build import init_model
         from jaxtune.models.llama.model import LlamaConfig
         from jaxtune.optim import make_optimizer
         from jaxtune.sharding import make_rules
         from jaxtune.train_state import create_train_state
         from jaxtune.train_step import jit_train_step, train_step
-        from jaxtune.models.build import init_model
 
         self.jax = jax
         mesh = make_mesh(MeshConfig(data=-1))
