@@ -253,3 +253,16 @@ def test_turn_without_end_token_is_counted_and_warned(tmp_path, data_tokenizers,
         data = prepare(cfg, load_tokenizer(cfg))
     assert data.stats["turns_without_end"] == 3
     assert "no end-of-turn special token" in caplog.text
+
+
+def test_chat_without_any_template_is_a_config_error(data_tokenizers):
+    from jaxtune.data.errors import DataError
+
+    tok = AutoTokenizer.from_pretrained(data_tokenizers["chatml"])
+    tok.chat_template = None
+    with pytest.raises(DataError, match="no chat template"):
+        Encoder(tok, FormatSpec(format="chat"))
+    with pytest.raises(DataError, match="alpaca_prompt: classic"):
+        Encoder(tok, FormatSpec(format="alpaca", alpaca_prompt="chat"))
+    (tokens, trained), = encode(tok, [{"instruction": "a", "output": "b"}], format="alpaca")
+    assert "### Response:" in tok.decode(tokens.tolist())  # auto falls back to classic

@@ -31,6 +31,15 @@ class Encoder:
         self.info = info or TokenizerInfo.of(tokenizer)
         self.chat = ChatRenderer(tokenizer, self.info.special_tokens, spec.messages_field)
         self.turns_without_end = 0  # running count over everything encoded
+        needs_template = spec.format == "chat" or (
+            spec.format == "alpaca" and spec.alpaca_prompt == "chat")
+        if needs_template and not self.info.has_chat_template:
+            raise DataError(
+                f"data.format {spec.format} renders chats, but the tokenizer has no chat "
+                "template. Set data.chat_template to a built-in name (chatml, llama3, gemma), "
+                "a Jinja file or a Jinja string" + (
+                    ", or data.alpaca_prompt: classic." if spec.format == "alpaca" else ".")
+            )
         if spec.format != "chat" and self.info.eos_id is None:
             raise DataError(
                 "The tokenizer has no eos_token, so examples could not learn to stop; use a "

@@ -106,15 +106,8 @@ def parse_row(row: dict[str, Any], spec: FormatSpec, has_chat_template: bool):
         return PlainExample([(prompt, spec.train_on_inputs), (completion, True)])
     if spec.format == "alpaca":
         return _alpaca(row, spec, has_chat_template)
-    if spec.format == "chat":
-        if not has_chat_template:
-            raise RowProblem(
-                spec.messages_field, "needs a chat template, but the tokenizer has none",
-                "Set data.chat_template to a built-in name (chatml, llama3, gemma), a file or "
-                "a Jinja string.",
-            )
-        messages = parse_messages(row, spec)
-        return ChatExample(messages)
+    if spec.format == "chat":  # (the encoder has checked that a chat template exists)
+        return ChatExample(parse_messages(row, spec))
     raise ValueError(f"unknown format {spec.format}")
 
 
@@ -147,11 +140,6 @@ def _alpaca(row: dict[str, Any], spec: FormatSpec, has_chat_template: bool):
     output = _text(row, spec.output_field, "output_field")
     use_chat = spec.alpaca_prompt == "chat" or (spec.alpaca_prompt == "auto" and has_chat_template)
     if use_chat:
-        if not has_chat_template:
-            raise RowProblem(
-                spec.instruction_field, "is to be rendered as a chat, but the tokenizer has no "
-                "chat template", "Set data.chat_template, or data.alpaca_prompt: classic.",
-            )
         user = f"{instruction}\n\n{extra}" if extra else instruction
         messages = [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
         if spec.system_prompt:

@@ -190,6 +190,9 @@ class BatchIterator:
     def set_state(self, state: dict[str, Any]) -> None:
         """Continue from a :meth:`get_state` result (e.g. from a checkpoint)."""
         split = "train" if self.train else "eval"
+        if state.get("streaming"):
+            raise DataError("This data state was saved by the streaming pipeline; resume with "
+                            "data.streaming: true.")
         if state.get("split", split) != split:
             raise DataError(f"Cannot restore a {state.get('split')} iterator state into {split}.")
         changed = [k for k in ("data_key", "seed", "seq_len")
