@@ -110,7 +110,7 @@ def train_step(
 
 def eval_step(state: TrainState, batch: Batch, *, loss_fn: LossFn) -> dict[str, jax.Array]:
     """Summed NLL and token count of one batch (the loss with denominator 1 is the sum)."""
-    batch = {**batch, "loss_denominator": jnp.ones((), jnp.float32),
+    batch = {**batch, "loss_denominator": jnp.ones((), jnp.float32), "step": state.step,
              "rng": jax.random.wrap_key_data(state.rng)}
     loss, aux = loss_fn(state.model(), batch)
     return {"loss_sum": loss, "num_tokens": batch["loss_mask"].astype(jnp.float32).sum()}

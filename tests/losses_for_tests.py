@@ -1,0 +1,13 @@
+"""Loss functions referenced by import path from test recipes (``trainer.loss_fn``)."""
+
+import jax.numpy as jnp
+
+from jaxtune.loss import cross_entropy_loss
+
+NAN_STEP = 3
+
+
+def nan_at_step_3(model, batch):
+    """The default loss, except NaN on step 3 (``batch['step']`` counts steps already taken)."""
+    loss, aux = cross_entropy_loss(model, batch)
+    return jnp.where(batch["step"] + 1 == NAN_STEP, jnp.nan, loss), aux

@@ -1,0 +1,59 @@
+"""The training loop end to end, in process: metrics, eval, run directory, NaN stop."""
+
+import json
+import os
+
+import pytest
+
+from jaxtune.config import config_from_dict
+from jaxtune.trainer import TrainingDiverged, train
+from tests.fixtures_data import chat_rows, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory, tiny_hf_model, data_tokenizers):
+    root = tmp_path_factory.mktemp("trainer")
+    train_file = write_jsonl(root / "train.jsonl", chat_rows(24, seed=1))
+    eval_file = write_jsonl(root / "eval.jsonl", chat_rows(6, seed=2))
+
+    def make(**sections):
+        raw = {
+            "run": {"name": "t", "output_dir": str(root / sections.pop("name", "run")),
+                    "seed": 1},
+            "model": {"path": str(tiny_hf_model("llama")), "tokenizer": data_tokenizers["chatml"]},
+            "data": {"sources": [{"path": train_file}], "eval_sources": [{"path": eval_file}],
+                     "format": "chat", "seq_len": 32, "cache_dir": str(root / "cache")},
+            "optimizer": {"learning_rate": 3e-3, "warmup_steps": 1},
+            "trainer": {"steps": 6, "global_batch_size": 4, "eval_every": 3,
+                        "progress": False},
+            "checkpoint": {"enabled": False},
+        }
+        for key, value in sections.items():
+            raw[key] = {**raw.get(key, {}), **value}
+        return config_from_dict(raw)
+
+    return make
+
+
+def test_train_writes_run_dir_and_learns(recipe):
+    cfg = recipe(name="ok")
+    result = train(cfg)
+    run_dir = cfg.run.output_dir
+    assert os.path.isfile(os.path.join(run_dir, "config.yaml"))
+    lines = [json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl"))]
+    steps = [x["step"] for x in lines if "loss" in x]
+    assert steps == list(range(1, 7))
+    for key in ("loss", "learning_rate", "grad_norm", "param_norm", "tokens_per_s"):
+        assert key in lines[-1] or any(key in x for x in lines), key
+    assert [e["step"] for e in result.evals] == [0, 3, 6]
+    assert result.evals[-1]["eval_loss"] < result.evals[0]["eval_loss"]
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+
+
+def test_nan_stops_run_naming_the_step(recipe):
+    cfg = recipe(name="nan", trainer={"loss_fn": "tests.losses_for_tests:nan_at_step_3",
+                                      "eval_every": 0})
+    with pytest.raises(TrainingDiverged, match="at step 3"):
+        train(cfg)
+    lines = [json.loads(x) for x in open(os.path.join(cfg.run.output_dir, "metrics.jsonl"))]
+    assert max(x["step"] for x in lines if "loss" in x) == 2
