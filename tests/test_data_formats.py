@@ -266,3 +266,14 @@ def test_chat_without_any_template_is_a_config_error(data_tokenizers):
         Encoder(tok, FormatSpec(format="alpaca", alpaca_prompt="chat"))
     (tokens, trained), = encode(tok, [{"instruction": "a", "output": "b"}], format="alpaca")
     assert "### Response:" in tok.decode(tokens.tolist())  # auto falls back to classic
+
+
+def test_template_without_generation_prompt_does_not_train_the_header(toks):
+    tok = AutoTokenizer.from_pretrained(toks["chatml"].name_or_path)
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+                         "<|im_end|>\n{% endfor %}")
+    rows = chat_rows(4, turns=3)
+    for row, (tokens, trained) in zip(rows, encode(tok, rows), strict=True):
+        replies = [m["content"] for m in row["messages"] if m["role"] == "assistant"]
+        assert trained_runs(tokens, trained) == [ids(tok, r) + [tok.eos_token_id]
+                                                 for r in replies]

@@ -14,7 +14,9 @@ template writes after the end token is not trained but the end token always is.
 Some templates render a turn differently once later turns follow (Qwen3 drops an empty
 ``<think>`` block from earlier turns), so a prefix is not always a prefix of the full text.
 For such a turn we fall back to finding the turn's content in the full rendering, searching
-forward from the previous turn, and train from there through its end token.
+forward from the previous turn, and train from there through its end token. Templates that
+ignore ``add_generation_prompt`` are handled the same way: the span starts at the content,
+so the assistant header is not trained.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class ChatRenderer:
     def __init__(self, tokenizer, special_tokens: tuple[str, ...], field: str = "messages"):
         self.tokenizer = tokenizer
         self.field = field
+        self._generation_prompt: bool | None = None  # does the template honour it?
         self._end_re = (
             re.compile("|".join(re.escape(t) for t in special_tokens)) if special_tokens else None
         )
@@ -91,6 +94,8 @@ class ChatRenderer:
                 start, stop = len(before), len(through)
                 found = full.find(content, start, stop) if content else start
                 content_end = found + len(content) if found >= 0 else start
+                if found > start and not self._has_generation_prompt(messages):
+                    start = found  # the template cannot write the assistant header alone
             else:
                 start = full.find(content, cursor) if content else -1
                 if start < 0:
@@ -111,6 +116,13 @@ class ChatRenderer:
             spans.append((start, end))
             cursor = end
         return Rendered(full, spans, turns_without_end=missing_end)
+
+    def _has_generation_prompt(self, messages: list[dict[str, Any]]) -> bool:
+        """Whether ``add_generation_prompt`` changes the rendering (checked once)."""
+        if self._generation_prompt is None:
+            with_prompt, without = (self._render([messages[:1]], g)[0] for g in (True, False))
+            self._generation_prompt = with_prompt != without
+        return self._generation_prompt
 
     def _end_of_turn(self, text: str, pos: int, stop: int) -> int | None:
         if self._end_re is None:
