@@ -121,7 +121,20 @@ def _quiet() -> Iterator[None]:
             datasets.enable_progress_bars()
 
 
+# (path, size, mtime) -> content hash: eval iterators are rebuilt at every evaluation, so a
+# file is hashed once per process unless it changes.
+_HASHES: dict[tuple[str, int, int], str] = {}
+
+
 def _file_sha256(path: str) -> str:
+    st = os.stat(path)
+    memo = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if memo not in _HASHES:
+        _HASHES[memo] = _hash_file(path)
+    return _HASHES[memo]
+
+
+def _hash_file(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
