@@ -24,7 +24,10 @@ Contracts other modules rely on (keep them stable):
     ``cfg.data.eval_sources``, padding the last batch with rows whose loss mask is all 0, then
     stops. ``.stats`` holds examples, tokens, trained_tokens, truncated, dropped,
     skipped_bad_rows and packing_efficiency (plus a few more) for logging. Process ``p`` gets
-    a disjoint slice of every global batch (rows ``[p * B / P, (p + 1) * B / P)``).
+    a disjoint slice of every global batch (rows ``[p * B / P, (p + 1) * B / P)``);
+    ``.last_examples`` lists, per local row of the last batch, the ``(source, shard, row)`` of
+    each document in it. With ``cfg.data.streaming`` the same interface reads, tokenizes and
+    packs on the fly (:mod:`jaxtune.data.streaming`).
 
 ``to_global_batch(host_batch, mesh) -> dict[str, jax.Array]``
     Each process's rows placed into global arrays sharded with
@@ -35,6 +38,12 @@ Contracts other modules rely on (keep them stable):
 
 Tokenization runs once per data file and is cached under ``cfg.data.cache_dir``, keyed by the
 file's content, the tokenizer, its chat template and the format settings.
+
+Modules, in pipeline order: ``sources`` (files, folders, hub ids via ``datasets``), ``formats``
+(row -> text pieces or chat), ``chat`` (template rendering and trained spans by prefix diff),
+``encode`` (tokens + trained flags), ``cache``, ``prepare`` (documents, truncation, totals),
+``packing``, ``loader`` (epochs, shuffling, weights, processes, state), ``streaming``,
+``inspect`` (``jaxtune inspect-data``), ``tokenizer`` (loading, template overrides).
 """
 
 from jaxtune.data.errors import BadRowError, DataError
