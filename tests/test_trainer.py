@@ -57,3 +57,16 @@ def test_nan_stops_run_naming_the_step(recipe):
         train(cfg)
     lines = [json.loads(x) for x in open(os.path.join(cfg.run.output_dir, "metrics.jsonl"))]
     assert max(x["step"] for x in lines if "loss" in x) == 2
+
+
+def test_custom_loss_and_step_from_the_docs(recipe):
+    """docs/custom-train-step.md: both hooks by import path change what the run does."""
+    cfg = recipe(name="custom", trainer={
+        "steps": 2, "eval_every": 0,
+        "loss_fn": "examples.custom_step:label_smoothed_loss",
+        "train_step": "examples.custom_step:step_with_update_ratio"})
+    custom = train(cfg)
+    default = train(recipe(name="default", trainer={"steps": 2, "eval_every": 0}))
+    assert custom.history[0]["loss"] != pytest.approx(default.history[0]["loss"], rel=1e-3)
+    assert 0 < custom.history[-1]["update_ratio"] < 1
+    assert "update_ratio" not in default.history[-1]
