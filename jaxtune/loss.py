@@ -15,16 +15,18 @@ and ``unembed(hidden) -> [..., V]`` float32 logits.
 
 The vocabulary projection is the memory peak of fine-tuning (150k+ vocabularies make
 ``[B, T, V]`` float32 logits larger than the model's activations), so :func:`cross_entropy_loss`
-never builds it: tokens are flattened and scanned in chunks of C, and a custom VJP computes each
-chunk's logit gradient in the same pass, so neither the forward nor the backward keeps more than
-one chunk's ``[C, V]`` logits and no chunk is projected twice. Axis letters: B batch, T seq,
-D embed, V vocab, N tokens, K chunks, C tokens per chunk.
+never builds it: the sequence is scanned in chunks of S positions (all rows at once, so the batch
+stays sharded), and a custom VJP computes each chunk's logit gradient in the same pass, so
+neither the forward nor the backward keeps more than one chunk's ``[B, S, V]`` logits and no
+chunk is projected twice. Axis letters: B batch, T seq, D embed, V vocab, K chunks, S positions
+per chunk.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -33,6 +35,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxtune import sharding
 from jaxtune.errors import JaxtuneError
 
 Batch = dict[str, jax.Array]
@@ -56,16 +59,16 @@ def _token_denominator(batch: Batch) -> jax.Array:
     return jnp.maximum(batch["loss_mask"].astype(jnp.float32).sum(), 1.0)
 
 
-def _token_terms(logits_NV: jax.Array, targets_N: jax.Array, mask_N: jax.Array):
-    """Masked sums of NLL and squared log-partition for one set of tokens, in float32."""
-    logits_NV = logits_NV.astype(jnp.float32)
+def _token_terms(logits_V: jax.Array, targets: jax.Array, mask: jax.Array):
+    """Masked sums of NLL and squared log-partition over tokens (any leading shape), in f32."""
+    logits_V = logits_V.astype(jnp.float32)
     # Masked positions may hold any id (-100, pad, out of range); point them at 0 so the gather
     # stays in bounds and nothing NaN can leak through the mask into the gradient.
-    safe_targets_N = jnp.where(mask_N != 0, targets_N, 0)
-    lse_N = jax.nn.logsumexp(logits_NV, axis=-1)
-    target_logit_N = jnp.take_along_axis(logits_NV, safe_targets_N[:, None], axis=-1)[:, 0]
-    nll_sum = jnp.sum((lse_N - target_logit_N) * mask_N)
-    z_sum = jnp.sum(jnp.square(lse_N) * mask_N)
+    safe_targets = jnp.where(mask != 0, targets, 0)
+    lse = jax.nn.logsumexp(logits_V, axis=-1)
+    target_logit = jnp.take_along_axis(logits_V, safe_targets[..., None], axis=-1)[..., 0]
+    nll_sum = jnp.sum((lse - target_logit) * mask)
+    z_sum = jnp.sum(jnp.square(lse) * mask)
     return nll_sum, z_sum
 
 
@@ -83,119 +86,140 @@ def _finish(total: jax.Array, nll_sum: jax.Array, z_sum: jax.Array, batch: Batch
     return loss, aux
 
 
-def _flat(batch: Batch, hidden_BTD: jax.Array):
-    """Tokens flattened to ``N = B*T``: hidden ``[N, D]``, targets ``[N]``, mask ``[N]``."""
-    d = hidden_BTD.shape[-1]
-    hidden_ND = hidden_BTD.reshape(-1, d)
-    targets_N = batch["targets"].reshape(-1).astype(jnp.int32)
-    mask_N = batch["loss_mask"].reshape(-1).astype(jnp.float32)
-    return hidden_ND, targets_N, mask_N
+def _inputs(model: Any, batch: Batch):
+    hidden_BTD = model.hidden_states(batch["input_ids"], batch["positions"], batch["segment_ids"])
+    targets_BT = batch["targets"].astype(jnp.int32)
+    mask_BT = batch["loss_mask"].astype(jnp.float32)
+    return hidden_BTD, targets_BT, mask_BT
 
 
-def _hidden(model: Any, batch: Batch) -> jax.Array:
-    return model.hidden_states(batch["input_ids"], batch["positions"], batch["segment_ids"])
+def _batch_shards(batch_size: int) -> int:
+    """How many ways the batch axis is split under the active activation rules (1 outside)."""
+    current = getattr(sharding._context, "value", None)
+    if current is None:
+        return 1
+    mesh, rules = current
+    spec = sharding.logical_to_spec(("batch",), rules, mesh, (batch_size,))
+    axes = spec[0] if len(spec) else None
+    if axes is None:
+        return 1
+    axes = (axes,) if isinstance(axes, str) else axes
+    return math.prod(mesh.shape[a] for a in axes)
 
 
 def chunked_token_terms(
     unembed: Callable[[jax.Array], jax.Array],
-    hidden_ND: jax.Array,
-    targets_N: jax.Array,
-    mask_N: jax.Array,
+    hidden_BTD: jax.Array,
+    targets_BT: jax.Array,
+    mask_BT: jax.Array,
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     z_loss: float = 0.0,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``(nll_sum + z_loss * z_sum, nll_sum, z_sum)`` over N tokens, ``chunk_size`` at a time.
+    """``(nll_sum + z_loss * z_sum, nll_sum, z_sum)`` over all tokens, a chunk at a time.
 
-    Only ``[C, V]`` logits are ever live. Under differentiation the backward work is fused into
-    the forward scan (see :func:`_fused_terms`): each chunk's logits are made once, turned into
-    ``d logits = softmax * (1 + 2 z lse) - onehot`` right away, and pushed back through
-    ``unembed`` to the hidden states and to the arrays ``unembed`` reads (the LM head). Only the
-    first output may be differentiated; the two sums are for metrics.
+    Chunks are slabs of ``S`` positions of every row, ``[B, S]``, so the batch axis stays
+    sharded over the devices and each device projects only its own rows; ``S`` is chosen so a
+    device sees about ``chunk_size`` tokens per chunk. The sequence is padded with masked
+    positions to a multiple of ``S``. Only one chunk's ``[B, S, V]`` logits are ever live: under
+    differentiation the backward work is fused into the forward scan (see
+    :func:`_fused_terms`). Only the first output may be differentiated; the sums are metrics.
     """
-    n, d = hidden_ND.shape
-    chunk = max(1, min(chunk_size, n))
-    num_chunks = -(-n // chunk)
-    pad = num_chunks * chunk - n
-    if pad:  # padded tokens have mask 0, so they add nothing to the sums or the gradients
-        hidden_ND = jnp.pad(hidden_ND, ((0, pad), (0, 0)))
-        targets_N = jnp.pad(targets_N, (0, pad))
-        mask_N = jnp.pad(mask_N, (0, pad))
-    hidden_KCD = hidden_ND.reshape(num_chunks, chunk, d)
-    targets_KC = targets_N.reshape(num_chunks, chunk)
-    mask_KC = mask_N.reshape(num_chunks, chunk)
+    b, t, d = hidden_BTD.shape
+    rows_per_device = max(1, b // _batch_shards(b))
+    s = max(1, min(t, -(-chunk_size // rows_per_device)))
+    num_chunks = -(-t // s)
+    pad = num_chunks * s - t
+    if pad:  # padded positions have mask 0, so they add nothing to the sums or the gradients
+        hidden_BTD = jnp.pad(hidden_BTD, ((0, 0), (0, pad), (0, 0)))
+        targets_BT = jnp.pad(targets_BT, ((0, 0), (0, pad)))
+        mask_BT = jnp.pad(mask_BT, ((0, 0), (0, pad)))
+    # [B, K*S, ...] -> [K, B, S, ...]: the scan runs over K; B keeps its sharding.
+    hidden_KBSD = jnp.moveaxis(hidden_BTD.reshape(b, num_chunks, s, d), 1, 0)
+    targets_KBS = jnp.moveaxis(targets_BT.reshape(b, num_chunks, s), 1, 0)
+    mask_KBS = jnp.moveaxis(mask_BT.reshape(b, num_chunks, s), 1, 0)
     # Make the arrays unembed closes over (the head weights, traced for the gradient) explicit
     # arguments, so the custom VJP can return their gradients.
-    unembed_flat, consts = jax.closure_convert(unembed, hidden_KCD[0])
-    return _fused_terms(unembed_flat, float(z_loss))(hidden_KCD, targets_KC, mask_KC,
+    unembed_flat, consts = jax.closure_convert(unembed, hidden_KBSD[0].reshape(b * s, d))
+    return _fused_terms(unembed_flat, float(z_loss))(hidden_KBSD, targets_KBS, mask_KBS,
                                                       tuple(consts))
 
 
 def _fused_terms(unembed_flat: Callable[..., jax.Array], z_loss: float):
-    """The chunk scan as a custom-VJP function of ``(hidden_KCD, targets_KC, mask_KC, consts)``.
+    """The chunk scan as a custom-VJP function of ``(hidden_KBSD, targets_KBS, mask_KBS,
+    consts)``.
 
     Why not ``jax.checkpoint`` per chunk and autodiff: that recomputes every chunk's logits in
     the backward pass (4 vocabulary matmuls per chunk instead of 3). Computing the gradient in
     the forward pass needs 3 (2 when the head is frozen) and measured ~20% faster on CPU.
     """
 
-    def scan_terms(hidden_KCD, targets_KC, mask_KC, consts):
+    def project(hidden_BSD, consts):
+        # Rows x positions flattened to one token axis N = B*S (still split by rows over the
+        # devices): XLA fuses the 2-D softmax / gather / one-hot better, keeping fewer [N, V]
+        # buffers live than with [B, S, V].
+        b, s, d = hidden_BSD.shape
+        hidden_BSD = sharding.constrain(hidden_BSD, ("batch", "seq", "embed"))
+        hidden_ND = sharding.constrain(hidden_BSD.reshape(b * s, d), ("batch", "embed"))
+        logits_NV = unembed_flat(hidden_ND, *consts).astype(jnp.float32)
+        return sharding.constrain(logits_NV, ("batch", "vocab"))
+
+    @jax.custom_vjp
+    def terms(hidden_KBSD, targets_KBS, mask_KBS, consts):
         def body(carry, xs):
-            hidden_CD, targets_C, mask_C = xs
-            nll, z = _token_terms(unembed_flat(hidden_CD, *consts), targets_C, mask_C)
+            hidden_BSD, targets_BS, mask_BS = xs
+            nll, z = _token_terms(project(hidden_BSD, consts), targets_BS.reshape(-1),
+                                  mask_BS.reshape(-1))
             return (carry[0] + nll, carry[1] + z), None
 
         zero = jnp.zeros((), jnp.float32)
-        (nll_sum, z_sum), _ = jax.lax.scan(body, (zero, zero), (hidden_KCD, targets_KC, mask_KC))
+        (nll_sum, z_sum), _ = jax.lax.scan(body, (zero, zero),
+                                           (hidden_KBSD, targets_KBS, mask_KBS))
         return nll_sum + z_loss * z_sum, nll_sum, z_sum
 
-    @jax.custom_vjp
-    def terms(hidden_KCD, targets_KC, mask_KC, consts):
-        return scan_terms(hidden_KCD, targets_KC, mask_KC, consts)
-
-    def fwd(hidden_KCD, targets_KC, mask_KC, consts):
-        hidden_KCD, targets_KC, mask_KC = hidden_KCD.value, targets_KC.value, mask_KC.value
+    def fwd(hidden_KBSD, targets_KBS, mask_KBS, consts):
+        hidden_KBSD, targets_KBS, mask_KBS = hidden_KBSD.value, targets_KBS.value, mask_KBS.value
         want = [c.perturbed for c in consts]  # skip the head's gradient when it is frozen
         consts = [c.value for c in consts]
-
-        def logits_fn(hidden_CD, diff_consts):
-            it = iter(diff_consts)
-            full = [next(it) if w else c for w, c in zip(want, consts, strict=True)]
-            return unembed_flat(hidden_CD, *full).astype(jnp.float32)
-
         diff_consts = [c for w, c in zip(want, consts, strict=True) if w]
+
+        def logits_fn(hidden_BSD, diff_consts):
+            it = iter(diff_consts)
+            return project(hidden_BSD, [next(it) if w else c
+                                        for w, c in zip(want, consts, strict=True)])
 
         def body(carry, xs):
             acc, nll_sum, z_sum = carry
-            hidden_CD, targets_C, mask_C = xs
-            logits_CV, pullback = jax.vjp(logits_fn, hidden_CD, diff_consts)
-            lse_C = jax.nn.logsumexp(logits_CV, axis=-1)
-            safe_C = jnp.where(mask_C != 0, targets_C, 0)
-            target_C = jnp.take_along_axis(logits_CV, safe_C[:, None], axis=-1)[:, 0]
-            probs_CV = jnp.exp(logits_CV - lse_C[:, None])
+            hidden_BSD, targets_BS, mask_BS = xs
+            logits_NV, pullback = jax.vjp(logits_fn, hidden_BSD, diff_consts)
+            targets_N, mask_N = targets_BS.reshape(-1), mask_BS.reshape(-1)
+            lse_N = jax.nn.logsumexp(logits_NV, axis=-1)
+            safe_N = jnp.where(mask_N != 0, targets_N, 0)
+            target_N = jnp.take_along_axis(logits_NV, safe_N[:, None], axis=-1)[:, 0]
+            probs_NV = jnp.exp(logits_NV - lse_N[:, None])
             # d/dlogits of mask * (lse - target + z_loss * lse**2)
-            scale_C = mask_C * (1.0 + 2.0 * z_loss * lse_C)
-            onehot_CV = jax.nn.one_hot(safe_C, logits_CV.shape[-1], dtype=jnp.float32)
-            dlogits_CV = probs_CV * scale_C[:, None] - onehot_CV * mask_C[:, None]
-            dhidden_CD, dconsts = pullback(dlogits_CV)
+            scale_N = mask_N * (1.0 + 2.0 * z_loss * lse_N)
+            onehot_NV = jax.nn.one_hot(safe_N, logits_NV.shape[-1], dtype=jnp.float32)
+            dlogits_NV = probs_NV * scale_N[:, None] - onehot_NV * mask_N[:, None]
+            dhidden_BSD, dconsts = pullback(dlogits_NV)
             # Sum the head gradient over chunks in float32 even when the weights are bf16.
             acc = [a + g.astype(jnp.float32) for a, g in zip(acc, dconsts, strict=True)]
-            nll_sum = nll_sum + jnp.sum((lse_C - target_C) * mask_C)
-            z_sum = z_sum + jnp.sum(jnp.square(lse_C) * mask_C)
-            return (acc, nll_sum, z_sum), dhidden_CD
+            nll_sum = nll_sum + jnp.sum((lse_N - target_N) * mask_N)
+            z_sum = z_sum + jnp.sum(jnp.square(lse_N) * mask_N)
+            return (acc, nll_sum, z_sum), dhidden_BSD
 
         zero = jnp.zeros((), jnp.float32)
         acc0 = [jnp.zeros(c.shape, jnp.float32) for c in diff_consts]
-        (acc, nll_sum, z_sum), dhidden_KCD = jax.lax.scan(
-            body, (acc0, zero, zero), (hidden_KCD, targets_KC, mask_KC))
+        (acc, nll_sum, z_sum), dhidden_KBSD = jax.lax.scan(
+            body, (acc0, zero, zero), (hidden_KBSD, targets_KBS, mask_KBS))
         it = iter(acc)
         # None marks a frozen array (no gradient); residuals may hold only arrays and None.
         dconsts = [next(it).astype(c.dtype) if w else None
                    for w, c in zip(want, consts, strict=True)]
-        return (nll_sum + z_loss * z_sum, nll_sum, z_sum), (dhidden_KCD, dconsts)
+        return (nll_sum + z_loss * z_sum, nll_sum, z_sum), (dhidden_KBSD, dconsts)
 
     def bwd(residuals, cotangents):
-        dhidden_KCD, dconsts = residuals
+        dhidden_KBSD, dconsts = residuals
         g_total, g_nll, g_z = cotangents
         for name, g in (("nll_sum", g_nll), ("z_sum", g_z)):
             if not isinstance(g, jax.custom_derivatives.SymbolicZero):
@@ -204,7 +228,7 @@ def _fused_terms(unembed_flat: Callable[..., jax.Array], z_loss: float):
                     f"differentiated; '{name}' is for metrics."
                 )
         dconsts = tuple(None if d is None else (g_total * d).astype(d.dtype) for d in dconsts)
-        dhidden = (g_total * dhidden_KCD).astype(dhidden_KCD.dtype)
+        dhidden = (g_total * dhidden_KBSD).astype(dhidden_KBSD.dtype)
         return dhidden, None, None, dconsts
 
     terms.defvjp(fwd, bwd, symbolic_zeros=True)
@@ -223,10 +247,11 @@ def cross_entropy_loss(
     Returns ``(sum(nll * mask) + z_loss * sum(lse**2 * mask)) / loss_denominator`` and the aux
     sums ``num_tokens``, ``nll_sum`` and ``z_loss`` (the z-loss term's contribution). Without
     ``loss_denominator`` in the batch it divides by this batch's own trained-token count.
+    ``chunk_size`` is the number of tokens each device projects to the vocabulary at a time.
     """
-    hidden_ND, targets_N, mask_N = _flat(batch, _hidden(model, batch))
+    hidden_BTD, targets_BT, mask_BT = _inputs(model, batch)
     total, nll_sum, z_sum = chunked_token_terms(
-        model.unembed, hidden_ND, targets_N, mask_N, chunk_size=chunk_size, z_loss=z_loss
+        model.unembed, hidden_BTD, targets_BT, mask_BT, chunk_size=chunk_size, z_loss=z_loss
     )
     return _finish(total, nll_sum, z_sum, batch, z_loss)
 
@@ -235,8 +260,8 @@ def full_logits_cross_entropy_loss(
     model: Any, batch: Batch, *, z_loss: float = 0.0
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The same loss from the whole ``[B, T, V]`` logits at once: the reference for tests."""
-    hidden_ND, targets_N, mask_N = _flat(batch, _hidden(model, batch))
-    nll_sum, z_sum = _token_terms(model.unembed(hidden_ND), targets_N, mask_N)
+    hidden_BTD, targets_BT, mask_BT = _inputs(model, batch)
+    nll_sum, z_sum = _token_terms(model.unembed(hidden_BTD), targets_BT, mask_BT)
     return _finish(nll_sum + z_loss * z_sum, nll_sum, z_sum, batch, z_loss)
 
 

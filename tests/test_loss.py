@@ -185,9 +185,9 @@ def test_denominator_defaults_to_own_tokens(model):
 
 def test_only_the_loss_output_is_differentiable():
     w = jnp.ones((4, 5))
-    h = jnp.ones((6, 4))
-    t = jnp.zeros((6,), jnp.int32)
-    m = jnp.ones((6,))
+    h = jnp.ones((2, 6, 4))
+    t = jnp.zeros((2, 6), jnp.int32)
+    m = jnp.ones((2, 6))
 
     def nll_sum(w):
         return chunked_token_terms(lambda x: x @ w, h, t, m, chunk_size=4)[1]
