@@ -20,6 +20,7 @@ import os
 import shutil
 import statistics
 import tempfile
+import textwrap
 import time
 
 
@@ -82,6 +83,7 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=4, help="training steps per timed phase")
+    p.add_argument("--repeats", type=int, default=3, help="timed saves of each kind")
     p.add_argument("--dir", default="", help="where to write (default: a temporary folder)")
     p.add_argument("--docs", default="", help="append/replace the '## Checkpoints' section here")
     args = p.parse_args()
@@ -113,52 +115,65 @@ def main() -> None:
     train(2)  # warm up
     base = statistics.median(train(args.steps))
     data = Data()
-    rows = {}
-    for mode in ("sync", "async"):
-        cfg.run.output_dir = os.path.join(root, mode)
-        cfg.checkpoint.async_save = mode == "async"
-        step = int(state.step)
+    runs: dict[str, list[float]] = {k: [] for k in ("sync", "blocked", "written", "during",
+                                                    "restore")}
+    for r in range(args.repeats):
+        for mode in ("sync", "async"):
+            cfg.run.output_dir = os.path.join(root, f"{mode}{r}")
+            cfg.checkpoint.async_save = mode == "async"
+            cfg.checkpoint.resume = "none"
+            ck = Checkpointer(cfg, mesh)
+            tick = time.perf_counter()
+            ck.save(int(state.step), state, data, force=True)
+            blocked = time.perf_counter() - tick
+            overlapped = train(args.steps, ck) if mode == "async" else []
+            ck.wait()
+            written = time.perf_counter() - tick
+            ck.close()
+            if mode == "sync":
+                runs["sync"].append(written)
+            else:
+                runs["blocked"].append(blocked)
+                runs["written"].append(written)
+                runs["during"] += overlapped
+        cfg.checkpoint.resume = "auto"
         ck = Checkpointer(cfg, mesh)
         tick = time.perf_counter()
-        ck.save(step, state, data, force=True)
-        blocked = time.perf_counter() - tick
-        overlapped = train(args.steps, ck) if mode == "async" else []
-        ck.wait()
-        written = time.perf_counter() - tick
+        state = ck.restore(state, data)
+        jax.block_until_ready(state.params)
+        runs["restore"].append(time.perf_counter() - tick)
         ck.close()
-        rows[mode] = (blocked, written, overlapped)
-
-    cfg.checkpoint.resume = "auto"
-    ck = Checkpointer(cfg, mesh)
-    tick = time.perf_counter()
-    state = ck.restore(state, data)
-    jax.block_until_ready(state.params)
-    restore_s = time.perf_counter() - tick
-    ck.close()
     if not args.dir:
         shutil.rmtree(root, ignore_errors=True)
 
-    blocked_a, written_a, overlapped = rows["async"]
-    during = statistics.median(overlapped) if overlapped else float("nan")
+    def cell(values: list[float]) -> str:
+        if not values:
+            return "n/a"
+        med = statistics.median(values)
+        return f"{med:.2f}" if len(values) == 1 else \
+            f"{med:.2f} ({min(values):.2f}-{max(values):.2f})"
+
     device = jax.devices()[0]
-    lines = [
-        "## Checkpoints",
-        "",
+    intro = (
         f"`python scripts/bench_checkpoint.py` on {jax.device_count()} x "
         f"{device.device_kind} ({jax.default_backend()}), {os.cpu_count()} CPU cores: a "
         f"Llama-shaped model of {count_params(state.params) / 1e6:.0f}M parameters "
         f"({params_mb:.0f} MB float32) with AdamW, {saved_mb:.0f} MB per checkpoint, "
-        "written to local disk.",
+        f"written to local disk; median (range) of {args.repeats} repeats.")
+    lines = [
+        "## Checkpoints",
+        "",
+        textwrap.fill(intro, 95),
         "",
         "| what | seconds |",
         "| --- | --- |",
-        f"| synchronous save (loop blocked for all of it) | {rows['sync'][1]:.2f} |",
-        f"| asynchronous save: loop blocked in `save()` | {blocked_a:.2f} |",
-        f"| asynchronous save: complete on disk after (training meanwhile) | {written_a:.2f} |",
-        f"| train step, no save in flight (median) | {base:.2f} |",
-        f"| train step during the background write (median of {len(overlapped)}) | "
-        f"{during:.2f} |",
-        f"| restore onto the sharded state | {restore_s:.2f} |",
+        f"| synchronous save (the loop waits for all of it) | {cell(runs['sync'])} |",
+        f"| asynchronous save: loop held up in `save()` | {cell(runs['blocked'])} |",
+        f"| asynchronous save: complete on disk after (training meanwhile) | "
+        f"{cell(runs['written'])} |",
+        f"| train step, no save in flight | {base:.2f} |",
+        f"| train step while the background write runs | {cell(runs['during'])} |",
+        f"| restore onto the sharded state | {cell(runs['restore'])} |",
         "",
     ]
     text = "\n".join(lines)
