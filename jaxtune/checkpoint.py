@@ -145,6 +145,9 @@ class Checkpointer:
         if not due or step == self._last_saved:
             return False
         tick = time.perf_counter()
+        # Orbax waits for the previous save before starting one; waiting here first lets a
+        # failure of that earlier save be reported under its own step.
+        self.wait()
         items = self._state_items(state)
         if self.cfg.checkpoint.async_save and jax.default_backend() == "cpu":
             # On CPU Orbax writes straight from the arrays' buffers, and the next train step,
@@ -156,9 +159,6 @@ class Checkpointer:
             config=ocp.args.JsonSave(config_to_dict(self.cfg)),
             meta=ocp.args.JsonSave(self._meta(step, saved_frozen="frozen" in items)),
         )
-        # Orbax waits for the previous save before starting one; waiting here first lets a
-        # failure of that earlier save be reported under its own step.
-        self.wait()
         if step in self._manager.all_steps():  # left by a run this one branched off from
             self._manager.delete(step)
         try:
