@@ -349,6 +349,12 @@ def test_lora_saves_adapters_only_and_checks_the_base(tmp_path, mesh):
                                                          seed=1), ToyData())
     assert_bitwise(restored.params, state.params)
 
+    other = make_cfg(tmp_path, save_every=1)
+    other.lora.rank, other.model.path = 2, str(base)
+    other.lora.targets = ["q_proj", "v_proj"]
+    with pytest.raises(CheckpointError, match=r"lora\.targets: \['all-linear'\] -> \['q_proj'"):
+        Checkpointer(other, mesh).restore(toy_state(mesh, embed=256, mlp=512, rank=2), ToyData())
+
     (base / "model.safetensors").write_bytes(b"weights-b" * 1000)  # another base, same size
     with pytest.raises(CheckpointError, match="trained on the base model"):
         Checkpointer(cfg, mesh).restore(toy_state(mesh, embed=256, mlp=512, rank=2), ToyData())
@@ -382,3 +388,22 @@ def test_sigterm_requests_a_save_and_stop(tmp_path, mesh):
     assert ck.preemption_requested(2)
     ck.close()
     assert signal.getsignal(signal.SIGTERM) == previous
+
+
+def test_changed_model_architecture_is_named(tmp_path, mesh, step_fn):
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    hf = {"model_type": "llama", "hidden_size": 72, "num_hidden_layers": 3, "vocab_size": 389}
+    (model_dir / "config.json").write_text(json.dumps(hf))
+    cfg = make_cfg(tmp_path, save_every=1)
+    cfg.model.path = str(model_dir)
+    ck = Checkpointer(cfg, mesh)
+    run_steps(step_fn, toy_state(mesh), ToyData(), mesh, 1, 1, ck)
+    ck.close()
+    (model_dir / "config.json").write_text(json.dumps({**hf, "hidden_size": 96}))
+    with pytest.raises(CheckpointError, match="model config.json hidden_size: 72 -> 96"):
+        Checkpointer(cfg, mesh).restore(toy_state(mesh), ToyData())
+    cfg.model.overrides = {"num_hidden_layers": 2}  # overrides count as the architecture too
+    (model_dir / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(CheckpointError, match="num_hidden_layers: 3 -> 2"):
+        Checkpointer(cfg, mesh).restore(toy_state(mesh), ToyData())
