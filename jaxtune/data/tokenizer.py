@@ -83,6 +83,8 @@ def load_tokenizer(cfg):
     path = cfg.model.tokenizer or cfg.model.path
     if not path:
         raise DataError("No tokenizer: set model.tokenizer or model.path in the config.")
+    local = os.path.expanduser(path)  # recipes may say ~/...; hub ids pass through unchanged
+    path = local if os.path.exists(local) else path
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError) as e:
