@@ -1,71 +1,345 @@
-"""Multi-process JAX start-up: ``jax.distributed.initialize`` from the config.
+"""Multi-process JAX start-up: ``jax.distributed.initialize`` from the config, failing clearly.
 
-Call :func:`initialize` before anything touches a JAX backend. ``auto`` lets JAX detect TPU
-VMs, SLURM and GKE clusters (and does nothing on a single machine); ``explicit`` takes the
-coordinator address, process count and id from the config; ``off`` never initialises.
+JAX's multi-controller runtime runs the same program on every host; :func:`initialize` connects
+this process to the others and must run before anything touches a JAX backend (the trainer
+calls it first). ``distributed.initialize`` picks how:
+
+- ``auto``: connect when JAX can read the cluster from the environment (Cloud TPU VMs and
+  multislice, GKE, SLURM with more than one task, Open MPI); on one machine do nothing.
+- ``explicit``: ``coordinator_address`` (host:port of process 0), ``num_processes`` and
+  ``process_id`` from the config (or ``--distributed.*`` overrides).
+- ``off``: never connect.
+
+A process that cannot join never hangs: the address is checked before JAX sees it, and a
+watchdog thread ends the process after ``distributed.timeout_seconds`` with a message that
+names the setting to check (JAX itself would wait, then abort with ``DEADLINE_EXCEEDED``).
+After connecting, the processes compare their ``num_processes``, since JAX only uses process
+0's. On CPU, collectives between processes use gloo.
+
+Only process 0 (:func:`is_main_process`) writes logs, metrics and the resolved config; every
+process reads its own rows of each batch and writes its own shards of each checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
+import sys
+import threading
+import time
 
 import jax
 
 from jaxtune.config import DistributedConfig
 from jaxtune.errors import JaxtuneError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("jaxtune")
 
-_CLUSTER_ENV = ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS",
-                "JOBSET_NAME")
+#: Exit status of a process the watchdog ends (the CLI's status for user-fixable errors).
+EXIT_CODE = 2
 
 
 class DistributedError(JaxtuneError):
     """The processes could not connect; the message says which setting to check."""
 
 
-def _in_cluster() -> bool:
-    return any(os.environ.get(k) for k in _CLUSTER_ENV)
+# --------------------------------------------------------------------------- detection
+
+
+def detect_cluster() -> str | None:
+    """The multi-process environment JAX can bootstrap from here, or None on one machine.
+
+    Returns a name JAX's ``cluster_detection_method`` accepts, or ``"tpu"`` for Cloud TPU
+    VMs (JAX then tells GCE from GKE itself). A SLURM allocation with one task is not a
+    cluster: starting a coordinator there would only risk port clashes.
+    """
+    env = os.environ
+    slurm = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
+             "SLURM_LOCALID")
+    if all(k in env for k in slurm) and _int(env["SLURM_NTASKS"]) > 1:
+        return "slurm"
+    if "OMPI_MCA_orte_hnp_uri" in env:
+        return "ompi"
+    if env.get("MEGASCALE_COORDINATOR_ADDRESS") or env.get("TPU_WORKER_HOSTNAMES"):
+        return "tpu"
+    if _running_on_cloud_tpu_vm():
+        return "tpu"
+    return None
+
+
+def _running_on_cloud_tpu_vm() -> bool:
+    try:  # JAX's own check (libtpu installed and TPU device files present)
+        from jax._src.cloud_tpu_init import running_in_cloud_tpu_vm
+
+        return bool(running_in_cloud_tpu_vm)
+    except Exception:  # private API moved
+        return False
+
+
+def _int(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        return 0
+
+
+# --------------------------------------------------------------------------- initialize
 
 
 def initialize(cfg: DistributedConfig) -> None:
-    """Connect this process to the others (idempotent; a no-op for single-process runs)."""
-    if cfg.initialize == "off" or _already_initialized():
+    """Connect this process to the others (idempotent; a no-op for single-process runs).
+
+    Raises :class:`DistributedError` for a bad address or disagreeing settings; ends the
+    process with a message (status :data:`EXIT_CODE`) when the others do not all join within
+    ``cfg.timeout_seconds``.
+    """
+    if cfg.initialize == "off" or is_initialized():
         return
     if cfg.initialize == "auto":
-        if not _in_cluster():
+        cluster = detect_cluster()
+        if cluster is None:
             return
-        jax.distributed.initialize(initialization_timeout=cfg.timeout_seconds)
-        return
-    kwargs = dict(
-        coordinator_address=cfg.coordinator_address,
-        num_processes=cfg.num_processes,
-        process_id=cfg.process_id,
-        initialization_timeout=cfg.timeout_seconds,
-    )
+        _initialize_auto(cfg, cluster)
+    else:
+        _initialize_explicit(cfg)
+    log.info("process %d of %d joined (%d local devices, %d in all)", jax.process_index(),
+             jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def _initialize_auto(cfg: DistributedConfig, cluster: str) -> None:
+    _cpu_collectives()
+    method = None if cluster == "tpu" else cluster
+    watchdog = _Watchdog(cfg.timeout_seconds, lambda: (
+        f"Could not connect the processes of this {cluster} job within "
+        f"distributed.timeout_seconds={cfg.timeout_seconds}s (distributed.initialize: auto). "
+        "Every worker/task must run the same command at about the same time; check that all "
+        "of them started and that none failed early (see their logs). To connect "
+        "explicitly, set distributed.initialize: explicit with coordinator_address, "
+        "num_processes and process_id."))
+    try:
+        jax.distributed.initialize(cluster_detection_method=method,
+                                   initialization_timeout=_jax_timeout(cfg))
+    except Exception as e:
+        watchdog.cancel()
+        hint = _BACKEND_HINT if "must be called before" in str(e) else (
+            "Set distributed.initialize: explicit (coordinator_address, num_processes, "
+            "process_id) or off.")
+        raise DistributedError(
+            f"jax.distributed.initialize failed in a {cluster} environment: {e}. {hint}"
+        ) from e
+    watchdog.cancel()
+
+
+def _initialize_explicit(cfg: DistributedConfig) -> None:
+    host, port = parse_address(cfg.coordinator_address)
+    _resolve(host, cfg)
+    if cfg.process_id == 0:
+        _check_port_free(port, cfg)
+    _cpu_collectives()
+    watchdog = _Watchdog(cfg.timeout_seconds, lambda: _join_timeout_message(cfg))
+    kwargs = dict(coordinator_address=cfg.coordinator_address,
+                  num_processes=cfg.num_processes, process_id=cfg.process_id,
+                  initialization_timeout=_jax_timeout(cfg))
     if cfg.local_device_ids:
-        kwargs["local_device_ids"] = cfg.local_device_ids
+        kwargs["local_device_ids"] = list(cfg.local_device_ids)
     try:
         jax.distributed.initialize(**kwargs)
+        _check_same_process_count(cfg)
+    except DistributedError:
+        watchdog.cancel()
+        raise
     except Exception as e:  # the runtime's errors name neither the setting nor the fix
+        watchdog.cancel()
+        hint = _BACKEND_HINT if "must be called before" in str(e) else (
+            "Check distributed.coordinator_address (reachable host:port of process 0), that "
+            "every process uses the same distributed.num_processes, and that each has its own "
+            "distributed.process_id.")
         raise DistributedError(
             f"Process {cfg.process_id} of {cfg.num_processes} could not join the coordinator "
-            f"at {cfg.coordinator_address} within {cfg.timeout_seconds}s ({e}). Check "
-            "distributed.coordinator_address (reachable host:port of process 0), that every "
-            "process uses the same distributed.num_processes, and that process 0 is running."
+            f"at {cfg.coordinator_address}: {e}. {hint}"
         ) from e
+    watchdog.cancel()
 
 
-def _already_initialized() -> bool:
+_BACKEND_HINT = (
+    "JAX was already in use in this process (a backend was initialised) before "
+    "jaxtune.distributed.initialize ran; call it first, before any jax.devices() or array "
+    "operation.")
+
+
+def _jax_timeout(cfg: DistributedConfig) -> int:
+    # JAX aborts the process (no Python exception) when its own deadline passes; giving it
+    # more time than the watchdog lets the watchdog report the problem first.
+    return int(cfg.timeout_seconds) + 30
+
+
+def _cpu_collectives() -> None:
+    """Collectives between processes on CPU need gloo (some JAX versions default to none)."""
+    try:
+        if jax.config.jax_cpu_collectives_implementation not in ("gloo", "mpi"):
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    except AttributeError:  # an older/newer JAX without the option
+        pass
+
+
+# --------------------------------------------------------------------------- address checks
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """``host:port`` (``[v6addr]:port`` too) -> (host, port); DistributedError if malformed."""
+    host, sep, port = address.strip().rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise DistributedError(
+            f"distributed.coordinator_address is '{address}'; it must be host:port of process "
+            "0, e.g. 10.0.0.2:8476 (any free port, the same on every process)."
+        )
+    return host, int(port)
+
+
+def _resolve(host: str, cfg: DistributedConfig) -> None:
+    try:
+        socket.getaddrinfo(host, None)
+    except OSError as e:
+        raise DistributedError(
+            f"distributed.coordinator_address is '{cfg.coordinator_address}', but the host "
+            f"'{host}' does not resolve on this machine ({e}). Use the hostname or IP address "
+            "of the machine running process 0."
+        ) from None
+
+
+def _check_port_free(port: int, cfg: DistributedConfig) -> None:
+    """Process 0 serves the coordinator on ``port``: fail clearly if something holds it."""
+    family = socket.AF_INET6 if socket.has_ipv6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("::" if family == socket.AF_INET6 else "", port))
+    except OSError as e:
+        raise DistributedError(
+            f"Process 0 must serve the coordinator on port {port} "
+            f"(distributed.coordinator_address={cfg.coordinator_address}), but that port is "
+            f"taken on this machine ({e.strerror}). An earlier run may still be running; stop "
+            "it or choose another port for every process."
+        ) from None
+
+
+def _reachable(host: str, port: int, timeout: float = 2.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _join_timeout_message(cfg: DistributedConfig) -> str:
+    """Why the processes did not all join, as far as this process can tell."""
+    host, port = parse_address(cfg.coordinator_address)
+    waited = f"within distributed.timeout_seconds={cfg.timeout_seconds}s"
+    same = (f"Start all {cfg.num_processes} processes with the same "
+            f"distributed.num_processes={cfg.num_processes} and coordinator_address, and "
+            f"each with its own distributed.process_id in 0..{cfg.num_processes - 1}.")
+    if cfg.process_id == 0:
+        return (f"Process 0 served the coordinator on port {port} but not all "
+                f"distributed.num_processes={cfg.num_processes} processes joined {waited}. "
+                f"{same} Check that the others can reach {cfg.coordinator_address} (firewall, "
+                "the address of this machine) and that none of them failed at start-up.")
+    if not _reachable(host, port):
+        return (f"Process {cfg.process_id} found no coordinator at "
+                f"distributed.coordinator_address={cfg.coordinator_address} {waited}: nothing "
+                f"answered on port {port} of {host}. Check the address (it must be the machine "
+                "running process 0 and the port it uses) and that process 0 is running.")
+    return (f"Process {cfg.process_id} reached the coordinator at {cfg.coordinator_address} but "
+            f"the processes did not all join {waited}. The coordinator (process 0) waits for "
+            f"its own distributed.num_processes; this process says {cfg.num_processes}. {same}")
+
+
+# --------------------------------------------------------------------------- after connecting
+
+
+def _check_same_process_count(cfg: DistributedConfig) -> None:
+    """JAX uses only process 0's num_processes; a disagreeing process would go unnoticed."""
+    client = _client()
+    if client is None:
+        return
+    mine = str(cfg.num_processes)
+    client.key_value_set(f"jaxtune/num_processes/{cfg.process_id}", mine)
+    wait_ms = max(1000, int(cfg.timeout_seconds * 1000))
+    said = {0: client.blocking_key_value_get("jaxtune/num_processes/0", wait_ms)}
+    if cfg.process_id == 0:  # every process sets its key before reading, so none is missing
+        for pid in range(1, cfg.num_processes):
+            said[pid] = client.blocking_key_value_get(f"jaxtune/num_processes/{pid}", wait_ms)
+    wrong = {pid: n for pid, n in said.items() if n != mine}
+    if wrong:
+        got = ", ".join(f"process {pid} says {n}" for pid, n in sorted(wrong.items()))
+        raise DistributedError(
+            f"The processes disagree on distributed.num_processes: process {cfg.process_id} "
+            f"says {cfg.num_processes}, {got}. Give every process the same "
+            "distributed.num_processes (the number of processes started)."
+        )
+
+
+def _client():
     try:
         from jax._src import distributed as _dist
 
-        return _dist.global_state.client is not None
-    except Exception:  # private API moved: assume not initialised
-        return False
+        return _dist.global_state.client
+    except Exception:  # private API moved
+        return None
+
+
+def is_initialized() -> bool:
+    """Whether ``jax.distributed`` is connected in this process."""
+    return _client() is not None
 
 
 def is_main_process() -> bool:
     """Process 0 writes logs, metrics and the resolved config; all processes checkpoint."""
     return jax.process_index() == 0
+
+
+def barrier(name: str, timeout_seconds: float) -> None:
+    """Wait until every process reaches ``name`` (no-op with one process; no device work).
+
+    Use it where process 0 does something alone (export) while the others must stay up.
+    """
+    client = _client()
+    if client is None or jax.process_count() == 1:
+        return
+    client.wait_at_barrier(f"jaxtune/{name}", int(timeout_seconds * 1000))
+
+
+# --------------------------------------------------------------------------- watchdog
+
+
+class _Watchdog:
+    """Ends the process with a clear message if not cancelled within ``seconds``.
+
+    JAX's connect call blocks in C++ and then aborts the process, so a Python exception cannot
+    be raised from it; a daemon thread can still print the diagnosis and exit.
+    """
+
+    def __init__(self, seconds: float, message):
+        self._done = threading.Event()
+        self._message = message
+        self._seconds = seconds
+        self._thread = threading.Thread(target=self._run, name="jaxtune-distributed-watchdog",
+                                        daemon=True)
+        self._thread.start()
+
+    def cancel(self) -> None:
+        self._done.set()
+
+    def _run(self) -> None:
+        if self._done.wait(self._seconds):
+            return
+        try:
+            text = self._message()
+        except Exception as e:  # never let the diagnosis keep the process alive
+            text = f"jax.distributed did not connect in time ({e})."
+        if self._done.is_set():  # connected while diagnosing
+            return
+        print(f"error: {text}", file=sys.stderr, flush=True)
+        time.sleep(0.1)
+        os._exit(EXIT_CODE)

@@ -79,17 +79,57 @@ def make_mesh(cfg: MeshConfig | None = None, devices: Sequence[jax.Device] | Non
             f"parallelism needs fast links, so pick a tensor size that divides {local}."
         )
     if cfg.dcn_data > 1:
-        ici = (data // cfg.dcn_data, fsdp, tensor)
-        grid = mesh_utils.create_hybrid_device_mesh(ici, (cfg.dcn_data, 1, 1), devices)
+        if data % cfg.dcn_data:
+            raise MeshError(
+                f"mesh.dcn_data={cfg.dcn_data} slices need a data axis that is a multiple of "
+                f"{cfg.dcn_data}, but it is {data}. Set mesh.data to the data-parallel size "
+                "within one slice (often 1) and mesh.dcn_data to the number of slices."
+            )
+        grid = _hybrid_grid((data // cfg.dcn_data, fsdp, tensor), cfg.dcn_data, devices)
     else:
-        try:
-            grid = mesh_utils.create_device_mesh((data, fsdp, tensor), devices)
-        except (AssertionError, NotImplementedError, ValueError):
-            # Topology-aware placement is only known for some TPU shapes; elsewhere devices
-            # sorted by (process, id) reshaped row-major keep the last axis within a host.
-            ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
-            grid = np.asarray(ordered).reshape(data, fsdp, tensor)
+        grid = _ici_grid((data, fsdp, tensor), devices)
     return _mesh(grid)
+
+
+def _ici_grid(shape: tuple[int, int, int], devices: Sequence[jax.Device]) -> np.ndarray:
+    """Devices of one slice (or host group) arranged as ``shape``, topology-aware on TPU."""
+    try:
+        return mesh_utils.create_device_mesh(shape, devices)
+    except (AssertionError, NotImplementedError, ValueError):
+        # Topology-aware placement is only known for some TPU shapes; elsewhere devices
+        # sorted by (process, id) reshaped row-major keep the last axis within a host.
+        ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
+        return np.asarray(ordered).reshape(shape)
+
+
+def _hybrid_grid(ici: tuple[int, int, int], dcn: int,
+                 devices: Sequence[jax.Device]) -> np.ndarray:
+    """``dcn`` granules (TPU slices, else hosts) stacked along ``data``, each laid out as ``ici``.
+
+    Multislice TPUs carry ``slice_index`` and go through ``create_hybrid_device_mesh``.
+    Elsewhere (GPU nodes, CPU processes) the granules are groups of consecutive processes,
+    and a single process splits its devices into ``dcn`` consecutive blocks.
+    """
+    slices = {getattr(d, "slice_index", None) for d in devices}
+    if None not in slices and len(slices) == dcn:
+        return mesh_utils.create_hybrid_device_mesh(ici, (dcn, 1, 1), devices)
+    by_process: dict[int, list[jax.Device]] = {}
+    for d in sorted(devices, key=lambda d: (d.process_index, d.id)):
+        by_process.setdefault(d.process_index, []).append(d)
+    hosts = list(by_process.values())
+    if len(hosts) == 1:
+        size = len(devices) // dcn
+        granules = [hosts[0][i * size:(i + 1) * size] for i in range(dcn)]
+    elif len(hosts) % dcn == 0:
+        per = len(hosts) // dcn
+        granules = [sum(hosts[i * per:(i + 1) * per], []) for i in range(dcn)]
+    else:
+        raise MeshError(
+            f"mesh.dcn_data={dcn}, but the devices belong to {len(hosts)} processes, which do "
+            f"not split into {dcn} equal groups. Set mesh.dcn_data to the number of slices or "
+            f"nodes (a divisor of {len(hosts)})."
+        )
+    return np.concatenate([_ici_grid(ici, g) for g in granules], axis=0)
 
 
 def _mesh(grid: np.ndarray) -> Mesh:
