@@ -58,7 +58,7 @@ class TorchRunner:
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return loss.item()
 
 
 class JaxRunner:
