@@ -174,9 +174,10 @@ class DistributedConfig:
 class ExportConfig:
     enabled: bool = False  # export to a Hugging Face folder at the end of training
     out_dir: str = ""  # export folder; empty means <output_dir>/hf
-    dtype: str = "bfloat16"  # dtype of the exported weights
-    lora: str = "merged"  # LoRA runs: merged | adapter | both
+    dtype: str = "auto"  # auto (the original model's dtype) | float32 | bfloat16 | float16
+    lora: str = "merged"  # LoRA runs: merged | adapter (PEFT) | both (adapter in <out_dir>-adapter)
     max_shard_size: str = "5GB"  # largest safetensors shard
+    verify: bool = False  # compare the export's logits in transformers with jaxtune's
 
 
 @dataclass
@@ -348,7 +349,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer.schedule": ("constant", "linear", "cosine", "wsd"),
     "optimizer.state_dtype": ("float32", "bfloat16"),
     "distributed.initialize": ("auto", "explicit", "off"),
-    "export.dtype": ("float32", "bfloat16", "float16"),
+    "export.dtype": ("auto", "float32", "bfloat16", "float16"),
     "export.lora": ("merged", "adapter", "both"),
 }
 

@@ -1,0 +1,215 @@
+"""Export entry points: :func:`export_run` (a run's checkpoint) and :func:`save_pretrained`
+(a model in memory). Both write the folder ``transformers`` itself writes for the family."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flax import nnx
+
+from jaxtune.export import hf_folder
+from jaxtune.export.errors import ExportError
+from jaxtune.export.run_dir import RunCheckpoint, describe_size, open_run
+from jaxtune.export.safetensors_out import TensorGroup, parse_size, write_safetensors
+from jaxtune.export.tensors import ParamSource, hf_groups, is_stacked, model_sources
+from jaxtune.models import Family, get_family
+
+log = logging.getLogger("jaxtune")
+
+LORA_MODES = ("merged", "adapter", "both")
+Echo = Callable[[str], Any]
+
+
+def _write_hf_folder(tmp: Path, groups: list[TensorGroup], max_shard_size: str | int,
+                     hf_config: dict[str, Any], base_generation: dict[str, Any] | None,
+                     tokenizer) -> dict[str, str]:
+    weight_map = write_safetensors(tmp, groups, max_shard_size)
+    hf_folder.write_json(tmp / "config.json", hf_config)
+    hf_folder.write_json(tmp / "generation_config.json", hf_folder.export_generation_config(
+        base_generation, hf_config, tokenizer))
+    if tokenizer is not None:
+        hf_folder.save_tokenizer(tokenizer, tmp)
+    return weight_map
+
+
+def _summary(groups: list[TensorGroup], weight_map: dict[str, str]) -> str:
+    size = sum(s.nbytes for g in groups for s in g.specs)
+    files = len(set(weight_map.values()))
+    return f"{len(weight_map)} tensors, {describe_size(size)} in {files} file{'s' * (files > 1)}"
+
+
+# --------------------------------------------------------------------------- a run
+
+
+def _model_config(ckpt: RunCheckpoint) -> tuple[Path, dict[str, Any], Family, Any]:
+    """(base folder, its config.json, the family, the family config the run trained)."""
+    from jaxtune.weights import load_hf_config, resolve_model_dir
+
+    m = ckpt.config.model
+    if not m.path:
+        raise ExportError(f"The config of {ckpt.run_dir} has no model.path, so the original "
+                          "config.json is unknown.")
+    base_dir = resolve_model_dir(m.path)
+    base_hf = load_hf_config(base_dir)
+    hf = {**base_hf, **m.overrides}
+    family = get_family(hf.get("model_type"))
+    return base_dir, base_hf, family, family.config_cls.from_hf_config(hf)
+
+
+def checkpoint_sources(ckpt: RunCheckpoint, config: Any, family: Family) -> list[ParamSource]:
+    """A lazy source for every parameter of the model the run trained, read from ``ckpt``."""
+    from jaxtune.models import abstract_model
+
+    m = ckpt.config.model
+    abstract = abstract_model(config, param_dtype=m.dtype, scan_layers=m.scan_layers)
+    sources, missing, wrong = [], [], []
+    for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+        name = ".".join(map(str, path))
+        shape = tuple(var.get_value().shape)
+        saved = ckpt.find(name)
+        if saved is None:
+            missing.append(name)
+        elif saved.shape != shape:
+            wrong.append(f"{name}: checkpoint {list(saved.shape)}, model {list(shape)}")
+        else:
+            sources.append(ckpt.source(name, is_stacked(name, family.layers_path)))
+    if missing or wrong:
+        raise ExportError(
+            f"Checkpoint {ckpt.directory}/{ckpt.step} does not hold the model its config "
+            f"describes: missing {missing[:6]}{' ...' * (len(missing) > 6)}, "
+            f"shape mismatches {wrong[:6]}. Was model.path or model.overrides changed after "
+            "training? Point them back at the model the run trained."
+        )
+    return sources
+
+
+def _reference_model(config: Any, sources: list[ParamSource], scan_layers: bool,
+                     round_to: np.dtype | None = None) -> nnx.Module:
+    """The model with the sources' values (rounded to ``round_to`` first), in float32."""
+    import jax.numpy as jnp
+
+    from jaxtune.models import abstract_model
+
+    abstract = abstract_model(config, param_dtype=jnp.float32, compute_dtype=jnp.float32,
+                              scan_layers=scan_layers)
+    graphdef, state = nnx.split(abstract)
+    by_path = {s.path: s for s in sources}
+    flat = []
+    for path, var in nnx.to_flat_state(state):
+        src = by_path[".".join(map(str, path))]
+        value = np.asarray(src.read(0, src.shape[0] if src.stacked else 1))
+        if round_to is not None:
+            value = value.astype(round_to)
+        flat.append((path, var.replace(jnp.asarray(value, jnp.float32))))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
+               step: int | None = None, dtype: str | None = None, lora: str | None = None,
+               max_shard_size: str | None = None, verify: bool | None = None,
+               overwrite: bool = False, echo: Echo = print) -> Path:
+    """Write checkpoint ``step`` (default: the latest) of a run as a Hugging Face folder.
+
+    Unset options come from the run's ``export`` config section: ``out_dir`` (default
+    ``<run_dir>/hf``), ``dtype`` (``auto``: the original model's), ``lora``
+    (``merged | adapter | both``), ``max_shard_size``, ``verify``. Parameters are streamed
+    from the checkpoint one tensor at a time. Returns the output folder.
+    """
+    run_dir = Path(run_dir)
+    ckpt = open_run(run_dir, step)
+    cfg = ckpt.config
+    e = cfg.export
+    out = Path(out_dir or e.out_dir or run_dir / "hf")
+    lora_mode = lora or e.lora
+    if lora_mode not in LORA_MODES:
+        raise ExportError(f"--lora '{lora_mode}' is not one of {', '.join(LORA_MODES)}.")
+    shard = max_shard_size or e.max_shard_size
+    parse_size(shard)
+    verify = e.verify if verify is None else verify
+    base_dir, base_hf, family, config = _model_config(ckpt)
+    protect = (run_dir, base_dir)
+    if not str(ckpt.directory).startswith(("gs://", "s3://")):
+        protect += (Path(str(ckpt.directory)),)
+    hf_folder.check_output(out, overwrite, protect)
+    out_dtype = hf_folder.resolve_dtype(dtype or e.dtype, base_hf, fallback=cfg.model.dtype)
+    from jaxtune.data import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg)
+    if cfg.lora.rank > 0:
+        from jaxtune.export.lora_export import export_lora_run
+
+        return export_lora_run(ckpt, out, mode=lora_mode, base_dir=base_dir, base_hf=base_hf,
+                               config=config, out_dtype=out_dtype, max_shard_size=shard,
+                               tokenizer=tokenizer, verify=verify, overwrite=overwrite,
+                               echo=echo)
+    sources = checkpoint_sources(ckpt, config, family)
+    groups = hf_groups(sources, config, out_dtype)
+    hf_config = hf_folder.export_hf_config(base_hf, cfg.model.overrides, out_dtype)
+    with hf_folder.staged_output(out, overwrite) as tmp:
+        weight_map = _write_hf_folder(tmp, groups, shard, hf_config,
+                                      read_generation_config(base_dir), tokenizer)
+        if verify:
+            from jaxtune.export import verify as check
+
+            scan = cfg.model.scan_layers
+            exact = _reference_model(config, sources, scan, round_to=out_dtype)
+            rounded = np.dtype(out_dtype).itemsize < np.dtype(cfg.model.dtype).itemsize
+            untouched = _reference_model(config, sources, scan) if rounded else None
+            check.verify(tmp, check.jaxtune_logits(exact), vocab_size=config.vocab_size,
+                         tokenizer=tokenizer, echo=echo,
+                         untouched=None if untouched is None else check.jaxtune_logits(untouched))
+    echo(f"exported step {ckpt.step} of {run_dir} to {out} as {np.dtype(out_dtype).name}: "
+         f"{_summary(groups, weight_map)}")
+    return out
+
+
+def read_generation_config(model_dir: Path) -> dict[str, Any] | None:
+    import json
+
+    file = model_dir / "generation_config.json"
+    return json.loads(file.read_text()) if file.is_file() else None
+
+
+# --------------------------------------------------------------------------- in memory
+
+
+def save_pretrained(model: nnx.Module, out_dir: str | os.PathLike, tokenizer: Any = None, *,
+                    dtype: str | None = None, max_shard_size: str | int = "5GB",
+                    overwrite: bool = False) -> Path:
+    """Write a jaxtune model in memory as a folder ``transformers`` loads.
+
+    Args:
+      model: a jaxtune model (e.g. from ``jaxtune.from_pretrained``), stacked layers or not.
+      out_dir: the folder to write; it must be new or empty unless ``overwrite``.
+      tokenizer: a ``transformers`` tokenizer or a folder holding one; its files (chat
+        template included) are written, and ``generation_config.json`` gets its EOS and the
+        template's end-of-turn token.
+      dtype: ``float32 | bfloat16 | float16``; default keeps each parameter's dtype.
+      max_shard_size: largest safetensors file, e.g. ``"5GB"``.
+
+    Tied embeddings stay tied (no ``lm_head.weight``). Returns the folder.
+    """
+    import jax
+
+    if jax.process_count() > 1:
+        raise ExportError("save_pretrained runs in a single process; on several hosts save a "
+                          "checkpoint and run `jaxtune export RUN_DIR` on one of them.")
+    config = model.config
+    family = get_family(config.model_type)
+    if isinstance(tokenizer, str | os.PathLike):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer), trust_remote_code=False)
+    sources = model_sources(nnx.state(model, nnx.Param), family.layers_path)
+    out_dtype = None if dtype is None else hf_folder.resolve_dtype(dtype)
+    groups = hf_groups(sources, config, out_dtype)
+    cfg_dtype = out_dtype or next(s.dtype for s in sources if "embed" in s.path)
+    hf_config = hf_folder.export_hf_config(config.to_hf_config(), None, cfg_dtype)
+    with hf_folder.staged_output(Path(out_dir), overwrite) as tmp:
+        _write_hf_folder(tmp, groups, max_shard_size, hf_config, None, tokenizer)
+    return Path(out_dir)

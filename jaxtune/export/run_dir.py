@@ -1,0 +1,192 @@
+"""Reading a run directory: its checkpoints, the config saved with a step, and arrays on disk.
+
+A run directory (``run.output_dir``) holds ``config.yaml`` and ``checkpoints/<step>/`` (or the
+``checkpoint.dir`` the config names), laid out by ``jaxtune.checkpoint``. Parameters are read
+straight from Orbax's saved arrays with TensorStore, one parameter (for stacked layers, one
+chunk-sized block of layers) at a time, so one CPU host can export a checkpoint written by a
+whole pod without ever holding the model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from etils import epath
+
+from jaxtune.checkpoint import ITEMS
+from jaxtune.config import TrainConfig, config_from_dict, load_config
+from jaxtune.export.errors import ExportError
+from jaxtune.export.tensors import ParamSource
+
+log = logging.getLogger("jaxtune")
+
+
+@dataclass(frozen=True)
+class SavedArray:
+    """One array of a checkpoint's ``state`` item, from Orbax's metadata (nothing read)."""
+
+    name: str  # Orbax's param name, e.g. params.model.norm.scale.value
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    chunk_shape: tuple[int, ...]
+
+
+@dataclass
+class RunCheckpoint:
+    """One complete checkpoint step of a run, ready to be read."""
+
+    run_dir: Path
+    directory: epath.Path  # the checkpoints folder
+    step: int
+    config: TrainConfig  # the config saved with this step
+    meta: dict[str, Any]
+    arrays: dict[str, SavedArray]
+    _flags: tuple[bool, bool] = (True, False)  # (use_ocdbt, use_zarr3)
+
+    @property
+    def state_dir(self) -> epath.Path:
+        return self.directory / str(self.step) / "state"
+
+    def find(self, path: str) -> SavedArray | None:
+        """The saved array of model parameter ``path`` (trainable ``params`` or ``frozen``)."""
+        for item in ("params", "frozen"):
+            for name in (f"{item}.{path}.value", f"{item}.{path}"):
+                if name in self.arrays:
+                    return self.arrays[name]
+        return None
+
+    def open(self, name: str):
+        """A TensorStore handle on a saved array (no data read until sliced and read)."""
+        import tensorstore as ts
+
+        use_ocdbt, use_zarr3 = self._flags
+        base = _kvstore_url(self.state_dir)
+        kvstore: Any = ({"driver": "ocdbt", "base": base, "path": name} if use_ocdbt
+                        else base + name)
+        spec = {"driver": "zarr3" if use_zarr3 else "zarr", "kvstore": kvstore}
+        # No cache: a chunk is decoded, copied out and dropped.
+        context = ts.Context({"cache_pool": {"total_bytes_limit": 0}})
+        try:
+            return ts.open(spec, open=True, read=True, context=context).result()
+        except Exception as e:  # noqa: BLE001 -- TensorStore raises ValueError / its own
+            raise ExportError(f"Cannot read {name} from {self.state_dir}: {e}") from None
+
+    def source(self, path: str, stacked: bool) -> ParamSource:
+        """A lazy :class:`ParamSource` for model parameter ``path`` read from this step."""
+        saved = self.find(path)
+        assert saved is not None
+        store = None
+
+        def read(lo: int, hi: int) -> np.ndarray:
+            nonlocal store
+            if store is None:
+                store = self.open(saved.name)
+            view = store[lo:hi] if stacked else store
+            return np.asarray(view.read().result())
+
+        block = saved.chunk_shape[0] if stacked and saved.chunk_shape else 1
+        return ParamSource(path, saved.shape, saved.dtype, stacked, read, max(1, block))
+
+
+def _kvstore_url(path: epath.Path) -> str:
+    text = str(path)
+    if "://" in text:
+        return text.rstrip("/") + "/"
+    return "file://" + str(Path(text).resolve()) + "/"
+
+
+def _read_run_config(run_dir: Path) -> TrainConfig:
+    file = run_dir / "config.yaml"
+    if not file.is_file():
+        raise ExportError(
+            f"{run_dir} is not a jaxtune run directory: it has no config.yaml. Give the "
+            "run.output_dir of a training run (the folder holding config.yaml and checkpoints/)."
+        )
+    return load_config(str(file))
+
+
+def _complete(step_dir: epath.Path) -> bool:
+    needed = ["_CHECKPOINT_METADATA", "state/_METADATA", *ITEMS[1:]]
+    return all((step_dir / n).exists() for n in needed)
+
+
+def complete_steps(directory: epath.Path) -> list[int]:
+    """Steps under ``directory`` whose checkpoint is complete (as ``jaxtune.checkpoint``)."""
+    if not directory.exists():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir()
+                  if p.name.isdigit() and p.is_dir() and _complete(p))
+
+
+def open_run(run_dir: str | Path, step: int | None = None) -> RunCheckpoint:
+    """The checkpoint of ``step`` (default: the latest complete one) of a run directory."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ExportError(f"Run directory {run_dir} does not exist.")
+    cfg = _read_run_config(run_dir)
+    # checkpoint.dir when set; else the given folder's checkpoints/, so a run directory that
+    # was moved or copied still exports.
+    directory = epath.Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else \
+        epath.Path(run_dir / "checkpoints")
+    steps = complete_steps(directory)
+    if not steps:
+        raise ExportError(
+            f"{directory} holds no complete checkpoint, so there is nothing to export from "
+            f"{run_dir}. Train first (checkpoints are saved at the end of training unless "
+            "checkpoint.enabled is false), or point at the run that has them."
+        )
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise ExportError(f"{directory} has no complete checkpoint of step {step}; complete "
+                          f"steps: {', '.join(map(str, steps))}.")
+    import orbax.checkpoint as ocp
+
+    step_dir = directory / str(step)
+    saved_cfg = ocp.JsonCheckpointHandler().restore(step_dir / "config")
+    meta = ocp.JsonCheckpointHandler().restore(step_dir / "meta")
+    return RunCheckpoint(run_dir, directory, step, config_from_dict(saved_cfg), meta,
+                         _saved_arrays(step_dir / "state"), _storage_flags(step_dir / "state"))
+
+
+def _saved_arrays(state_dir: epath.Path) -> dict[str, SavedArray]:
+    import jax
+    import orbax.checkpoint as ocp
+
+    meta = ocp.StandardCheckpointHandler().metadata(state_dir)
+    tree = getattr(meta, "tree", meta)
+    out = {}
+    for m in jax.tree.leaves(tree):
+        name = getattr(m, "name", None)
+        if name is None or getattr(m, "shape", None) is None:
+            continue
+        storage = getattr(m, "storage", None)
+        chunk = tuple(getattr(storage, "chunk_shape", None) or m.shape)
+        out[name] = SavedArray(name, tuple(m.shape), np.dtype(m.dtype), chunk)
+    return out
+
+
+def _storage_flags(state_dir: epath.Path) -> tuple[bool, bool]:
+    """Orbax's (use_ocdbt, use_zarr3) for this checkpoint, from its ``_METADATA``."""
+    try:
+        meta = json.loads((state_dir / "_METADATA").read_text())
+    except (OSError, ValueError):
+        return True, False
+    return bool(meta.get("use_ocdbt", True)), bool(meta.get("use_zarr3", False))
+
+
+def describe_size(nbytes: int) -> str:
+    for unit, div in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= div:
+            return f"{nbytes / div:.1f} {unit}"
+    return f"{nbytes} B"
+
+
+def array_bytes(a: SavedArray) -> int:
+    return math.prod(a.shape) * a.dtype.itemsize
