@@ -255,8 +255,13 @@ class MetricsWriter:
         if not self.enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
+        self._open_files(start_step)
+        if self.logging.wandb_project:
+            self._wandb = _start_wandb(cfg, run_dir)
+
+    def _open_files(self, start_step: int | None) -> None:
         if self.logging.jsonl:
-            path = os.path.join(run_dir, "metrics.jsonl")
+            path = os.path.join(self.run_dir, "metrics.jsonl")
             if start_step is not None:
                 _drop_lines_after(path, start_step)
             self._jsonl = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close)
@@ -264,10 +269,19 @@ class MetricsWriter:
             from tensorboardX import SummaryWriter
 
             purge = None if start_step is None else start_step + 1
-            self._tb = SummaryWriter(logdir=os.path.join(run_dir, "tensorboard"),
+            self._tb = SummaryWriter(logdir=os.path.join(self.run_dir, "tensorboard"),
                                      purge_step=purge, flush_secs=30)
-        if self.logging.wandb_project:
-            self._wandb = _start_wandb(cfg, run_dir)
+
+    def resumed_at(self, step: int) -> None:
+        """The run continues from checkpoint ``step``: forget what was logged after it (the
+        same as passing ``start_step`` to the constructor, for a writer made before restore)."""
+        if not self.enabled:
+            return
+        for sink in (self._jsonl, self._tb):
+            if sink is not None:
+                sink.close()
+        self._jsonl = self._tb = None
+        self._open_files(step)
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         """Log one step's metrics (floats, or jax/numpy scalars); a 'step' key is ignored."""

@@ -87,6 +87,12 @@ def test_resume_drops_lines_after_the_checkpoint(tmp_path):
         w.write(4, {"loss": 40.0})
     steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+    with MetricsWriter(cfg, str(tmp_path), enabled=True) as w:  # made before the restore
+        w.resumed_at(2)
+        w.write(3, {"loss": 30.0})
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [(json.loads(x)["step"], json.loads(x)["loss"]) for x in lines] == [
+        (1, 1.0), (2, 2.0), (3, 30.0)]
 
 
 def test_disabled_writer_writes_nothing(tmp_path):
