@@ -1,0 +1,175 @@
+"""``jaxtune.distributed``: processes that cannot join fail in bounded time, saying why.
+
+The subprocess tests run the real ``jaxtune train`` CLI with ``distributed.initialize:
+explicit`` on loopback and a 5 s ``distributed.timeout_seconds``: a wrong coordinator address,
+more processes expected than started, and processes that disagree on the count must each
+exit with status 2 and a message naming the setting, well before JAX's own deadline (JAX
+would block, then abort with ``DEADLINE_EXCEEDED``). Address checks and cluster detection run
+in this process: they finish before JAX is asked to connect.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from jaxtune.config import DistributedConfig
+from jaxtune.distributed import DistributedError, detect_cluster, initialize, parse_address
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT = 5  # distributed.timeout_seconds in the subprocess tests
+BOUND = TIMEOUT + 25  # generous for start-up on a loaded machine; JAX alone would wait longer
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory) -> str:
+    # Distributed start-up comes first in the trainer, so nothing else needs to exist.
+    path = tmp_path_factory.mktemp("distributed") / "recipe.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": {"path": "not-loaded-before-distributed-init"},
+        "data": {"sources": [{"path": "unused.jsonl"}]},
+        "trainer": {"progress": False},
+    }))
+    return str(path)
+
+
+def train(recipe: str, run_dir: str, *, address: str, num: int, pid: int) -> subprocess.Popen:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-m", "jaxtune.cli", "train", recipe, f"--run.output_dir={run_dir}",
+           "--distributed.initialize=explicit", f"--distributed.coordinator_address={address}",
+           f"--distributed.num_processes={num}", f"--distributed.process_id={pid}",
+           f"--distributed.timeout_seconds={TIMEOUT}"]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, cwd=ROOT)
+
+
+def wait_all(procs: list[subprocess.Popen]) -> tuple[list[int], list[str], float]:
+    tick = time.monotonic()
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=BOUND + 30)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return [p.returncode for p in procs], outs, time.monotonic() - tick
+
+
+def error_line(out: str) -> str:
+    lines = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert lines, out[-3000:]
+    return lines[-1]
+
+
+def test_wrong_coordinator_address_fails_in_bounded_time(recipe, tmp_path):
+    port = free_port()  # nothing listens there: process 0 is "elsewhere"
+    rcs, outs, took = wait_all([train(recipe, str(tmp_path), address=f"127.0.0.1:{port}",
+                                      num=2, pid=1)])
+    assert rcs == [2], outs[0][-3000:]
+    assert took < BOUND, took
+    msg = error_line(outs[0])
+    assert f"distributed.coordinator_address=127.0.0.1:{port}" in msg
+    assert "nothing answered" in msg and f"timeout_seconds={TIMEOUT}s" in msg
+    assert "Traceback" not in outs[0]
+
+
+def test_more_processes_expected_than_started_fails_in_bounded_time(recipe, tmp_path):
+    address = f"127.0.0.1:{free_port()}"
+    procs = [train(recipe, str(tmp_path), address=address, num=3, pid=i) for i in range(2)]
+    rcs, outs, took = wait_all(procs)
+    assert rcs == [2, 2], outs
+    assert took < BOUND, took
+    msg0, msg1 = error_line(outs[0]), error_line(outs[1])
+    assert "not all distributed.num_processes=3 processes joined" in msg0
+    assert "reached the coordinator" in msg1 and "distributed.num_processes" in msg1
+
+
+def test_processes_that_disagree_on_the_count_fail_fast(recipe, tmp_path):
+    # JAX itself would connect these two happily: only process 0's count is used.
+    address = f"127.0.0.1:{free_port()}"
+    procs = [train(recipe, str(tmp_path), address=address, num=n, pid=i)
+             for i, n in enumerate((2, 3))]
+    rcs, outs, took = wait_all(procs)
+    assert rcs == [2, 2], outs
+    assert took < BOUND, took
+    for out in outs:
+        msg = error_line(out)
+        assert "disagree on distributed.num_processes" in msg
+        assert "process 0 says 2" in msg or "process 1 says 3" in msg
+
+
+def explicit(address: str, pid: int = 1) -> DistributedConfig:
+    return DistributedConfig(initialize="explicit", coordinator_address=address,
+                             num_processes=2, process_id=pid, timeout_seconds=5)
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "host:port", ":8476", "10.0.0.1:70000"])
+def test_malformed_address_is_refused_at_once(address):
+    with pytest.raises(DistributedError, match="must be host:port of process 0"):
+        initialize(explicit(address))
+
+
+def test_unresolvable_host_is_refused_at_once():
+    with pytest.raises(DistributedError, match="'no-such-host.invalid' does not resolve"):
+        initialize(explicit("no-such-host.invalid:8476"))
+
+
+def test_process_0_refuses_a_port_in_use():
+    with socket.socket() as s:
+        s.bind(("", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(DistributedError, match=f"port {port}.*taken"):
+            initialize(explicit(f"127.0.0.1:{port}", pid=0))
+
+
+def test_parse_address_accepts_ipv6_brackets():
+    assert parse_address("[::1]:8476") == ("::1", 8476)
+    assert parse_address("node-0.cluster:1234") == ("node-0.cluster", 1234)
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, None),
+    ({"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n1", "SLURM_NTASKS": "1",
+      "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}, None),  # one task: nothing to connect
+    ({"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "2",
+      "SLURM_PROCID": "1", "SLURM_LOCALID": "0"}, "slurm"),
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}, None),  # sbatch script outside srun
+    ({"OMPI_MCA_orte_hnp_uri": "1.0;tcp://10.0.0.1:4000"}, "ompi"),
+    ({"TPU_WORKER_HOSTNAMES": "t0,t1"}, "tpu"),
+    ({"MEGASCALE_COORDINATOR_ADDRESS": "10.0.0.1:8080"}, "tpu"),
+])
+def test_detect_cluster(monkeypatch, env, expected):
+    for key in list(os.environ):
+        if key.startswith(("SLURM_", "OMPI_", "TPU_", "MEGASCALE_")):
+            monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert detect_cluster() == expected
+
+
+def test_auto_and_off_do_nothing_on_one_machine(monkeypatch):
+    for key in list(os.environ):
+        if key.startswith(("SLURM_", "OMPI_", "TPU_", "MEGASCALE_")):
+            monkeypatch.delenv(key)
+    from jaxtune import distributed
+
+    initialize(DistributedConfig(initialize="auto"))
+    initialize(DistributedConfig(initialize="off"))
+    assert not distributed.is_initialized()
+    assert distributed.is_main_process()
+    distributed.barrier("single-process", timeout_seconds=1)  # no-op with one process
