@@ -97,7 +97,7 @@ def _inputs(model: Any, batch: Batch):
 def _batch_shards(batch_size: int) -> int:
     """How many ways the batch axis is split under the active activation rules (1 outside)."""
     # The mesh and rules the train step traces under (set by sharding.activation_rules).
-    current = getattr(sharding._context, "value", None)
+    current = sharding.current_mesh_rules()
     if current is None:
         return 1
     mesh, rules = current

@@ -153,9 +153,14 @@ def activation_rules(mesh: Mesh | None, rules: Rules | None = None) -> Iterator[
         _context.value = prev
 
 
+def current_mesh_rules() -> tuple[Mesh, Rules] | None:
+    """The ``(mesh, rules)`` of the enclosing :func:`activation_rules`, or None outside it."""
+    return getattr(_context, "value", None)
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """``with_sharding_constraint`` by logical names; a no-op outside :func:`activation_rules`."""
-    current = getattr(_context, "value", None)
+    current = current_mesh_rules()
     if current is None:
         return x
     mesh, rules = current

@@ -113,7 +113,10 @@ def eval_step(state: TrainState, batch: Batch, *, loss_fn: LossFn) -> dict[str, 
     batch = {**batch, "loss_denominator": jnp.ones((), jnp.float32), "step": state.step,
              "rng": jax.random.wrap_key_data(state.rng)}
     loss, aux = loss_fn(state.model(), batch)
-    return {"loss_sum": loss, "num_tokens": batch["loss_mask"].astype(jnp.float32).sum()}
+    # nll_sum when the loss reports it: the objective may add regularisers (z-loss) that are
+    # not part of the held-out likelihood.
+    return {"loss_sum": aux.get("nll_sum", loss),
+            "num_tokens": batch["loss_mask"].astype(jnp.float32).sum()}
 
 
 def jit_train_step(

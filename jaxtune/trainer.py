@@ -89,7 +89,8 @@ class Trainer:
             self.checkpointer = Checkpointer(cfg, self.mesh)
         self.writer = metrics.MetricsWriter(cfg, self.run_dir, enabled=self.main)
         self.flops_per_token = metrics.flops_per_token(self.model_config, cfg.data.seq_len)
-        self.peak_flops = metrics.device_peak_flops(jax.devices()[0], cfg.model.compute_dtype)
+        self.peak_flops = metrics.device_peak_flops(jax.devices()[0], cfg.model.compute_dtype,
+                                                    peak_tflops=cfg.logging.peak_tflops)
         self._metrics = metrics
 
     def _load_model(self):
@@ -136,6 +137,8 @@ class Trainer:
     def run(self) -> TrainResult:
         t = self.cfg.trainer
         start = self._restore()
+        if start:
+            self.writer.resumed_at(start)  # steps after the checkpoint are logged afresh
         history: list[dict[str, float]] = []
         evals: list[dict[str, float]] = []
         self._log_run_header(start)
@@ -189,6 +192,7 @@ class Trainer:
                 f"with 'jaxtune inspect-data'. The last checkpoint before step {step} is intact."
             )
         values.update(self._throughput(elapsed, tokens))
+        values.update(self._metrics.memory_stats())
         values["step"] = step
         if step % self.cfg.trainer.log_every == 0 or step == self.cfg.trainer.steps:
             self.writer.write(step, values)
