@@ -51,6 +51,8 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = cfg.run.output_dir
         self.main = distributed.is_main_process()
+        if not self.main:  # one log for the job (process 0's); the others report only trouble
+            log.setLevel(max(log.getEffectiveLevel(), logging.WARNING))
         if self.main:
             os.makedirs(self.run_dir, exist_ok=True)
             save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
@@ -282,8 +284,11 @@ def train(cfg: TrainConfig) -> TrainResult:
     except BaseException:
         trainer.close()
         raise
-    if cfg.export.enabled and distributed.is_main_process():
-        from jaxtune.export import export_run
+    if cfg.export.enabled:
+        if distributed.is_main_process():
+            from jaxtune.export import export_run
 
-        export_run(cfg.run.output_dir, out_dir=cfg.export.out_dir or None)
+            export_run(cfg.run.output_dir, out_dir=cfg.export.out_dir or None)
+        # The other processes wait for it: leaving early would take the coordinator down.
+        distributed.barrier("export", timeout_seconds=24 * 3600)
     return result
