@@ -272,6 +272,11 @@ class Trainer:
             "tokens, %d steps%s", c.run.name, jax.device_count(), dict(self.mesh.shape),
             self.num_params / 1e6, self.num_trainable / 1e6, c.trainer.global_batch_size,
             c.data.seq_len, c.trainer.steps, f", resuming at {start}" if start else "")
+        stats = getattr(self.train_iter, "stats", None)
+        if stats:  # what the model will train on, once, so a bad mask or cut shows up early
+            log.info("train data: %s", ", ".join(
+                f"{k} {v:.1%}" if k == "packing_efficiency" else f"{k} {v}"
+                for k, v in stats.items()))
 
 
 def train(cfg: TrainConfig) -> TrainResult:
