@@ -140,11 +140,17 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
     from jaxtune.data import load_tokenizer
 
     tokenizer = load_tokenizer(cfg)
+    if cfg.lora.rank == 0 and lora not in (None, "merged"):
+        raise ExportError(f"--lora {lora} needs a LoRA run; {run_dir} is full fine-tuning "
+                          "(lora.rank 0), so only full weights can be exported.")
     if cfg.lora.rank > 0:
         from jaxtune.export.lora_export import export_lora_run
 
+        # Adapters train in float32: written so unless a dtype is asked for explicitly.
+        adapter_dtype = out_dtype if (dtype or e.dtype) != "auto" else np.dtype("float32")
         return export_lora_run(ckpt, out, mode=lora_mode, base_dir=base_dir, base_hf=base_hf,
-                               config=config, out_dtype=out_dtype, max_shard_size=shard,
+                               config=config, out_dtype=out_dtype, adapter_dtype=adapter_dtype,
+                               max_shard_size=shard,
                                tokenizer=tokenizer, verify=verify, overwrite=overwrite,
                                echo=echo)
     sources = checkpoint_sources(ckpt, config, family)
@@ -180,17 +186,24 @@ def read_generation_config(model_dir: Path) -> dict[str, Any] | None:
 
 def save_pretrained(model: nnx.Module, out_dir: str | os.PathLike, tokenizer: Any = None, *,
                     dtype: str | None = None, max_shard_size: str | int = "5GB",
-                    overwrite: bool = False) -> Path:
-    """Write a jaxtune model in memory as a folder ``transformers`` loads.
+                    lora: str = "merged", base: nnx.Module | None = None,
+                    base_model_name_or_path: str = "", overwrite: bool = False) -> Path:
+    """Write a jaxtune model in memory as a folder ``transformers`` (or ``peft``) loads.
 
     Args:
-      model: a jaxtune model (e.g. from ``jaxtune.from_pretrained``), stacked layers or not.
+      model: a jaxtune model (e.g. from ``jaxtune.from_pretrained``), stacked layers or not,
+        with or without LoRA adapters.
       out_dir: the folder to write; it must be new or empty unless ``overwrite``.
       tokenizer: a ``transformers`` tokenizer or a folder holding one; its files (chat
         template included) are written, and ``generation_config.json`` gets its EOS and the
         template's end-of-turn token.
       dtype: ``float32 | bfloat16 | float16``; default keeps each parameter's dtype.
       max_shard_size: largest safetensors file, e.g. ``"5GB"``.
+      lora: for a model with adapters: ``merged`` (``jaxtune.lora.merge``, float32 sum, then
+        cast) or ``adapter`` (a PEFT adapter folder).
+      base: for ``merged``, the unquantised base model to merge into (see
+        ``jaxtune.lora.merge``); default: the model's own (possibly quantised) kernels.
+      base_model_name_or_path: written into a PEFT ``adapter_config.json``.
 
     Tied embeddings stay tied (no ``lm_head.weight``). Returns the folder.
     """
@@ -199,17 +212,37 @@ def save_pretrained(model: nnx.Module, out_dir: str | os.PathLike, tokenizer: An
     if jax.process_count() > 1:
         raise ExportError("save_pretrained runs in a single process; on several hosts save a "
                           "checkpoint and run `jaxtune export RUN_DIR` on one of them.")
-    config = model.config
-    family = get_family(config.model_type)
+    if lora not in ("merged", "adapter"):
+        raise ExportError(f"lora='{lora}' is not merged or adapter.")
     if isinstance(tokenizer, str | os.PathLike):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer), trust_remote_code=False)
-    sources = model_sources(nnx.state(model, nnx.Param), family.layers_path)
     out_dtype = None if dtype is None else hf_folder.resolve_dtype(dtype)
+    if _has_adapters(model):
+        from jaxtune.export import lora_export
+
+        if lora == "adapter":
+            return lora_export.save_peft_adapter(model, Path(out_dir), tokenizer,
+                                                 dtype=out_dtype, overwrite=overwrite,
+                                                 base_model_name_or_path=base_model_name_or_path)
+        from jaxtune.lora import merge
+
+        model = merge(model, base=base)
+    config = model.config
+    family = get_family(config.model_type)
+    sources = model_sources(nnx.state(model, nnx.Param), family.layers_path)
     groups = hf_groups(sources, config, out_dtype)
     cfg_dtype = out_dtype or next(s.dtype for s in sources if "embed" in s.path)
     hf_config = hf_folder.export_hf_config(config.to_hf_config(), None, cfg_dtype)
     with hf_folder.staged_output(Path(out_dir), overwrite) as tmp:
         _write_hf_folder(tmp, groups, max_shard_size, hf_config, None, tokenizer)
     return Path(out_dir)
+
+
+def _has_adapters(model: nnx.Module) -> bool:
+    import jax
+
+    from jaxtune.lora import LoraParam
+
+    return bool(jax.tree.leaves(nnx.state(model, LoraParam)))

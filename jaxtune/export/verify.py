@@ -62,6 +62,23 @@ def transformers_logits(out_dir: Path) -> Logits:
     return run
 
 
+def peft_logits(base_dir: Path, adapter_dir: Path) -> Logits:
+    """ids -> logits of the base (transformers, float32) with the PEFT adapter applied."""
+    import torch
+    import transformers
+    from peft import PeftModel
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(
+        str(base_dir), dtype=torch.float32, trust_remote_code=False)
+    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+
+    def run(ids: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return model(torch.as_tensor(ids, dtype=torch.long)).logits.float().numpy()
+
+    return run
+
+
 def jaxtune_logits(model) -> Logits:
     def run(ids: np.ndarray) -> np.ndarray:
         return np.asarray(model(ids), np.float32)
@@ -79,7 +96,7 @@ def max_difference(a: Logits, b: Logits, inputs: list[np.ndarray]) -> tuple[floa
     return diff, scale
 
 
-def check_tokenizer(out_dir: Path, trained_tokenizer) -> list[str]:
+def check_tokenizer(out_dir: Path, trained_tokenizer, generation: bool = True) -> list[str]:
     """Problems with the exported tokenizer / generation config (empty when all is well)."""
     import json
 
@@ -93,6 +110,8 @@ def check_tokenizer(out_dir: Path, trained_tokenizer) -> list[str]:
     want, got = probe_chat(trained_tokenizer), probe_chat(exported)
     if (want and want[1]) != (got and got[1]):
         problems.append("the chat template renders differently from training's")
+    if not generation:  # a PEFT adapter folder has no generation config
+        return problems
     gen_file = out_dir / "generation_config.json"
     gen = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
     eos = gen.get("eos_token_id")
@@ -105,31 +124,35 @@ def check_tokenizer(out_dir: Path, trained_tokenizer) -> list[str]:
 
 
 def verify(out_dir: Path, reference: Logits, *, vocab_size: int, tokenizer=None,
-           tolerance: float = EXACT_TOLERANCE, untouched: Logits | None = None,
+           tolerance: float = EXACT_TOLERANCE, hf: Logits | None = None,
+           what: str = "jaxtune", untouched: Logits | None = None,
+           untouched_tolerance: float = ROUNDED_TOLERANCE,
+           untouched_name: str = "the unrounded model", check_generation: bool = True,
            echo: Callable[[str], Any] = print) -> dict[str, float]:
-    """Compare the export in transformers with ``reference``; raise past ``tolerance``.
+    """Compare the export in transformers (``hf``, default: the folder loaded with
+    ``AutoModelForCausalLM``) with ``reference``; raise past ``tolerance``.
 
-    ``untouched`` (optional) is the trained model before its weights were rounded to the
-    export dtype; it must agree within :data:`ROUNDED_TOLERANCE`. Returns the figures printed.
+    ``untouched`` (optional) is the trained model before its weights were rounded or merged;
+    it must agree within ``untouched_tolerance``. Returns the figures printed.
     """
     inputs = sample_inputs(vocab_size, tokenizer)
-    hf = transformers_logits(out_dir)
+    hf = hf or transformers_logits(out_dir)
     n = sum(x.shape[0] for x in inputs)
     problems = []
     report: dict[str, float] = {}
-    checks = [("max_abs_diff", "jaxtune", reference, tolerance)]
+    checks = [("max_abs_diff", what, reference, tolerance)]
     if untouched is not None:
-        checks.append(("rounding_effect", "the unrounded model", untouched, ROUNDED_TOLERANCE))
-    for name, what, logits, tol in checks:
+        checks.append(("untouched_diff", untouched_name, untouched, untouched_tolerance))
+    for name, label, logits, tol in checks:
         diff, scale = max_difference(logits, hf, inputs)
         limit = tol * max(1.0, scale)
         report[name] = diff
-        echo(f"verify: max |logit difference| transformers vs {what} = {diff:.3g} (limit "
+        echo(f"verify: max |logit difference| transformers vs {label} = {diff:.3g} (limit "
              f"{limit:.3g} = {tol:g} x max(1, max |logit| {scale:.3g})) over {n} sequences")
         if not diff <= limit:
-            problems.append(f"logits differ from {what}'s by {diff:.3g} > {limit:.3g}")
+            problems.append(f"logits differ from {label}'s by {diff:.3g} > {limit:.3g}")
     if tokenizer is not None:
-        problems += check_tokenizer(out_dir, tokenizer)
+        problems += check_tokenizer(out_dir, tokenizer, check_generation)
     if problems:
         raise ExportError(f"--verify failed: {'; '.join(problems)}. Nothing was written; "
                           "report this as a bug with the run's config.yaml.")

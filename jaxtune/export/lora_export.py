@@ -1,0 +1,437 @@
+"""LoRA runs: merged weights and PEFT adapters, streamed from the checkpoint.
+
+A LoRA checkpoint holds only the trainable parameters: each adapter's ``lora_a`` ``[*in, r]``
+and ``lora_b`` ``[r, *out]`` (stacked over layers under ``scan_layers``) and the parameters of
+``modules_to_save``. The base model is re-read from ``model.path``, unquantised, whatever the
+run trained on (``lora.base_dtype``, ``lora.quantize_base``).
+
+- ``merged``: each targeted kernel becomes ``W + scale * A . B``, summed in float32 from the
+  original base weights and cast once to the export dtype; every other parameter is the
+  base's (or the trained ``modules_to_save`` value). One layer is in flight at a time.
+- ``adapter``: PEFT's folder, ``adapter_config.json`` + ``adapter_model.safetensors`` with
+  PEFT's key names (``base_model.model.<module>.lora_A.weight`` ``[r, in]``,
+  ``...lora_B.weight`` ``[out, r]``, ``base_model.model.<module>.weight`` for modules_to_save),
+  loadable by ``peft.PeftModel.from_pretrained(base, DIR)``.
+- ``both``: merged into ``--out`` and the adapter into ``<out>-adapter``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flax import nnx
+
+from jaxtune.export import hf_folder
+from jaxtune.export.errors import ExportError
+from jaxtune.export.run_dir import RunCheckpoint, SavedArray
+from jaxtune.export.safetensors_out import TensorGroup, TensorSpec, write_safetensors
+from jaxtune.export.tensors import (
+    ParamSource,
+    hf_groups,
+    hf_rule_for,
+    is_stacked,
+    layer_path,
+    natural_key,
+)
+from jaxtune.models import get_family
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_PREFIX = "base_model.model."
+_ADAPTER_NAME = re.compile(r"params\.(?P<module>.+)\.lora\.lora_(?P<which>[ab])(?:\.value)?")
+
+
+@dataclasses.dataclass(frozen=True)
+class Adapter:
+    """One adapted Linear: its module path (stacked or not) and its saved A and B."""
+
+    module: str  # e.g. model.layers.self_attn.q_proj (stacked) or lm_head
+    a: SavedArray
+    b: SavedArray
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[-1]
+
+
+def find_adapters(ckpt: RunCheckpoint) -> dict[str, Adapter]:
+    """The adapters saved in ``ckpt``, keyed by the kernel path they update."""
+    found: dict[str, dict[str, SavedArray]] = {}
+    for name, saved in ckpt.arrays.items():
+        m = _ADAPTER_NAME.fullmatch(name)
+        if m:
+            found.setdefault(m.group("module"), {})[m.group("which")] = saved
+    incomplete = [k for k, v in found.items() if set(v) != {"a", "b"}]
+    if incomplete:
+        raise ExportError(f"Checkpoint {ckpt.directory}/{ckpt.step} has half adapters "
+                          f"(lora_a without lora_b or back) for {incomplete}.")
+    return {f"{k}.kernel": Adapter(k, v["a"], v["b"]) for k, v in found.items()}
+
+
+# --------------------------------------------------------------------------- the base
+
+
+def _np_dtype(code: str) -> np.dtype:
+    import jax.numpy as jnp
+
+    return np.dtype(jnp.dtype({"F32": "float32", "BF16": "bfloat16", "F16": "float16"}[code]))
+
+
+def base_sources(base_dir: Path, config: Any, scan_layers: bool) -> dict[str, ParamSource]:
+    """Lazy sources for every base parameter, read from the original safetensors (in their
+    dtype, unquantised) and laid out as jaxtune parameters by the family's table."""
+    from jaxtune.models import abstract_model
+    from jaxtune.weights import checkpoint_index, plan_load
+
+    family = get_family(config.model_type)
+    abstract = abstract_model(config, scan_layers=scan_layers)
+    _, state = nnx.split(abstract)
+    plans = plan_load(family, config, state, checkpoint_index(base_dir),
+                      scan_layers=scan_layers, where=str(base_dir))
+
+    out = {}
+    for path, plan in plans.items():
+        dtype = _np_dtype(plan.sources[0].dtype)
+
+        def read(lo: int, hi: int, plan=plan) -> np.ndarray:
+            if not plan.stacked:
+                return _read_layer(plan, plan.sources[0], plan.shape)
+            return np.stack([_read_layer(plan, plan.sources[i], plan.shape[1:])
+                             for i in range(lo, hi)])
+
+        out[path] = ParamSource(path, plan.shape, dtype, plan.stacked, read, 1)
+    return out
+
+
+def _read_layer(plan, info, shape) -> np.ndarray:
+    from safetensors import safe_open
+
+    def read(slices):
+        # One open per read, so the file's memory map is released right after.
+        with safe_open(info.file, framework="numpy") as f:
+            return f.get_slice(info.key)[slices]
+
+    return plan.transform.read_block(read, tuple(slice(0, n) for n in shape), shape)
+
+
+# --------------------------------------------------------------------------- merged
+
+
+def _whole(ckpt: RunCheckpoint, saved: SavedArray) -> np.ndarray:
+    return np.asarray(ckpt.open(saved.name).read().result()).astype(np.float32)
+
+
+def merged_source(ckpt: RunCheckpoint, base: ParamSource, adapter: Adapter,
+                  scale: float) -> ParamSource:
+    """``base + scale * A . B`` in float32, a block of layers at a time.
+
+    A and B (small: rank columns) are read once per pass and kept until the last layer.
+    """
+    cache: dict[str, np.ndarray] = {}
+
+    def read(lo: int, hi: int) -> np.ndarray:
+        if not cache:
+            cache["a"], cache["b"] = _whole(ckpt, adapter.a), _whole(ckpt, adapter.b)
+        a, b = cache["a"], cache["b"]
+        w = np.asarray(base.read(lo, hi), np.float32)
+        r = adapter.rank
+        if base.stacked:
+            n = hi - lo
+            delta = np.matmul(a[lo:hi].reshape(n, -1, r), b[lo:hi].reshape(n, r, -1))
+        else:
+            delta = a.reshape(-1, r) @ b.reshape(r, -1)
+        if not base.stacked or hi == base.shape[0]:
+            cache.clear()
+        return w + np.float32(scale) * delta.reshape(w.shape)
+
+    return ParamSource(base.path, base.shape, np.dtype(np.float32), base.stacked, read, 1)
+
+
+def merged_sources(ckpt: RunCheckpoint, base_dir: Path, config: Any,
+                   adapters: dict[str, Adapter]) -> list[ParamSource]:
+    """Every parameter of the merged model: base, merged kernel, or trained (saved) value."""
+    from jaxtune.lora import lora_scale
+
+    lc = ckpt.config.lora
+    scale = lora_scale(lc.alpha, lc.rank, lc.rslora)
+    scan = ckpt.config.model.scan_layers
+    layers_path = get_family(config.model_type).layers_path
+    out, unknown = [], [k for k in adapters]
+    for path, base in base_sources(base_dir, config, scan).items():
+        saved = ckpt.find(path)
+        if saved is not None:  # modules_to_save: trained fully
+            if saved.shape != base.shape:
+                raise ExportError(f"{path}: checkpoint has {list(saved.shape)}, the base "
+                                  f"model {list(base.shape)}.")
+            out.append(ckpt.source(path, is_stacked(path, layers_path)))
+        elif path in adapters:
+            unknown.remove(path)
+            out.append(merged_source(ckpt, base, adapters[path], scale))
+        else:
+            out.append(base)
+    if unknown:
+        raise ExportError(f"Adapters in the checkpoint update kernels the base model lacks: "
+                          f"{unknown}. Is model.path the base the run trained on?")
+    return out
+
+
+# --------------------------------------------------------------------------- PEFT adapter
+
+
+def _hf_module(rules, kernel_path: str) -> str:
+    found = hf_rule_for(rules, kernel_path)
+    if found is None or not found[0].endswith(".weight"):
+        raise ExportError(f"No Hugging Face module for {kernel_path}.")
+    return found[0].removesuffix(".weight")
+
+
+def adapter_groups(ckpt: RunCheckpoint, config: Any, adapters: dict[str, Adapter],
+                   dtype: np.dtype) -> tuple[list[TensorGroup], list[str]]:
+    """PEFT tensors for every adapter (per layer), and the HF modules they sit on."""
+    family = get_family(config.model_type)
+    rules = family.hf_table(config)
+    groups, modules = [], []
+    for kernel_path, ad in adapters.items():
+        stacked = is_stacked(kernel_path, family.layers_path)
+        layers = list(range(ad.a.shape[0])) if stacked else [None]
+        names = [_hf_module(rules, layer_path(kernel_path, family.layers_path, i))
+                 for i in layers]
+        modules += names
+        r = ad.rank
+        n_in = math.prod(ad.a.shape[1 if stacked else 0:-1])
+        n_out = math.prod(ad.b.shape[2 if stacked else 1:])
+        specs = []
+        for name in names:
+            specs += [TensorSpec(f"{ADAPTER_PREFIX}{name}.lora_A.weight", (r, n_in), dtype),
+                      TensorSpec(f"{ADAPTER_PREFIX}{name}.lora_B.weight", (n_out, r), dtype)]
+
+        def produce(ad=ad, stacked=stacked, layers=layers) -> Iterator[np.ndarray]:
+            a, b = _whole(ckpt, ad.a), _whole(ckpt, ad.b)
+            for i in layers:
+                ai, bi = (a[i], b[i]) if stacked else (a, b)
+                yield ai.reshape(-1, ad.rank).T
+                yield bi.reshape(ad.rank, -1).T
+
+        groups.append(TensorGroup(specs, produce))
+    groups.sort(key=lambda g: natural_key(g.specs[0].key))
+    return groups, modules
+
+
+def saved_module_groups(ckpt: RunCheckpoint, config: Any,
+                        dtype: np.dtype) -> tuple[list[TensorGroup], list[str]]:
+    """``modules_to_save`` parameters under PEFT's names, and their HF modules."""
+    family = get_family(config.model_type)
+    paths = []
+    for name in ckpt.arrays:
+        if not name.startswith("params.") or _ADAPTER_NAME.fullmatch(name):
+            continue
+        paths.append(name.removeprefix("params.").removesuffix(".value"))
+    sources = [ckpt.source(p, is_stacked(p, family.layers_path)) for p in paths]
+    return _peft_names(hf_groups(sources, config, dtype))
+
+
+def _peft_names(groups: list[TensorGroup]) -> tuple[list[TensorGroup], list[str]]:
+    """HF tensors of fully trained modules under PEFT's names, and those modules."""
+    renamed, modules = [], set()
+    for g in groups:
+        specs = [dataclasses.replace(s, key=ADAPTER_PREFIX + s.key) for s in g.specs]
+        modules.update(s.key.rsplit(".", 1)[0] for s in g.specs)
+        renamed.append(TensorGroup(specs, g.produce))
+    return renamed, sorted(modules, key=natural_key)
+
+
+def peft_target_modules(config: Any, adapted: list[str]) -> list[str] | str:
+    """PEFT's ``target_modules``: short names (``q_proj``...) when they select exactly the
+    adapted modules, else a regex over the full module names."""
+    from jaxtune.models import abstract_model
+
+    family = get_family(config.model_type)
+    rules = family.hf_table(config)
+    abstract = abstract_model(config, scan_layers=False)
+    kernels = []
+    for path, _ in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+        name = ".".join(map(str, path))
+        if name.endswith(".kernel"):
+            kernels.append(_hf_module(rules, name))
+    adapted_set = set(adapted)
+    short = sorted({m.rsplit(".", 1)[-1] for m in adapted_set})
+    if {m for m in kernels if m.rsplit(".", 1)[-1] in short} == adapted_set:
+        return short
+    return "^(" + "|".join(re.escape(m) for m in sorted(adapted_set, key=natural_key)) + ")$"
+
+
+def adapter_config(*, rank: int, alpha: float, rslora: bool, dropout: float, base_path: str,
+                   target_modules: list[str] | str,
+                   modules_to_save: list[str]) -> dict[str, Any]:
+    """``adapter_config.json`` (PEFT fills every field left out with its default)."""
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_path,
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout,
+        "use_rslora": rslora,
+        "target_modules": target_modules,
+        "modules_to_save": modules_to_save or None,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "use_dora": False,
+    }
+
+
+def _write_adapter_folder(tmp: Path, groups: list[TensorGroup], config: dict[str, Any],
+                          tokenizer) -> None:
+    write_safetensors(tmp, groups, 2**62, prefix="adapter_model")  # PEFT reads one file
+    hf_folder.write_json(tmp / ADAPTER_CONFIG, config)
+    if tokenizer is not None:
+        hf_folder.save_tokenizer(tokenizer, tmp)
+
+
+def save_peft_adapter(model: nnx.Module, out: Path, tokenizer, *, dtype: np.dtype | None,
+                      overwrite: bool, base_model_name_or_path: str = "") -> Path:
+    """A model in memory with adapters -> a PEFT adapter folder (adapters are small, so they
+    are gathered whole; ``modules_to_save`` parameters stream as usual)."""
+    from jaxtune.export.tensors import model_sources
+    from jaxtune.lora import SavedParam, iter_lora_weights
+
+    config = model.config
+    dtype = np.dtype(dtype or np.float32)
+    weights = list(iter_lora_weights(model))
+    ranks = {w.a.shape[0] for _, w in weights}
+    scales = {w.scale for _, w in weights}
+    if len(ranks) != 1 or len(scales) != 1:
+        raise ExportError(f"PEFT's adapter_config holds one rank and one alpha; these adapters "
+                          f"have ranks {sorted(ranks)} and scales {sorted(scales)}.")
+    groups = [TensorGroup(
+        [TensorSpec(f"{ADAPTER_PREFIX}{name}.lora_A.weight", w.a.shape, dtype),
+         TensorSpec(f"{ADAPTER_PREFIX}{name}.lora_B.weight", w.b.shape, dtype)],
+        lambda w=w: iter([w.a, w.b])) for name, w in weights]
+    layers_path = get_family(config.model_type).layers_path
+    saved = hf_groups(model_sources(nnx.state(model, SavedParam), layers_path), config, dtype)
+    saved, saved_modules = _peft_names(saved)
+    rank, scale = ranks.pop(), scales.pop()
+    cfg = adapter_config(rank=rank, alpha=scale * rank, rslora=False, dropout=0.0,
+                         base_path=base_model_name_or_path,
+                         target_modules=peft_target_modules(config, [n for n, _ in weights]),
+                         modules_to_save=saved_modules)
+    with hf_folder.staged_output(out, overwrite) as tmp:
+        _write_adapter_folder(tmp, groups + saved, cfg, tokenizer)
+    return out
+
+
+# --------------------------------------------------------------------------- the export
+
+
+def adapter_dir_for(out: Path, mode: str) -> Path:
+    """Where ``mode`` puts the PEFT adapter: ``out`` itself, or ``<out>-adapter`` for both."""
+    return out.parent / f"{out.name}-adapter" if mode == "both" else out
+
+
+def export_lora_run(ckpt: RunCheckpoint, out: Path, *, mode: str, base_dir: Path,
+                    base_hf: dict[str, Any], config: Any, out_dtype: np.dtype,
+                    adapter_dtype: np.dtype, max_shard_size: str, tokenizer, verify: bool,
+                    overwrite: bool, echo: Callable[[str], Any]) -> Path:
+    """Export a LoRA run as merged weights, a PEFT adapter, or both (see module docstring)."""
+    from jaxtune.export.api import _write_hf_folder, read_generation_config
+
+    adapters = find_adapters(ckpt)
+    if not adapters:
+        raise ExportError(f"Checkpoint {ckpt.directory}/{ckpt.step} of a LoRA run holds no "
+                          "adapters (params.*.lora.lora_a).")
+    adapter_out = adapter_dir_for(out, mode)
+    if mode == "both":
+        hf_folder.check_output(adapter_out, overwrite, (ckpt.run_dir, base_dir))
+    cfg = ckpt.config
+    exits = []
+    if mode in ("merged", "both"):
+        sources = merged_sources(ckpt, base_dir, config, adapters)
+        groups = hf_groups(sources, config, out_dtype)
+        hf_config = hf_folder.export_hf_config(base_hf, cfg.model.overrides, out_dtype)
+        with hf_folder.staged_output(out, overwrite) as tmp:
+            weight_map = _write_hf_folder(tmp, groups, max_shard_size, hf_config,
+                                          read_generation_config(base_dir), tokenizer)
+            if verify:
+                _verify_merged(tmp, ckpt, base_dir, config, sources, out_dtype, tokenizer,
+                               echo)
+        exits.append(f"merged weights in {out} ({len(weight_map)} tensors, "
+                     f"{np.dtype(out_dtype).name})")
+    if mode in ("adapter", "both"):
+        groups, modules = adapter_groups(ckpt, config, adapters, adapter_dtype)
+        saved_groups, saved_modules = saved_module_groups(ckpt, config, adapter_dtype)
+        lc = cfg.lora
+        peft_cfg = adapter_config(rank=lc.rank, alpha=lc.alpha, rslora=lc.rslora,
+                                  dropout=lc.dropout, base_path=cfg.model.path,
+                                  target_modules=peft_target_modules(config, modules),
+                                  modules_to_save=saved_modules)
+        with hf_folder.staged_output(adapter_out, overwrite) as tmp:
+            _write_adapter_folder(tmp, groups + saved_groups, peft_cfg, tokenizer)
+            if verify:
+                _verify_adapter(tmp, ckpt, base_dir, config, adapter_dtype, tokenizer, echo)
+        exits.append(f"PEFT adapter in {adapter_out} ({len(modules)} adapted modules, "
+                     f"{np.dtype(adapter_dtype).name})")
+    echo(f"exported step {ckpt.step} of LoRA run {ckpt.run_dir}: " + "; ".join(exits))
+    return out
+
+
+# --------------------------------------------------------------------------- verify
+
+
+def adapter_model(ckpt: RunCheckpoint, base_dir: Path) -> nnx.Module:
+    """The run's adapter-applied model, unmerged, in float32 on the unquantised base."""
+    import jax.numpy as jnp
+
+    from jaxtune.lora import apply_lora
+    from jaxtune.weights import from_pretrained
+
+    cfg = ckpt.config
+    base = from_pretrained(base_dir, dtype="float32", scan_layers=cfg.model.scan_layers,
+                           **cfg.model.overrides)
+    lora_cfg = dataclasses.replace(cfg.lora, quantize_base="none", base_dtype="", dropout=0.0)
+    model, trainable = apply_lora(base, lora_cfg, seed=cfg.run.seed)
+    flat = []
+    for path, var in nnx.to_flat_state(nnx.state(model, trainable)):
+        name = ".".join(map(str, path))
+        saved = ckpt.find(name)
+        if saved is None:
+            raise ExportError(f"Checkpoint {ckpt.directory}/{ckpt.step} lacks {name}.")
+        flat.append((path, var.replace(jnp.asarray(_whole(ckpt, saved)))))
+    nnx.update(model, nnx.from_flat_state(flat))
+    return model
+
+
+def _tolerance(dtype: np.dtype) -> float:
+    from jaxtune.export import verify
+
+    return verify.EXACT_TOLERANCE if np.dtype(dtype).itemsize >= 4 else \
+        verify.ROUNDED_TOLERANCE
+
+
+def _verify_merged(tmp: Path, ckpt: RunCheckpoint, base_dir: Path, config: Any,
+                   sources: list[ParamSource], out_dtype: np.dtype, tokenizer, echo) -> None:
+    from jaxtune.export import verify
+    from jaxtune.export.api import _reference_model
+
+    exact = _reference_model(config, sources, ckpt.config.model.scan_layers, round_to=out_dtype)
+    verify.verify(tmp, verify.jaxtune_logits(exact), vocab_size=config.vocab_size,
+                  tokenizer=tokenizer, echo=echo,
+                  untouched=verify.jaxtune_logits(adapter_model(ckpt, base_dir)),
+                  untouched_tolerance=_tolerance(out_dtype),
+                  untouched_name="the adapter-applied model")
+
+
+def _verify_adapter(tmp: Path, ckpt: RunCheckpoint, base_dir: Path, config: Any,
+                    dtype: np.dtype, tokenizer, echo) -> None:
+    from jaxtune.export import verify
+
+    verify.verify(tmp, verify.jaxtune_logits(adapter_model(ckpt, base_dir)),
+                  vocab_size=config.vocab_size, tokenizer=tokenizer, echo=echo,
+                  tolerance=_tolerance(dtype), hf=verify.peft_logits(base_dir, tmp),
+                  what="the adapter-applied model", check_generation=False)
