@@ -22,6 +22,10 @@ projection                 kernel          logical axes
 The bias, when present, has the output shape (e.g. ``[N, H]`` for ``q_proj``). Parameters are
 stored in ``param_dtype``; a layer computes in the dtype of its input (the model's compute
 dtype), casting its weights on the way in.
+
+LoRA (``jaxtune.lora``) plugs into a Linear from outside: it sets ``Linear.lora`` to an adapter
+that adds its low-rank update to the output, and may replace ``kernel`` by a quantised kernel
+(``jaxtune.quant``) that dequantises when read with ``kernel[...]``.
 """
 
 from __future__ import annotations
@@ -85,6 +89,7 @@ class Linear(nnx.Module):
             else None
         )
         self.num_in = len(in_shape)
+        self.lora = None  # a LoRA adapter (jaxtune.lora.apply_lora) sets this
 
     def __call__(self, x: jax.Array, out_dtype: Any = None) -> jax.Array:
         """Apply the projection; ``out_dtype`` (e.g. float32) sets the accumulation dtype."""
@@ -93,6 +98,8 @@ class Linear(nnx.Module):
         y = jax.lax.dot_general(x, kernel, (contract, ((), ())), preferred_element_type=out_dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
+        if self.lora is not None:
+            y = self.lora.add(y, x)
         return y
 
 

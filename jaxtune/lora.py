@@ -1,0 +1,550 @@
+"""LoRA and QLoRA: low-rank adapters on a model's Linear layers, merge / unmerge, PEFT layout.
+
+:func:`apply_lora` attaches a :class:`LoraAdapter` to every targeted ``Linear`` (its ``lora``
+attribute, see ``jaxtune.models.layers``). For a kernel ``[*in, *out]`` the adapter holds
+
+- ``lora_a`` ``[*in, r]``, logical axes ``(*in_axes, "lora_rank")``, drawn like PEFT's
+  ``lora_A`` (uniform in ``±1/sqrt(fan_in)``),
+- ``lora_b`` ``[r, *out]``, logical axes ``("lora_rank", *out_axes)``, zeros,
+
+(with a leading ``layers`` axis under ``scan_layers``) and adds
+``scale * (dropout(x) . A) . B`` to the layer's output, ``scale = alpha / r`` (PEFT's
+``lora_alpha / r``) or ``alpha / sqrt(r)`` with ``rslora``. B starts at zero, so a fresh
+adapter gives exactly the base model's logits. In PEFT's layout ``lora_A.weight`` is
+``A.reshape(in, r).T`` and ``lora_B.weight`` is ``B.reshape(r, out).T`` (see
+:func:`iter_lora_weights`).
+
+Trainable are the adapters (:class:`LoraParam`) and the parameters of ``modules_to_save``
+(retyped :class:`SavedParam`), so the trainer's filter is ``nnx.Any(LoraParam, SavedParam)``
+(:data:`TRAINABLE`) and the optimizer state holds only those. The frozen rest can be cast to
+``base_dtype`` (adapters stay float32) or quantised (``quantize_base``: int8 / nf4, see
+``jaxtune.quant``; ``lm_head`` stays unquantised, as in QLoRA).
+
+Dropout on the adapter input runs only inside :func:`dropout_rng` (the train loss wrapped by
+:func:`with_dropout`); anywhere else, evaluation included, the adapters are deterministic.
+
+``targets`` entries match a Linear's HF-style module path (``model.layers.3.self_attn.q_proj``,
+per layer even when layers are stacked): the path itself, its last names (``q_proj``,
+``self_attn.q_proj``) or a regex over the whole path; ``all-linear`` is every Linear but
+``lm_head``. ``modules_to_save`` entries match any module the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import re
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from jaxtune.config import ConfigError, LoraConfig
+from jaxtune.models.layers import Linear
+from jaxtune.quant import QuantizedKernel, quantize_kernel
+from jaxtune.sharding import Rules, state_shardings
+
+ALL_LINEAR = "all-linear"
+
+
+class LoraParam(nnx.Param):
+    """A LoRA adapter matrix (``lora_a`` or ``lora_b``): what a LoRA run trains."""
+
+
+class SavedParam(nnx.Param):
+    """A parameter of a ``modules_to_save`` module: trained fully in a LoRA run."""
+
+
+class LoraSalt(nnx.Variable):
+    """A per-(adapter, layer) integer that makes each adapter's dropout mask its own."""
+
+
+#: The trainable filter of every LoRA run (adapters plus modules_to_save).
+TRAINABLE = nnx.Any(LoraParam, SavedParam)
+
+
+def lora_scale(alpha: float, rank: int, rslora: bool = False) -> float:
+    """PEFT's scaling: ``alpha / rank``, or ``alpha / sqrt(rank)`` with rank-stabilised LoRA."""
+    return float(alpha) / (math.sqrt(rank) if rslora else rank)
+
+
+# --------------------------------------------------------------------------- dropout
+
+_dropout_context = threading.local()
+
+
+@contextlib.contextmanager
+def dropout_rng(key: jax.Array) -> Iterator[None]:
+    """Within this context (at trace time) adapters with dropout > 0 drop inputs using ``key``."""
+    prev = getattr(_dropout_context, "key", None)
+    _dropout_context.key = key
+    try:
+        yield
+    finally:
+        _dropout_context.key = prev
+
+
+def with_dropout(loss_fn: Callable[[Any, dict], Any]) -> Callable[[Any, dict], Any]:
+    """The training loss: ``loss_fn`` run with LoRA dropout keyed by the micro-batch's ``rng``.
+
+    Give it to the train step only; the eval step keeps the plain (deterministic) loss.
+    """
+
+    def train_loss(model: Any, batch: dict) -> Any:
+        with dropout_rng(jax.random.fold_in(batch["rng"], 0x10A)):
+            return loss_fn(model, batch)
+
+    return train_loss
+
+
+# --------------------------------------------------------------------------- the adapter
+
+
+class LoraAdapter(nnx.Module):
+    """``scale * (dropout(x) . A) . B``, added to a Linear's output by :meth:`add`."""
+
+    def __init__(self, a: LoraParam, b: LoraParam, *, scale: float, num_in: int,
+                 dropout: float = 0.0, salt: LoraSalt | None = None):
+        self.lora_a = a
+        self.lora_b = b
+        self.scale = float(scale)
+        self.num_in = num_in
+        self.dropout = float(dropout)
+        self.salt = salt
+        self.merged = False  # set by merge(keep_adapters=True): the kernel already holds it
+
+    def add(self, y: jax.Array, x: jax.Array) -> jax.Array:
+        """``y`` (the base layer's output for input ``x``) plus this adapter's update."""
+        if self.merged:
+            return y
+        x = self._drop(x)
+        n = self.num_in
+        a = self.lora_a[...].astype(x.dtype)
+        b = self.lora_b[...].astype(x.dtype)
+        contract = (tuple(range(x.ndim - n, x.ndim)), tuple(range(n)))
+        h = jax.lax.dot_general(x, a, (contract, ((), ())))
+        h = h * jnp.asarray(self.scale, h.dtype)  # scaling the rank-r side is cheapest
+        u = jax.lax.dot_general(h, b, (((h.ndim - 1,), (0,)), ((), ())),
+                                preferred_element_type=y.dtype)
+        return y + u.astype(y.dtype)
+
+    def _drop(self, x: jax.Array) -> jax.Array:
+        key = getattr(_dropout_context, "key", None)
+        if self.dropout == 0.0 or key is None:
+            return x
+        key = jax.random.fold_in(key, self.salt[...])
+        keep = jax.random.bernoulli(key, 1.0 - self.dropout, x.shape)
+        return jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
+
+    def delta(self) -> jax.Array:
+        """The float32 kernel update ``scale * A . B``, ``[*lead, *in, *out]``."""
+        a = self.lora_a[...].astype(jnp.float32)
+        b = self.lora_b[...].astype(jnp.float32)
+        lead = a.ndim - self.num_in - 1
+        batch = tuple(range(lead))
+        dims = (((a.ndim - 1,), (lead,)), (batch, batch))
+        return jax.lax.dot_general(a, b, dims, precision=jax.lax.Precision.HIGHEST) * self.scale
+
+
+# --------------------------------------------------------------------------- module paths
+
+
+def _modules(model: nnx.Module) -> list[tuple[tuple, nnx.Module]]:
+    return [(tuple(p), m) for p, m in nnx.iter_graph(model) if isinstance(m, nnx.Module)]
+
+
+def _linears(model: nnx.Module) -> list[tuple[tuple, Linear]]:
+    return [(p, m) for p, m in _modules(model) if isinstance(m, Linear)]
+
+
+def _layers_path(model: nnx.Module) -> tuple[str, ...]:
+    from jaxtune.models import get_family
+
+    return tuple(get_family(model.config.model_type).layers_path.split("."))
+
+
+def _hf_names(path: tuple, layers_path: tuple, num_layers: int) -> list[str]:
+    """HF-style dotted names of a module, one per layer when it sits in stacked layers."""
+    n = len(layers_path)
+    stacked = path[:n] == layers_path and len(path) > n and not isinstance(path[n], int)
+    if not stacked:
+        return [".".join(map(str, path))]
+    return [".".join(map(str, (*layers_path, i, *path[n:]))) for i in range(num_layers)]
+
+
+def _matches(pattern: str, name: str) -> bool:
+    if name == pattern or name.endswith("." + pattern):
+        return True
+    try:
+        return re.fullmatch(pattern, name) is not None
+    except re.error as e:
+        raise ConfigError(f"LoRA pattern '{pattern}' is not a module name or a valid regex "
+                          f"({e}).") from None
+
+
+def _select(model: nnx.Module, patterns: Sequence[str], candidates: list[tuple[tuple, Any]],
+            key: str) -> list[tuple]:
+    """Paths of the candidate modules some pattern selects; every pattern must select one."""
+    layers_path = _layers_path(model)
+    num_layers = model.config.num_hidden_layers
+    selected, used = [], set()
+    for path, _ in candidates:
+        names = _hf_names(path, layers_path, num_layers)
+        hits = [[p for p in patterns if _matches(p, name)] for name in names]
+        if all(hits):
+            selected.append(path)
+        elif any(hits):
+            picked = [i for i, h in enumerate(hits) if h]
+            raise ConfigError(
+                f"'{key}' selects layers {picked} of {len(names)} for {names[0]}, but with "
+                "model.scan_layers the layers share one stacked module: select every layer, "
+                "or set model.scan_layers: false."
+            )
+        for h in hits:
+            used.update(h)
+    unused = [p for p in patterns if p not in used]
+    if unused:
+        raise ConfigError(_no_match_message(model, unused, key, candidates))
+    return selected
+
+
+def _no_match_message(model: nnx.Module, unused: list[str], key: str,
+                      candidates: list[tuple[tuple, Any]]) -> str:
+    short = sorted({str(p[-1]) for p, _ in candidates if p})
+    msg = f"'{key}' entries {unused} match no module of this model."
+    if key == "lora.targets":
+        others = [str(p[-1]) for p, _ in _modules(model)
+                  if p and any(_matches(u, str(p[-1])) for u in unused)]
+        if others:
+            msg += (f" {sorted(set(others))} are not linear layers; train them fully with "
+                    "'lora.modules_to_save' instead.")
+    if "lm_head" in unused and getattr(model.config, "tie_word_embeddings", False):
+        msg += " This model ties lm_head to embed_tokens: use embed_tokens."
+    return msg + f" Names here: {', '.join(short)} (or a regex over paths like " \
+        "'model.layers.0.self_attn.q_proj', or all-linear)."
+
+
+def resolve_targets(model: nnx.Module, targets: Sequence[str]) -> list[tuple]:
+    """Paths of the Linear modules ``targets`` selects (``all-linear``: all but ``lm_head``)."""
+    linears = _linears(model)
+    patterns = [t for t in targets if t != ALL_LINEAR]
+    chosen = {p for p, _ in linears if p[-1] != "lm_head"} if ALL_LINEAR in targets else set()
+    if patterns:
+        chosen.update(_select(model, patterns, linears, "lora.targets"))
+    if not chosen:
+        raise ConfigError("'lora.targets' is empty: name modules (q_proj, v_proj, ...), give a "
+                          "regex, or use all-linear.")
+    return [p for p, _ in linears if p in chosen]
+
+
+def resolve_modules_to_save(model: nnx.Module, names: Sequence[str]) -> list[tuple]:
+    """Paths of the modules trained fully (``lora.modules_to_save``)."""
+    if not names:
+        return []
+    return _select(model, list(names), _modules(model), "lora.modules_to_save")
+
+
+# --------------------------------------------------------------------------- apply
+
+
+def _validate(cfg: LoraConfig) -> None:
+    if cfg.rank < 0:
+        raise ConfigError(f"'lora.rank' must be >= 0 (0 is full fine-tuning), got {cfg.rank}.")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise ConfigError(f"'lora.dropout' must be in [0, 1), got {cfg.dropout}.")
+    if cfg.quantize_base not in ("none", "int8", "nf4"):
+        raise ConfigError(f"'lora.quantize_base' is '{cfg.quantize_base}'; use none, int8 or "
+                          "nf4.")
+    if cfg.base_dtype and cfg.base_dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"'lora.base_dtype' is '{cfg.base_dtype}'; use float32, bfloat16 or "
+                          "float16 (or quantize_base for int8 / nf4).")
+    if cfg.rank == 0 and (cfg.quantize_base != "none" or cfg.modules_to_save):
+        raise ConfigError("'lora.quantize_base' and 'lora.modules_to_save' need a LoRA run: "
+                          "set 'lora.rank' > 0.")
+
+
+def _mesh_of(model: nnx.Module) -> Mesh:
+    for leaf in jax.tree.leaves(nnx.state(model)):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, NamedSharding):
+            return sharding.mesh
+    from jaxtune.models.build import single_device_mesh
+
+    return single_device_mesh()
+
+
+def _rebuild(model: nnx.Module, edit: Callable[[nnx.Module, Any], None], mesh: Mesh | None,
+             rules: Rules | None, extra: Any = None) -> nnx.Module:
+    """A new model: ``edit(copy, extra)`` applied to a copy, in one jit whose outputs are
+    sharded by the new variables' logical axes (so nothing is gathered on one device).
+    ``extra`` (arrays the edit reads) is an argument, not a constant baked into the program."""
+    graphdef, state = nnx.split(model)
+
+    def run(state: nnx.State, extra: Any) -> nnx.Module:
+        copy = nnx.merge(graphdef, state)
+        edit(copy, extra)
+        return copy
+
+    abstract = nnx.eval_shape(run, state, extra)
+    new_graphdef, abstract_state = nnx.split(abstract)
+    shardings = state_shardings(abstract_state, mesh or _mesh_of(model), rules)
+    new_state = jax.jit(lambda s, e: nnx.split(run(s, e))[1], out_shardings=shardings)(
+        state, extra)
+    return nnx.merge(new_graphdef, new_state)
+
+
+def _lead(var: nnx.Variable) -> int:
+    """1 when the variable carries the stacked ``layers`` axis first, else 0."""
+    axes = var.get_metadata().get("logical_axes")
+    return int(bool(axes) and axes[0] == "layers")
+
+
+def _axes(var: nnx.Variable) -> tuple:
+    axes = var.get_metadata().get("logical_axes")
+    return tuple(axes) if axes is not None else (None,) * var.get_value().ndim
+
+
+def _make_adapter(linear: Linear, rank: int, scale: float, dropout: float, key: jax.Array,
+                  salt_base: int) -> LoraAdapter:
+    kernel = linear.kernel
+    lead, n = _lead(kernel), linear.num_in
+    shape, axes = kernel.get_value().shape, _axes(kernel)
+    lead_shape, in_shape, out_shape = shape[:lead], shape[lead:lead + n], shape[lead + n:]
+    lead_axes, in_axes, out_axes = axes[:lead], axes[lead:lead + n], axes[lead + n:]
+    bound = 1.0 / math.sqrt(math.prod(in_shape))  # PEFT: kaiming_uniform(a=sqrt(5)) on lora_A
+    a = jax.random.uniform(key, (*lead_shape, *in_shape, rank), jnp.float32, -bound, bound)
+    b = jnp.zeros((*lead_shape, rank, *out_shape), jnp.float32)
+    salt = None
+    if dropout > 0:
+        count = shape[0] if lead else 1
+        values = jnp.arange(salt_base * count, (salt_base + 1) * count, dtype=jnp.uint32)
+        salt = LoraSalt(values if lead else values[0], logical_axes=lead_axes)
+    return LoraAdapter(
+        LoraParam(a, logical_axes=(*lead_axes, *in_axes, "lora_rank")),
+        LoraParam(b, logical_axes=(*lead_axes, "lora_rank", *out_axes)),
+        scale=scale, num_in=n, dropout=dropout, salt=salt,
+    )
+
+
+def _retype(module: nnx.Module, old_type: type, new_type: type) -> None:
+    """Turn the ``old_type`` variables of ``module`` and its submodules into ``new_type``."""
+    for _, node in list(nnx.iter_graph(module)):
+        if not isinstance(node, nnx.Module):
+            continue
+        for name, value in list(vars(node).items()):
+            if type(value) is old_type:
+                meta = {"logical_axes": value.get_metadata().get("logical_axes")}
+                setattr(node, name, new_type(value.get_value(), **meta))
+
+
+def apply_lora(model: nnx.Module, cfg: LoraConfig, *, mesh: Mesh | None = None,
+               rules: Rules | None = None, seed: int = 0) -> tuple[nnx.Module, Any]:
+    """Add adapters to ``model`` as ``cfg`` says; returns ``(new_model, trainable_filter)``.
+
+    The input model is left as it was. The new model's variables are sharded over ``mesh``
+    (default: the mesh the model is on) by their logical axes and ``rules``. ``seed`` draws the
+    A matrices. ``rank: 0`` returns the model unchanged with the filter ``nnx.Param`` (full
+    fine-tuning).
+    """
+    _validate(cfg)
+    if cfg.rank == 0:
+        return model, nnx.Param
+    if any(lin.lora is not None for _, lin in _linears(model)):
+        raise ConfigError("This model already has LoRA adapters; apply_lora once.")
+    targets = resolve_targets(model, cfg.targets)
+    saved = resolve_modules_to_save(model, cfg.modules_to_save)
+    clash = [p for p in targets if any(p[:len(s)] == s for s in saved)]
+    if clash:
+        raise ConfigError(f"{['.'.join(map(str, p)) for p in clash]} are both LoRA targets and "
+                          "modules_to_save; remove them from one of 'lora.targets' and "
+                          "'lora.modules_to_save'.")
+    scale = lora_scale(cfg.alpha, cfg.rank, cfg.rslora)
+    base_dtype = jnp.dtype(cfg.base_dtype) if cfg.base_dtype else None
+
+    def edit(m: nnx.Module, _: Any) -> None:
+        key = jax.random.key(seed)
+        modules = dict(_modules(m))
+        for path in saved:
+            _retype(modules[path], nnx.Param, SavedParam)
+        for index, path in enumerate(targets):
+            linear = modules[path]
+            linear.lora = nnx.data(_make_adapter(linear, cfg.rank, scale, cfg.dropout,
+                                                 jax.random.fold_in(key, index), index))
+        if cfg.quantize_base != "none":  # from the kernels as loaded, before any cast
+            for path, linear in _linears(m):
+                if path[-1] == "lm_head" or type(linear.kernel) is not nnx.Param:
+                    continue
+                k = linear.kernel
+                linear.kernel = nnx.data(quantize_kernel(
+                    k.get_value(), cfg.quantize_base, num_in=linear.num_in, lead=_lead(k),
+                    logical_axes=_axes(k)))
+        if base_dtype is not None:
+            for _, var in nnx.iter_graph(m):
+                if type(var) is nnx.Param and jnp.issubdtype(var.get_value().dtype,
+                                                             jnp.floating):
+                    var.set_value(var.get_value().astype(base_dtype))
+
+    return _rebuild(model, edit, mesh, rules), TRAINABLE
+
+
+# --------------------------------------------------------------------------- merge
+
+
+def _float_kernel(linear: Linear) -> tuple[jax.Array, Any, tuple]:
+    """(float32 kernel, its dtype before any quantisation, logical axes)."""
+    k = linear.kernel
+    if isinstance(k, QuantizedKernel):
+        return k.dequantize(), k.dtype, k.logical_axes
+    return k.get_value().astype(jnp.float32), k.get_value().dtype, _axes(k)
+
+
+def merge(model: nnx.Module, *, base: nnx.Module | None = None, dtype: Any = None,
+          keep_adapters: bool = False, mesh: Mesh | None = None,
+          rules: Rules | None = None) -> nnx.Module:
+    """A new model with every adapter folded into its kernel: ``W + scale * A . B``.
+
+    The sum is taken in float32 and cast once (to ``dtype``, default the kernel's dtype before
+    any quantisation). Quantised kernels are dequantised, so the result is a plain model
+    (``modules_to_save`` parameters become plain Params again) that ``to_hf_tensors`` exports.
+    ``base``: the unquantised base model (same layout, no adapters), e.g. reloaded with
+    ``from_pretrained`` in float32; every frozen parameter is then taken from it, and the
+    adapters are added to its kernels (USERS.md: merge from the unquantised base).
+    ``keep_adapters``: keep the adapters attached but inactive, so :func:`unmerge` can
+    restore the adapter model.
+    """
+    base_flat = None
+    if base is not None:
+        base_flat = {tuple(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(base))}
+    out_dtype = jnp.dtype(dtype) if dtype is not None else None
+
+    def edit(m: nnx.Module, base_flat: dict | None) -> None:
+        if base_flat is not None:
+            _take_frozen_from(m, base_flat)
+        for _, linear in _linears(m):
+            adapter = linear.lora
+            if adapter is None and not isinstance(linear.kernel, QuantizedKernel):
+                continue
+            kernel, kdtype, axes = _float_kernel(linear)
+            if adapter is not None and not adapter.merged:
+                kernel = kernel + adapter.delta()
+            linear.kernel = nnx.data(nnx.Param(kernel.astype(out_dtype or kdtype),
+                                               logical_axes=axes))
+            if adapter is not None:
+                if keep_adapters:
+                    adapter.merged = True
+                else:
+                    linear.lora = None
+        if out_dtype is not None:
+            for _, var in nnx.iter_graph(m):
+                if type(var) in (nnx.Param, SavedParam):
+                    var.set_value(var.get_value().astype(out_dtype))
+        if not keep_adapters:
+            _retype(m, SavedParam, nnx.Param)
+
+    return _rebuild(model, edit, mesh, rules, base_flat)
+
+
+def _take_frozen_from(m: nnx.Module, base_flat: dict[tuple, jax.Array]) -> None:
+    """Replace the frozen parameters of ``m`` by the base's (dequantising where needed)."""
+    for path, linear in _linears(m):
+        kernel_path = (*path, "kernel")
+        if isinstance(linear.kernel, QuantizedKernel) and kernel_path in base_flat:
+            k = linear.kernel
+            linear.kernel = nnx.data(nnx.Param(base_flat[kernel_path],
+                                               logical_axes=k.logical_axes))
+    missing = []
+    for path, var in nnx.iter_graph(m):
+        if type(var) is nnx.Param:
+            if tuple(path) not in base_flat:
+                missing.append(".".join(map(str, path)))
+                continue
+            value = base_flat[tuple(path)]
+            if value.shape != var.get_value().shape:
+                missing.append(f"{'.'.join(map(str, path))} (shape {value.shape})")
+                continue
+            var.set_value(value)
+    if missing:
+        raise ConfigError(f"merge: the base model lacks or reshapes {missing}; give the base "
+                          "model the adapters were trained on, in the same layout "
+                          "(scan_layers).")
+
+
+def unmerge(model: nnx.Module, *, mesh: Mesh | None = None,
+            rules: Rules | None = None) -> nnx.Module:
+    """Undo :func:`merge` with ``keep_adapters=True``: ``W - scale * A . B`` in float32,
+    adapters active again. A kernel that was quantised comes back as float (not requantised)."""
+
+    def edit(m: nnx.Module, _: Any) -> None:
+        for _, linear in _linears(m):
+            adapter = linear.lora
+            if adapter is None or not adapter.merged:
+                continue
+            kernel, kdtype, axes = _float_kernel(linear)
+            linear.kernel = nnx.data(nnx.Param((kernel - adapter.delta()).astype(kdtype),
+                                               logical_axes=axes))
+            adapter.merged = False
+
+    return _rebuild(model, edit, mesh, rules)
+
+
+# --------------------------------------------------------------------------- PEFT layout
+
+
+@dataclasses.dataclass
+class LoraWeights:
+    """One adapter in PEFT's layout: ``W_hf += scale * b @ a`` with ``W_hf`` ``[out, in]``."""
+
+    a: np.ndarray  # lora_A.weight [r, in] (input dims flattened in HF order)
+    b: np.ndarray  # lora_B.weight [out, r]
+    scale: float
+
+
+def _to_numpy(x: jax.Array) -> np.ndarray:
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def iter_lora_weights(model: nnx.Module) -> Iterator[tuple[str, LoraWeights]]:
+    """Yield ``(hf_module_path, LoraWeights)`` per adapter and layer, one at a time.
+
+    ``hf_module_path`` is the HF module the adapter belongs to, e.g.
+    ``model.layers.0.self_attn.q_proj`` (PEFT writes ``base_model.model.<it>.lora_A.weight``).
+    """
+    from jaxtune.models import get_family
+
+    family = get_family(model.config.model_type)
+    rules = family.hf_table(model.config)
+    layers_path = _layers_path(model)
+    for path, linear in _linears(model):
+        adapter = linear.lora
+        if adapter is None:
+            continue
+        a_all, b_all = adapter.lora_a.get_value(), adapter.lora_b.get_value()
+        names = _hf_names(path, layers_path, model.config.num_hidden_layers)
+        stacked = a_all.ndim > adapter.num_in + 1
+        for i, name in enumerate(names):
+            a = _to_numpy(a_all[i] if stacked else a_all).astype(np.float32)
+            b = _to_numpy(b_all[i] if stacked else b_all).astype(np.float32)
+            rank = b.shape[0]
+            kernel_path = name + ".kernel"
+            rule = next((r for r in rules if r.match_target(kernel_path)), None)
+            if rule is None:
+                raise ConfigError(f"No HF name for {kernel_path} in the {family.name} table.")
+            hf_key = rule.hf_key(rule.match_target(kernel_path))
+            yield hf_key.removesuffix(".weight"), LoraWeights(
+                a=a.reshape(-1, rank).T.copy(), b=b.reshape(rank, -1).T.copy(),
+                scale=adapter.scale)
+
+
+def lora_state(model: nnx.Module) -> dict[str, LoraWeights]:
+    """All adapters in PEFT's layout, keyed by HF module path (see :func:`iter_lora_weights`)."""
+    return dict(iter_lora_weights(model))
