@@ -79,12 +79,19 @@ def cmd_generate(argv: list[str]) -> int:
     return generate_main(argv)
 
 
+def cmd_launch(argv: list[str]) -> int:
+    from jaxtune.launch import launch_main
+
+    return launch_main(argv)
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "train": (cmd_train, "fine-tune a model from a YAML recipe"),
     "export": (cmd_export, "write a run's checkpoint as a Hugging Face folder or PEFT adapter"),
     "inspect-data": (cmd_inspect_data, "show what the model trains on, trained tokens marked"),
     "print-config": (cmd_print_config, "print the resolved config of a recipe plus overrides"),
     "generate": (cmd_generate, "generate text from a model or run directory"),
+    "launch": (cmd_launch, "run training on a Cloud TPU slice: jaxtune launch tpu ..."),
 }
 
 
