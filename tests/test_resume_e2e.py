@@ -77,7 +77,7 @@ def launch(recipe_path: str, run_dir: str, *, stop_after: int | None = None,
 
     Returns the exit code, {step: loss} as printed, and the whole output.
     """
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "E2E_PACE": "0.3",
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "E2E_PACE": "0.15",
            "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cmd = [sys.executable, "-c", LAUNCHER, "train", recipe_path, f"--run.output_dir={run_dir}"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -155,3 +155,40 @@ def test_sigterm_saves_the_step_reached_and_exits_0(recipe, run_a):
     assert rc == 0, out[-3000:]
     assert min(second) == 6, out[-3000:]
     assert_same_end(run_dir, second, run_a)
+
+
+def test_lora_int8_run_saves_adapters_only_and_resumes_exactly(recipe, monkeypatch):
+    """In process (one compile per run): LoRA on an int8 base, preempted at step 3."""
+    import jax
+
+    from jaxtune.checkpoint import Checkpointer
+    from jaxtune.config import load_config
+    from jaxtune.trainer import train
+
+    root, path = recipe
+    args = ["--lora.rank=4", "--lora.quantize_base=int8", "--trainer.steps=6",
+            "--checkpoint.save_every=0", "--optimizer.weight_decay=0"]
+    straight = train(load_config(path, args + [f"--run.output_dir={root / 'lora_a'}"]))
+    cfg = load_config(path, args + [f"--run.output_dir={root / 'lora_b'}"])
+    with monkeypatch.context() as m:
+        m.setattr(Checkpointer, "preemption_requested", lambda self, step: step >= 3)
+        first = train(cfg)
+    assert first.steps == 3
+    resumed = train(cfg)
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history[3:]]
+    for got, want in zip(jax.tree.leaves(resumed.state.params),
+                         jax.tree.leaves(straight.state.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+    step_dir = os.path.join(cfg.run.output_dir, "checkpoints", "6")
+    saved = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(step_dir)
+                for f in fs)
+    base = sum(os.path.getsize(os.path.join(cfg.model.path, f))
+               for f in os.listdir(cfg.model.path) if f.endswith(".safetensors"))
+    assert saved < base / 2, (saved, base)  # adapters and their optimizer state only
+    import orbax.checkpoint as ocp
+
+    items = ocp.StandardCheckpointer().restore(os.path.join(step_dir, "state"))
+    assert sorted(items) == ["opt_state", "params", "rng", "step"]  # no frozen base
+    assert all("lora" in "/".join(map(str, path)) for path, _ in
+               jax.tree_util.tree_flatten_with_path(items["params"])[0])
