@@ -243,6 +243,8 @@ def save_pretrained(model: nnx.Module, out_dir: str | os.PathLike, tokenizer: An
 def _has_adapters(model: nnx.Module) -> bool:
     import jax
 
-    from jaxtune.lora import LoraParam
-
+    try:
+        from jaxtune.lora import LoraParam
+    except ImportError:  # a build without LoRA support: no adapters possible
+        return False
     return bool(jax.tree.leaves(nnx.state(model, LoraParam)))

@@ -81,12 +81,11 @@ class RunCheckpoint:
         """A lazy :class:`ParamSource` for model parameter ``path`` read from this step."""
         saved = self.find(path)
         assert saved is not None
-        store = None
 
         def read(lo: int, hi: int) -> np.ndarray:
-            nonlocal store
-            if store is None:
-                store = self.open(saved.name)
+            # A handle per read: a live handle keeps its last chunk's buffers (as much again
+            # as the tensor), so it is dropped as soon as the data is out.
+            store = self.open(saved.name)
             view = store[lo:hi] if stacked else store
             return np.asarray(view.read().result())
 

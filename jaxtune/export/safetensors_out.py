@@ -118,7 +118,7 @@ def write_safetensors(out_dir: Path, groups: list[TensorGroup], max_shard_size: 
     names = ([f"{prefix}.safetensors"] if n == 1 else
              [f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
     weight_map = {s.key: name for name, shard in zip(names, shards, strict=True) for s in shard}
-    arrays = (a for g in groups for a in _checked(g))
+    arrays = _arrays(groups)
     for name, shard in zip(names, shards, strict=True):
         with open(out_dir / name, "wb") as f:
             f.write(_header(shard))
@@ -136,13 +136,27 @@ def write_safetensors(out_dir: Path, groups: list[TensorGroup], max_shard_size: 
     return weight_map
 
 
-def _checked(group: TensorGroup) -> Iterator[tuple[TensorSpec, np.ndarray]]:
-    produced = 0
-    for spec, array in zip(group.specs, group.produce(), strict=False):
-        produced += 1
-        if tuple(array.shape) != tuple(spec.shape):
-            raise ExportError(f"internal: {spec.key} has shape {list(array.shape)}, "
-                              f"expected {list(spec.shape)}.")
-        yield spec, array
-    if produced != len(group.specs):
-        raise ExportError(f"internal: {group.specs[produced].key} was never produced.")
+_END = object()
+
+
+def _arrays(groups: list[TensorGroup]) -> Iterator[tuple[TensorSpec, np.ndarray]]:
+    """Each group's arrays in order, checked against their specs.
+
+    No reference outlives its write: a loop variable still bound while the next tensor is
+    read would hold two tensors at once, and a producer left suspended after its last array
+    would keep its block of layers.
+    """
+    for group in groups:
+        produced = group.produce()
+        for spec in group.specs:
+            array = next(produced, _END)
+            if array is _END:
+                raise ExportError(f"internal: {spec.key} was never produced.")
+            if tuple(array.shape) != tuple(spec.shape):
+                raise ExportError(f"internal: {spec.key} has shape {list(array.shape)}, "
+                                  f"expected {list(spec.shape)}.")
+            yield spec, array
+            del array
+        if next(produced, _END) is not _END:  # also lets the producer free its block
+            raise ExportError(f"internal: more arrays than specs after {group.specs[-1].key}.")
+        del produced
