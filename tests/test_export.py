@@ -47,8 +47,9 @@ def assert_same_tensors(original: Path, exported: Path) -> None:
 
 
 def checkpoint_run(root: Path, model_dir: Path, tokenizer: str, *, scan: bool,
-                   dtype: str = "float32", step: int = 0, **sections) -> Path:
-    """A run directory whose checkpoint holds the model exactly as loaded (no training)."""
+                   dtype: str = "float32", step: int = 0, mesh=None, **sections) -> Path:
+    """A run directory whose checkpoint holds the model exactly as loaded (no training),
+    saved from ``mesh`` (default: one device)."""
     run = root / "run"
     raw = {"run": {"output_dir": str(run)},
            "model": {"path": str(model_dir), "tokenizer": tokenizer, "scan_layers": scan,
@@ -56,7 +57,7 @@ def checkpoint_run(root: Path, model_dir: Path, tokenizer: str, *, scan: bool,
            "checkpoint": {"async_save": False}, **sections}
     cfg = config_from_dict(raw)
     save_config(cfg, run / "config.yaml")
-    mesh = single_device_mesh()
+    mesh = mesh or single_device_mesh()
     model = from_pretrained(model_dir, dtype=dtype, scan_layers=scan, mesh=mesh)
     state = create_train_state(model, optax.set_to_zero(), mesh=mesh)
     ckpt = Checkpointer(cfg, mesh)
