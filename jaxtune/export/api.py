@@ -163,12 +163,14 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
             from jaxtune.export import verify as check
 
             scan = cfg.model.scan_layers
-            exact = _reference_model(config, sources, scan, round_to=out_dtype)
-            rounded = np.dtype(out_dtype).itemsize < np.dtype(cfg.model.dtype).itemsize
-            untouched = _reference_model(config, sources, scan) if rounded else None
-            check.verify(tmp, check.jaxtune_logits(exact), vocab_size=config.vocab_size,
-                         tokenizer=tokenizer, echo=echo,
-                         untouched=None if untouched is None else check.jaxtune_logits(untouched))
+            checks = [check.Check("jaxtune (the written values)", lambda: check.jaxtune_logits(
+                _reference_model(config, sources, scan, round_to=out_dtype)))]
+            if np.dtype(out_dtype).itemsize < np.dtype(cfg.model.dtype).itemsize:
+                checks.append(check.Check(
+                    f"the trained {cfg.model.dtype} model", lambda: check.jaxtune_logits(
+                        _reference_model(config, sources, scan)), check.ROUNDED_TOLERANCE))
+            check.verify(tmp, checks, vocab_size=config.vocab_size, tokenizer=tokenizer,
+                         echo=echo)
     echo(f"exported step {ckpt.step} of {run_dir} to {out} as {np.dtype(out_dtype).name}: "
          f"{_summary(groups, weight_map)}")
     return out

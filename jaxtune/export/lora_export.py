@@ -419,19 +419,21 @@ def _verify_merged(tmp: Path, ckpt: RunCheckpoint, base_dir: Path, config: Any,
     from jaxtune.export import verify
     from jaxtune.export.api import _reference_model
 
-    exact = _reference_model(config, sources, ckpt.config.model.scan_layers, round_to=out_dtype)
-    verify.verify(tmp, verify.jaxtune_logits(exact), vocab_size=config.vocab_size,
-                  tokenizer=tokenizer, echo=echo,
-                  untouched=verify.jaxtune_logits(adapter_model(ckpt, base_dir)),
-                  untouched_tolerance=_tolerance(out_dtype),
-                  untouched_name="the adapter-applied model")
+    scan = ckpt.config.model.scan_layers
+    checks = [
+        verify.Check("jaxtune (the written merged values)", lambda: verify.jaxtune_logits(
+            _reference_model(config, sources, scan, round_to=out_dtype))),
+        verify.Check("the adapter-applied model", lambda: verify.jaxtune_logits(
+            adapter_model(ckpt, base_dir)), _tolerance(out_dtype)),
+    ]
+    verify.verify(tmp, checks, vocab_size=config.vocab_size, tokenizer=tokenizer, echo=echo)
 
 
 def _verify_adapter(tmp: Path, ckpt: RunCheckpoint, base_dir: Path, config: Any,
                     dtype: np.dtype, tokenizer, echo) -> None:
     from jaxtune.export import verify
 
-    verify.verify(tmp, verify.jaxtune_logits(adapter_model(ckpt, base_dir)),
-                  vocab_size=config.vocab_size, tokenizer=tokenizer, echo=echo,
-                  tolerance=_tolerance(dtype), hf=verify.peft_logits(base_dir, tmp),
-                  what="the adapter-applied model", check_generation=False)
+    checks = [verify.Check("the adapter-applied model", lambda: verify.jaxtune_logits(
+        adapter_model(ckpt, base_dir)), _tolerance(dtype))]
+    verify.verify(tmp, checks, vocab_size=config.vocab_size, tokenizer=tokenizer, echo=echo,
+                  hf=lambda: verify.peft_logits(base_dir, tmp), check_generation=False)

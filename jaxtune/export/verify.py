@@ -8,12 +8,16 @@ values exactly whatever the dtype (tolerance :data:`EXACT_TOLERANCE`). When the 
 rounds (float32 training, bfloat16 export) the trained model itself must also agree, within
 :data:`ROUNDED_TOLERANCE`. A merged LoRA export is checked the same way: exactly against the
 merged weights, and against the adapter-applied model, unmerged.
+
+The transformers logits are computed first and that model dropped; then each jaxtune model is
+built, run and dropped in turn, so one model is in memory at a time.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -86,16 +90,6 @@ def jaxtune_logits(model) -> Logits:
     return run
 
 
-def max_difference(a: Logits, b: Logits, inputs: list[np.ndarray]) -> tuple[float, float]:
-    """(max |a - b|, max |a|) over every input."""
-    diff, scale = 0.0, 0.0
-    for ids in inputs:
-        la, lb = a(ids), b(ids)
-        diff = max(diff, float(np.max(np.abs(la - lb))))
-        scale = max(scale, float(np.max(np.abs(la))))
-    return diff, scale
-
-
 def check_tokenizer(out_dir: Path, trained_tokenizer, generation: bool = True) -> list[str]:
     """Problems with the exported tokenizer / generation config (empty when all is well)."""
     import json
@@ -123,34 +117,42 @@ def check_tokenizer(out_dir: Path, trained_tokenizer, generation: bool = True) -
     return problems
 
 
-def verify(out_dir: Path, reference: Logits, *, vocab_size: int, tokenizer=None,
-           tolerance: float = EXACT_TOLERANCE, hf: Logits | None = None,
-           what: str = "jaxtune", untouched: Logits | None = None,
-           untouched_tolerance: float = ROUNDED_TOLERANCE,
-           untouched_name: str = "the unrounded model", check_generation: bool = True,
-           echo: Callable[[str], Any] = print) -> dict[str, float]:
-    """Compare the export in transformers (``hf``, default: the folder loaded with
-    ``AutoModelForCausalLM``) with ``reference``; raise past ``tolerance``.
+@dataclass(frozen=True)
+class Check:
+    """One comparison: ``make()`` builds a model and returns its logits function; it is
+    called, used and dropped before the next check, so only one model is held at a time."""
 
-    ``untouched`` (optional) is the trained model before its weights were rounded or merged;
-    it must agree within ``untouched_tolerance``. Returns the figures printed.
-    """
+    label: str
+    make: Callable[[], Logits]
+    tolerance: float = EXACT_TOLERANCE
+
+
+def verify(out_dir: Path, checks: list[Check], *, vocab_size: int, tokenizer=None,
+           hf: Callable[[], Logits] | None = None, check_generation: bool = True,
+           echo: Callable[[str], Any] = print) -> dict[str, float]:
+    """Compare the export's logits (``hf()``, default: the folder loaded with
+    ``AutoModelForCausalLM``) with each check's; raise past a check's tolerance, taken as a
+    fraction of max(1, max |logit|). Returns {label: max |difference|}."""
     inputs = sample_inputs(vocab_size, tokenizer)
-    hf = hf or transformers_logits(out_dir)
+    run = (hf or (lambda: transformers_logits(out_dir)))()
+    want = [run(ids) for ids in inputs]
+    del run
     n = sum(x.shape[0] for x in inputs)
     problems = []
     report: dict[str, float] = {}
-    checks = [("max_abs_diff", what, reference, tolerance)]
-    if untouched is not None:
-        checks.append(("untouched_diff", untouched_name, untouched, untouched_tolerance))
-    for name, label, logits, tol in checks:
-        diff, scale = max_difference(logits, hf, inputs)
-        limit = tol * max(1.0, scale)
-        report[name] = diff
-        echo(f"verify: max |logit difference| transformers vs {label} = {diff:.3g} (limit "
-             f"{limit:.3g} = {tol:g} x max(1, max |logit| {scale:.3g})) over {n} sequences")
+    for check in checks:
+        run = check.make()
+        got = [run(ids) for ids in inputs]
+        del run
+        diff = max(float(np.max(np.abs(g - w))) for g, w in zip(got, want, strict=True))
+        scale = max(float(np.max(np.abs(g))) for g in got)
+        limit = check.tolerance * max(1.0, scale)
+        report[check.label] = diff
+        echo(f"verify: max |logit difference| transformers vs {check.label} = {diff:.3g} "
+             f"(limit {limit:.3g} = {check.tolerance:g} x max(1, max |logit| {scale:.3g})) "
+             f"over {n} sequences")
         if not diff <= limit:
-            problems.append(f"logits differ from {label}'s by {diff:.3g} > {limit:.3g}")
+            problems.append(f"logits differ from {check.label}'s by {diff:.3g} > {limit:.3g}")
     if tokenizer is not None:
         problems += check_tokenizer(out_dir, tokenizer, check_generation)
     if problems:
