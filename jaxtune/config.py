@@ -55,9 +55,9 @@ class LoraConfig:
     dropout: float = 0.0  # dropout on the adapter input during training
     targets: list[str] = field(default_factory=lambda: ["all-linear"])  # names, regexes, all-linear
     rslora: bool = False  # rank-stabilised scaling alpha / sqrt(rank)
-    modules_to_save: list[str] = field(default_factory=list)  # modules trained fully, e.g. lm_head
-    base_dtype: str = ""  # dtype of the frozen base weights; empty means model.dtype
-    quantize_base: str = "none"  # hold the frozen base quantised: none | int8 | nf4
+    modules_to_save: list[str] = field(default_factory=list)  # trained fully: lm_head, embed_tokens
+    base_dtype: str = ""  # dtype of the frozen base (adapters stay float32); empty: model.dtype
+    quantize_base: str = "none"  # frozen Linear kernels: none | int8 | nf4 (lm_head stays float)
 
 
 @dataclass
@@ -390,6 +390,11 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.lora.rank == 0 and cfg.lora.quantize_base != "none":
         raise ConfigError(
             "'lora.quantize_base' needs a LoRA run: set 'lora.rank' > 0, or quantize_base: none."
+        )
+    if cfg.lora.rank == 0 and (cfg.lora.modules_to_save or cfg.lora.base_dtype):
+        raise ConfigError(
+            "'lora.modules_to_save' and 'lora.base_dtype' need a LoRA run (full fine-tuning "
+            "trains everything in model.dtype): set 'lora.rank' > 0 or clear them."
         )
     if not 0.0 <= cfg.lora.dropout < 1.0:
         raise ConfigError(f"'lora.dropout' must be in [0, 1), got {cfg.lora.dropout}.")

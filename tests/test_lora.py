@@ -124,6 +124,17 @@ def test_targets_by_name_regex_and_errors(tiny_hf_model, base_model):
     assert same is base_model and filt is nnx.Param
 
 
+def test_config_rejects_lora_keys_without_a_lora_run():
+    from jaxtune.config import config_from_dict
+
+    for extra in ({"base_dtype": "bfloat16"}, {"modules_to_save": ["lm_head"]},
+                  {"quantize_base": "int8"}):
+        with pytest.raises(ConfigError, match="rank' > 0"):
+            config_from_dict({"lora": {"rank": 0, **extra}})
+    assert config_from_dict({"lora": {"rank": 8, "base_dtype": "bfloat16",
+                                      "quantize_base": "nf4"}}).lora.rank == 8
+
+
 @pytest.mark.parametrize("rslora", [False, True])
 def test_peft_computes_the_same_adapted_model(tiny_hf_model, base_model, rslora):
     """Our A, B and scale in PEFT's layout, loaded into PEFT on the transformers model, give
