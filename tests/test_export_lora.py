@@ -176,6 +176,9 @@ def test_lora_export_targets_must_be_free(trained_lora, tmp_path, capsys):
     ("llama_tied_bias", True, {"rank": 2, "alpha": 4.0, "quantize_base": "int8"}),
     ("qwen3", True, {"rank": 4, "alpha": 8.0, "targets": ["q_proj", "v_proj"],
                      "modules_to_save": ["embed_tokens"]}),
+    # a fully trained embedding that lm_head is tied to: PEFT must keep them tied
+    ("qwen2", False, {"rank": 4, "alpha": 8.0, "targets": ["o_proj"],
+                      "modules_to_save": ["embed_tokens"]}),
 ])
 def test_lora_layouts(name, scan, lora_cfg, tiny_hf_model, data_tokenizers, tmp_path):
     model_dir = tiny_hf_model(name)
@@ -188,8 +191,7 @@ def test_lora_layouts(name, scan, lora_cfg, tiny_hf_model, data_tokenizers, tmp_
         from safetensors.numpy import load_file
 
         assert "lm_head.weight" not in load_file(out / "model.safetensors")
-    if lora_cfg.get("modules_to_save") != ["embed_tokens"]:  # PEFT unties a saved embedding
-        assert np.max(np.abs(peft_logits(model_dir, tmp_path / "hf-adapter") - ref)) <= 1e-4
+    assert np.max(np.abs(peft_logits(model_dir, tmp_path / "hf-adapter") - ref)) <= 1e-4
     targets = json.loads((tmp_path / "hf-adapter" / "adapter_config.json").read_text())[
         "target_modules"]
     if "rslora" in lora_cfg:

@@ -232,16 +232,23 @@ def saved_module_groups(ckpt: RunCheckpoint, config: Any,
             continue
         paths.append(name.removeprefix("params.").removesuffix(".value"))
     sources = [ckpt.source(p, is_stacked(p, family.layers_path)) for p in paths]
-    return _peft_names(hf_groups(sources, config, dtype))
+    return _peft_names(hf_groups(sources, config, dtype), config.tie_word_embeddings)
 
 
-def _peft_names(groups: list[TensorGroup]) -> tuple[list[TensorGroup], list[str]]:
-    """HF tensors of fully trained modules under PEFT's names, and those modules."""
+def _peft_names(groups: list[TensorGroup], tied: bool) -> tuple[list[TensorGroup], list[str]]:
+    """HF tensors of fully trained modules under PEFT's names, and those modules.
+
+    With tied embeddings a trained embedding is also written as ``lm_head.weight``: PEFT's
+    ``ensure_weight_tying`` expects both (its own save_pretrained writes both).
+    """
     renamed, modules = [], set()
     for g in groups:
         specs = [dataclasses.replace(s, key=ADAPTER_PREFIX + s.key) for s in g.specs]
         modules.update(s.key.rsplit(".", 1)[0] for s in g.specs)
         renamed.append(TensorGroup(specs, g.produce))
+        if tied and len(g.specs) == 1 and g.specs[0].key.endswith("embed_tokens.weight"):
+            head = dataclasses.replace(g.specs[0], key=f"{ADAPTER_PREFIX}lm_head.weight")
+            renamed.append(TensorGroup([head], g.produce))
     return renamed, sorted(modules, key=natural_key)
 
 
@@ -266,10 +273,16 @@ def peft_target_modules(config: Any, adapted: list[str]) -> list[str] | str:
 
 
 def adapter_config(*, rank: int, alpha: float, rslora: bool, dropout: float, base_path: str,
-                   target_modules: list[str] | str,
-                   modules_to_save: list[str]) -> dict[str, Any]:
-    """``adapter_config.json`` (PEFT fills every field left out with its default)."""
+                   target_modules: list[str] | str, modules_to_save: list[str],
+                   tied: bool = False) -> dict[str, Any]:
+    """``adapter_config.json`` (PEFT fills every field left out with its default).
+
+    ``tied``: the model ties ``lm_head`` to the embedding; when the embedding is trained
+    fully, PEFT must keep the two tied (``ensure_weight_tying``), as the trained model did.
+    """
+    tie = tied and any(m.endswith("embed_tokens") for m in modules_to_save)
     return {
+        **({"ensure_weight_tying": True} if tie else {}),
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_path,
@@ -316,12 +329,12 @@ def save_peft_adapter(model: nnx.Module, out: Path, tokenizer, *, dtype: np.dtyp
         lambda w=w: iter([w.a, w.b])) for name, w in weights]
     layers_path = get_family(config.model_type).layers_path
     saved = hf_groups(model_sources(nnx.state(model, SavedParam), layers_path), config, dtype)
-    saved, saved_modules = _peft_names(saved)
+    saved, saved_modules = _peft_names(saved, config.tie_word_embeddings)
     rank, scale = ranks.pop(), scales.pop()
     cfg = adapter_config(rank=rank, alpha=scale * rank, rslora=False, dropout=0.0,
                          base_path=base_model_name_or_path,
                          target_modules=peft_target_modules(config, [n for n, _ in weights]),
-                         modules_to_save=saved_modules)
+                         modules_to_save=saved_modules, tied=config.tie_word_embeddings)
     with hf_folder.staged_output(out, overwrite) as tmp:
         _write_adapter_folder(tmp, groups + saved, cfg, tokenizer)
     return out
@@ -370,7 +383,8 @@ def export_lora_run(ckpt: RunCheckpoint, out: Path, *, mode: str, base_dir: Path
         peft_cfg = adapter_config(rank=lc.rank, alpha=lc.alpha, rslora=lc.rslora,
                                   dropout=lc.dropout, base_path=cfg.model.path,
                                   target_modules=peft_target_modules(config, modules),
-                                  modules_to_save=saved_modules)
+                                  modules_to_save=saved_modules,
+                                  tied=config.tie_word_embeddings)
         with hf_folder.staged_output(adapter_out, overwrite) as tmp:
             _write_adapter_folder(tmp, groups + saved_groups, peft_cfg, tokenizer)
             if verify:
