@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -12,14 +11,13 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
+from jaxtune.errors import JaxtuneError
 from jaxtune.export import hf_folder
 from jaxtune.export.errors import ExportError
 from jaxtune.export.run_dir import RunCheckpoint, describe_size, open_run
 from jaxtune.export.safetensors_out import TensorGroup, parse_size, write_safetensors
 from jaxtune.export.tensors import ParamSource, hf_groups, is_stacked, model_sources
 from jaxtune.models import Family, get_family
-
-log = logging.getLogger("jaxtune")
 
 LORA_MODES = ("merged", "adapter", "both")
 Echo = Callable[[str], Any]
@@ -54,7 +52,11 @@ def _model_config(ckpt: RunCheckpoint) -> tuple[Path, dict[str, Any], Family, An
     if not m.path:
         raise ExportError(f"The config of {ckpt.run_dir} has no model.path, so the original "
                           "config.json is unknown.")
-    base_dir = resolve_model_dir(m.path)
+    try:
+        base_dir = resolve_model_dir(m.path)
+    except JaxtuneError as e:  # say where the path came from (relative paths: the cwd)
+        raise ExportError(f"{e} (model.path in the config of {ckpt.run_dir}; the export reads "
+                          "the base model's config.json and tokenizer from there)") from None
     base_hf = load_hf_config(base_dir)
     hf = {**base_hf, **m.overrides}
     family = get_family(hf.get("model_type"))

@@ -10,8 +10,6 @@ whole pod without ever holding the model.
 from __future__ import annotations
 
 import json
-import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,8 +21,6 @@ from jaxtune.checkpoint import ITEMS
 from jaxtune.config import TrainConfig, config_from_dict, load_config
 from jaxtune.export.errors import ExportError
 from jaxtune.export.tensors import ParamSource
-
-log = logging.getLogger("jaxtune")
 
 
 @dataclass(frozen=True)
@@ -185,7 +181,3 @@ def describe_size(nbytes: int) -> str:
         if nbytes >= div:
             return f"{nbytes / div:.1f} {unit}"
     return f"{nbytes} B"
-
-
-def array_bytes(a: SavedArray) -> int:
-    return math.prod(a.shape) * a.dtype.itemsize

@@ -15,7 +15,6 @@ built, run and dropped in turn, so one model is in memory at a time.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +24,6 @@ import numpy as np
 
 from jaxtune.export.errors import ExportError
 from jaxtune.export.hf_folder import probe_chat, stop_token_ids
-
-log = logging.getLogger("jaxtune")
 
 #: max |logit difference| allowed, as a fraction of max(1, max |logit|), when both sides hold
 #: the same parameter values in float32: only the order of float32 operations differs.
