@@ -214,3 +214,14 @@ def test_smollm2_matches_transformers(smollm2_dir):
     assert len(greedy) >= 4
     np.testing.assert_array_equal(buf[0, n:n + len(greedy)], greedy)
     assert "Paris" in tok.decode(greedy)
+
+
+def test_cudnn_attention_off_gpu_is_a_clear_config_error():
+    import jax.numpy as jnp
+
+    from jaxtune.errors import JaxtuneError
+    from jaxtune.models.layers import resolve_attention_impl
+
+    with pytest.raises(JaxtuneError, match="needs an NVIDIA GPU.*attention: auto"):
+        resolve_attention_impl("cudnn", jnp.bfloat16, 64)
+    assert resolve_attention_impl("auto", jnp.bfloat16, 64) == "xla"

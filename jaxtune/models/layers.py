@@ -284,15 +284,19 @@ def resolve_attention_impl(choice: str, dtype: Any, head_dim: int) -> str:
     """Pick the attention kernel: ``auto`` takes cuDNN flash attention where it applies."""
     if choice not in ATTENTION_IMPLS:
         raise JaxtuneError(f"attention='{choice}' is not one of {', '.join(ATTENTION_IMPLS)}.")
+    on_gpu = jax.default_backend() == "gpu"
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    fits = head_dim % 8 == 0 and head_dim <= 128
+    if choice == "cudnn" and not (on_gpu and half and fits):
+        # Fail at build time with the reason, not deep inside XLA lowering.
+        why = ("it needs an NVIDIA GPU, this run is on " + jax.default_backend()) if not on_gpu \
+            else (f"it needs bfloat16/float16 compute, not {jnp.dtype(dtype).name}") if not half \
+            else f"it needs a head dim that is a multiple of 8 and <= 128, not {head_dim}"
+        raise JaxtuneError(f"model.attention: cudnn cannot be used: {why}. Use attention: auto "
+                           "(cuDNN where it applies, XLA elsewhere).")
     if choice != "auto":
         return choice
-    cudnn_ok = (
-        jax.default_backend() == "gpu"
-        and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-        and head_dim % 8 == 0
-        and head_dim <= 128
-    )
-    return "cudnn" if cudnn_ok else "xla"
+    return "cudnn" if on_gpu and half and fits else "xla"
 
 
 def dot_product_attention(
