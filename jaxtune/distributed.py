@@ -77,6 +77,25 @@ def _running_on_cloud_tpu_vm() -> bool:
         return False
 
 
+def _slurm_local_device_ids() -> list[int] | None:
+    """The GPUs this SLURM task should drive, where JAX's own guess would be wrong.
+
+    JAX gives each task the one GPU numbered by its SLURM_LOCALID, which is right for one task
+    per GPU with every GPU visible. With one task per node the task must drive all visible
+    GPUs, and with ``--gpus-per-task=1`` its single visible GPU is number 0.
+    """
+    env = os.environ
+    visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    count = len(visible) or _int(env.get("SLURM_GPUS_ON_NODE", ""))
+    per_node = env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", "")
+    tasks_here = _int(per_node.split("(")[0].split(",")[0])
+    if count and tasks_here == 1:
+        return list(range(count))
+    if len(visible) == 1:
+        return [0]
+    return None  # JAX's default: [SLURM_LOCALID]
+
+
 def _int(value: str) -> int:
     try:
         return int(value)
@@ -105,6 +124,8 @@ def initialize(cfg: DistributedConfig) -> None:
         _initialize_explicit(cfg)
     log.info("process %d of %d joined (%d local devices, %d in all)", jax.process_index(),
              jax.process_count(), jax.local_device_count(), jax.device_count())
+    if jax.process_count() > 1:
+        _FailureWatch.start()
 
 
 def _initialize_auto(cfg: DistributedConfig, cluster: str) -> None:
@@ -117,8 +138,10 @@ def _initialize_auto(cfg: DistributedConfig, cluster: str) -> None:
         "of them started and that none failed early (see their logs). To connect "
         "explicitly, set distributed.initialize: explicit with coordinator_address, "
         "num_processes and process_id."))
+    local = list(cfg.local_device_ids) or (_slurm_local_device_ids() if cluster == "slurm"
+                                           else None)
     try:
-        jax.distributed.initialize(cluster_detection_method=method,
+        jax.distributed.initialize(cluster_detection_method=method, local_device_ids=local,
                                    initialization_timeout=_jax_timeout(cfg))
     except Exception as e:
         watchdog.cancel()
@@ -280,13 +303,18 @@ def _check_same_process_count(cfg: DistributedConfig) -> None:
         )
 
 
-def _client():
+def _state():
     try:
         from jax._src import distributed as _dist
 
-        return _dist.global_state.client
+        return _dist.global_state
     except Exception:  # private API moved
         return None
+
+
+def _client():
+    state = _state()
+    return getattr(state, "client", None)
 
 
 def is_initialized() -> bool:
@@ -308,6 +336,70 @@ def barrier(name: str, timeout_seconds: float) -> None:
     if client is None or jax.process_count() == 1:
         return
     client.wait_at_barrier(f"jaxtune/{name}", int(timeout_seconds * 1000))
+
+
+# --------------------------------------------------------------------------- failures
+
+
+_FAILURE_KEY = "jaxtune/failure"
+
+
+def fail_fast(err: BaseException) -> None:
+    """In a multi-process run, report ``err`` to the other processes and exit now.
+
+    Without this a process that fails alone would wait in JAX's shutdown barrier while the
+    others wait for it in the next collective, until timeouts minutes later. Here it prints the
+    error, tells the others (they stop within seconds, naming this process and its error) and
+    leaves without the barrier. Does nothing with one process: the caller re-raises.
+    """
+    client = _client()
+    state = _state()
+    # The runtime's own numbers: asking jax.process_count() could start a backend, itself a
+    # step all processes must take together.
+    if client is None or state is None or (state.num_processes or 1) == 1:
+        return
+    me = state.process_id
+    if isinstance(err, KeyboardInterrupt):
+        text, code = "interrupted", 130
+    elif isinstance(err, JaxtuneError):
+        text, code = str(err), EXIT_CODE
+    else:
+        import traceback
+
+        traceback.print_exception(err)
+        text, code = f"{type(err).__name__}: {err}", 1
+    print(f"error: {text}", file=sys.stderr, flush=True)
+    try:
+        client.key_value_set(_FAILURE_KEY, f"process {me}: {text}")
+    except Exception:  # another process reported first, or the coordinator is gone
+        pass
+    sys.stdout.flush()
+    os._exit(code)
+
+
+class _FailureWatch:
+    """Polls the coordinator for a failure another process reported; then exits with it."""
+
+    _thread: threading.Thread | None = None
+
+    @classmethod
+    def start(cls, interval: float = 1.0) -> None:
+        if cls._thread is None:
+            cls._thread = threading.Thread(target=cls._run, args=(interval,), daemon=True,
+                                           name="jaxtune-failure-watch")
+            cls._thread.start()
+
+    @staticmethod
+    def _run(interval: float) -> None:
+        while (client := _client()) is not None:
+            try:
+                reported = client.key_value_try_get(_FAILURE_KEY)
+            except Exception:  # not set (the normal case)
+                time.sleep(interval)
+                continue
+            print(f"error: stopping because {reported}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(EXIT_CODE)
 
 
 # --------------------------------------------------------------------------- watchdog

@@ -283,17 +283,28 @@ def train(cfg: TrainConfig) -> TrainResult:
     """Run the whole training job described by ``cfg`` and return what happened."""
     logging.basicConfig(level=getattr(logging, cfg.logging.level, logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    trainer = Trainer(cfg)
+    # With several processes, fail_fast reports an error to the others and exits at once,
+    # rather than leave them waiting for this process in a collective.
+    try:
+        trainer = Trainer(cfg)
+    except BaseException as e:
+        distributed.fail_fast(e)
+        raise
     try:
         result = trainer.run()
-    except BaseException:
+    except BaseException as e:
+        distributed.fail_fast(e)
         trainer.close()
         raise
     if cfg.export.enabled:
         if distributed.is_main_process():
             from jaxtune.export import export_run
 
-            export_run(cfg.run.output_dir, out_dir=cfg.export.out_dir or None)
+            try:
+                export_run(cfg.run.output_dir, out_dir=cfg.export.out_dir or None)
+            except BaseException as e:
+                distributed.fail_fast(e)
+                raise
         # The other processes wait for it: leaving early would take the coordinator down.
         distributed.barrier("export", timeout_seconds=24 * 3600)
     return result

@@ -173,3 +173,21 @@ def test_auto_and_off_do_nothing_on_one_machine(monkeypatch):
     assert not distributed.is_initialized()
     assert distributed.is_main_process()
     distributed.barrier("single-process", timeout_seconds=1)  # no-op with one process
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({"SLURM_NTASKS_PER_NODE": "1", "CUDA_VISIBLE_DEVICES": "0,1,2,3"}, [0, 1, 2, 3]),
+    ({"SLURM_TASKS_PER_NODE": "1(x2)", "SLURM_GPUS_ON_NODE": "8"}, list(range(8))),
+    ({"SLURM_TASKS_PER_NODE": "8(x2)", "CUDA_VISIBLE_DEVICES": "5"}, [0]),  # gpus-per-task=1
+    ({"SLURM_TASKS_PER_NODE": "8(x2)", "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}, None),
+    ({"SLURM_NTASKS_PER_NODE": "1"}, None),  # CPU nodes: nothing to choose
+])
+def test_slurm_tasks_drive_the_right_gpus(monkeypatch, env, expected):
+    from jaxtune.distributed import _slurm_local_device_ids
+
+    for key in ("SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "SLURM_GPUS_ON_NODE",
+                "CUDA_VISIBLE_DEVICES"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert _slurm_local_device_ids() == expected

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -30,7 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Runs the real CLI; prints each step's loss and, per process, the source rows of each batch.
 LAUNCHER = textwrap.dedent("""
-    import json, sys
+    import json, os, sys
     import jax
     from jaxtune import trainer
     from jaxtune.data import loader
@@ -38,6 +40,9 @@ LAUNCHER = textwrap.dedent("""
     finish, next_batch = trainer.Trainer._finish_step, loader.BatchIterator.__next__
 
     def printed_finish(self, step, *args, **kwargs):
+        if os.environ.get("E2E_FAIL") == f"{jax.process_index()}:{step}":
+            from jaxtune.errors import JaxtuneError
+            raise JaxtuneError(f"injected failure at step {step}")
         values = finish(self, step, *args, **kwargs)
         print(f"E2E-LOSS {jax.process_index()} {step} {values['loss']!r}", flush=True)
         return values
@@ -85,8 +90,9 @@ def recipe(tmp_path_factory, tiny_hf_model, data_tokenizers):
     return root, str(path)
 
 
-def start(recipe_path: str, run_dir: str, devices: int, args: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+def start(recipe_path: str, run_dir: str, devices: int, args: list[str],
+          **env_extra: str) -> subprocess.Popen:
+    env = {**os.environ, **env_extra, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
            "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cmd = [sys.executable, "-c", LAUNCHER, "train", recipe_path, f"--run.output_dir={run_dir}",
@@ -182,3 +188,46 @@ def test_one_process_resumes_the_two_process_checkpoint(recipe, runs):
     lines = (root / "b" / "metrics.jsonl").read_text().splitlines()
     steps = [json.loads(line)["step"] for line in lines if '"loss"' in line]
     assert steps == list(range(1, 9))  # each step once: process 1 wrote no metrics
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_at_the_same_saved_step(recipe):
+    """A preemption notice reaches one worker; JAX's sync point stops all at one step."""
+    root, path = recipe
+    run_dir = str(root / "sigterm")
+    port = free_port()
+    procs = [start(path, run_dir, 4, [
+        *MESH_2P, "--trainer.steps=500", "--checkpoint.save_every=1000",
+        "--distributed.initialize=explicit",
+        f"--distributed.coordinator_address=127.0.0.1:{port}",
+        "--distributed.num_processes=2", f"--distributed.process_id={i}"]) for i in range(2)]
+    for line in procs[1].stdout:
+        if line.startswith("E2E-LOSS 1 3 "):
+            procs[1].send_signal(signal.SIGTERM)
+            break
+    runs = finish(procs, timeout=120)
+    for r in runs:
+        assert r["rc"] == 0, r["out"][-4000:]
+    saved = os.listdir(os.path.join(run_dir, "checkpoints"))
+    assert len(saved) == 1 and 3 <= int(saved[0]) < 500, saved
+    for r in runs:  # both stopped after the saved step
+        assert max(r["losses"]) == int(saved[0]), (saved, sorted(r["losses"]))
+
+
+@pytest.mark.slow
+def test_an_error_in_one_process_stops_the_other_at_once(recipe):
+    """Without fail_fast both would wait minutes (shutdown barrier vs. next collective)."""
+    root, path = recipe
+    port = free_port()
+    procs = [start(path, str(root / "fail"), 4, [
+        *MESH_2P, "--trainer.steps=500", "--checkpoint.enabled=false",
+        "--distributed.initialize=explicit",
+        f"--distributed.coordinator_address=127.0.0.1:{port}",
+        "--distributed.num_processes=2", f"--distributed.process_id={i}"], E2E_FAIL="1:3")
+        for i in range(2)]
+    tick = time.monotonic()
+    runs = finish(procs, timeout=120)
+    assert time.monotonic() - tick < 90
+    assert [r["rc"] for r in runs] == [2, 2], [r["out"][-2000:] for r in runs]
+    assert "error: injected failure at step 3" in runs[1]["out"]
+    assert "error: stopping because process 1: injected failure at step 3" in runs[0]["out"]
