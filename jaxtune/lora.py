@@ -281,22 +281,49 @@ def _mesh_of(model: nnx.Module) -> Mesh:
 
 def _rebuild(model: nnx.Module, edit: Callable[[nnx.Module, Any], None], mesh: Mesh | None,
              rules: Rules | None, extra: Any = None) -> nnx.Module:
-    """A new model: ``edit(copy, extra)`` applied to a copy, in one jit whose outputs are
-    sharded by the new variables' logical axes (so nothing is gathered on one device).
-    ``extra`` (arrays the edit reads) is an argument, not a constant baked into the program."""
-    graphdef, state = nnx.split(model)
+    """A new model: ``edit(copy, extra)`` applied to a copy of ``model``.
 
-    def run(state: nnx.State, extra: Any) -> nnx.Module:
+    Arrays the edit leaves alone (or takes as they are from ``extra``, arrays it reads) are
+    reused, not copied, so rebuilding a large model does not hold its base twice. What the
+    edit computes comes out of one jit whose outputs are sharded by the new variables' logical
+    axes, so nothing is gathered on one device.
+    """
+    graphdef, state = nnx.split(model)
+    inputs = jax.tree.leaves((state, extra))
+    sources: list[int | None] = []  # per output leaf: the input leaf it is, or None
+
+    def run(state: nnx.State, extra: Any) -> nnx.State:
+        index = {id(x): i for i, x in enumerate(jax.tree.leaves((state, extra)))}
         copy = nnx.merge(graphdef, state)
         edit(copy, extra)
-        return copy
+        new_graphdef, new_state = nnx.split(copy)
+        if not sources:  # the first (abstract) trace records the structure
+            sources.extend(index.get(id(x)) for x in jax.tree.leaves(new_state))
+            structure.append(new_graphdef)
+        return new_state
 
-    abstract = nnx.eval_shape(run, state, extra)
-    new_graphdef, abstract_state = nnx.split(abstract)
-    shardings = state_shardings(abstract_state, mesh or _mesh_of(model), rules)
-    new_state = jax.jit(lambda s, e: nnx.split(run(s, e))[1], out_shardings=shardings)(
-        state, extra)
-    return nnx.merge(new_graphdef, new_state)
+    structure: list[nnx.GraphDef] = []
+    abstract_state = jax.eval_shape(run, state, extra)
+    shardings = jax.tree.leaves(state_shardings(abstract_state, mesh or _mesh_of(model), rules))
+    for i, src in enumerate(sources):  # an array placed otherwise than the rules say is moved
+        if src is not None and not _placed_as(inputs[src], shardings[i]):
+            sources[i] = None
+    computed_at = [i for i, src in enumerate(sources) if src is None]
+
+    def computed(state: nnx.State, extra: Any) -> list[jax.Array]:
+        leaves = jax.tree.leaves(run(state, extra))
+        return [leaves[i] for i in computed_at]
+
+    values = jax.jit(computed, out_shardings=[shardings[i] for i in computed_at])(state, extra)
+    it = iter(values)
+    leaves = [inputs[src] if src is not None else next(it) for src in sources]
+    new_state = jax.tree.unflatten(jax.tree.structure(abstract_state), leaves)
+    return nnx.merge(structure[0], new_state)
+
+
+def _placed_as(x: Any, sharding: NamedSharding) -> bool:
+    current = getattr(x, "sharding", None)
+    return current is not None and current.is_equivalent_to(sharding, x.ndim)
 
 
 def _lead(var: nnx.Variable) -> int:
@@ -347,7 +374,9 @@ def apply_lora(model: nnx.Module, cfg: LoraConfig, *, mesh: Mesh | None = None,
                rules: Rules | None = None, seed: int = 0) -> tuple[nnx.Module, Any]:
     """Add adapters to ``model`` as ``cfg`` says; returns ``(new_model, trainable_filter)``.
 
-    The input model is left as it was. The new model's variables are sharded over ``mesh``
+    The input model is left as it was, but shares its unchanged arrays with the new one (so
+    donating the new model's state in a train step deletes them). The new model's variables
+    are sharded over ``mesh``
     (default: the mesh the model is on) by their logical axes and ``rules``. ``seed`` draws the
     A matrices. ``rank: 0`` returns the model unchanged with the filter ``nnx.Param`` (full
     fine-tuning).

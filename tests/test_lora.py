@@ -77,6 +77,9 @@ def test_fresh_adapters_give_base_logits_exactly(tiny_hf_model, name, scan):
     ids = _ids()
     model, trainable = lora.apply_lora(base, LoraConfig(rank=4, targets=["all-linear"]))
     np.testing.assert_array_equal(np.asarray(model(ids)), np.asarray(base(ids)))
+    # The base's arrays are reused, not copied (a large base is never held twice).
+    new = {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))}
+    assert all(new[p] is v.get_value() for p, v in nnx.to_flat_state(nnx.state(base)))
     adapters = nnx.state(model, trainable)
     per_layer = 7  # q k v o gate up down
     assert len(jax.tree.leaves(adapters)) == 2 * per_layer * (1 if scan else 3)
