@@ -253,3 +253,16 @@ def test_a_failed_queued_resource_stops_with_a_message():
     fake = FakeGcloud(["", "WAITING_FOR_RESOURCES", "FAILED"], [])
     with pytest.raises(LaunchError, match="FAILED.*another zone"):
         launcher(fake).run(["create"])
+
+
+def test_env_values_reach_training_but_are_never_printed(capsys, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_secret123")
+    job, _, _ = job_from_args([RECIPE, *BASE, "--env=HF_TOKEN"])
+    from jaxtune.launch.tpu import start_command
+
+    assert "HF_TOKEN=hf_secret123" in start_command(job)[-1]  # what really runs
+    out = "\n".join(shlex.join(c) for c in dry_run(capsys, RECIPE, *BASE, "--env=HF_TOKEN"))
+    assert "hf_secret123" not in out and "HF_TOKEN=***" in out
+    monkeypatch.delenv("HF_TOKEN")
+    with pytest.raises(LaunchError, match="HF_TOKEN is not set"):
+        job_from_args([RECIPE, *BASE, "--env=HF_TOKEN"])

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
 import shlex
 import subprocess
@@ -65,6 +66,7 @@ class TpuJob:
     package: str = "jaxtune"  # pip requirement or a local wheel/sdist path
     copies: list[str] = dataclasses.field(default_factory=list)  # extra relative paths
     overrides: list[str] = dataclasses.field(default_factory=list)  # --section.key=value
+    env: dict[str, str] = dataclasses.field(default_factory=dict)  # set for training (secrets)
 
     @property
     def family(self) -> str:
@@ -202,7 +204,9 @@ def train_args(job: TpuJob) -> list[str]:
 
 def start_command(job: TpuJob) -> list[str]:
     """Start training on all workers at once, detached, logging to train.log."""
-    train = " ".join(shlex.quote(a) for a in ["venv/bin/jaxtune", *train_args(job)])
+    env = [f"{k}={v}" for k, v in job.env.items()]
+    train = " ".join(shlex.quote(a) for a in [*(["env", *env] if env else []),
+                                              "venv/bin/jaxtune", *train_args(job)])
     upload = ""
     if job.run_dir:
         dest = shlex.quote(job.run_dir.rstrip("/") + "/")
@@ -330,8 +334,16 @@ class Launcher:
             raise LaunchError(f"Step '{what}' failed (exit {res.returncode}): {shlex.join(cmd)}")
 
     def _show(self, cmd: list[str]) -> list[str]:
-        self.echo(f"+ {shlex.join(cmd)}")
+        self.echo(f"+ {redact(shlex.join(cmd), self.job)}")
         return cmd
+
+
+def redact(text: str, job: TpuJob) -> str:
+    """``text`` with the values of ``--env`` variables (tokens) replaced by ***."""
+    for value in job.env.values():
+        if value:
+            text = text.replace(value, "***")
+    return text
 
 
 # --------------------------------------------------------------------------- CLI
@@ -364,6 +376,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="what to pip install: a requirement or a local .whl/.tar.gz")
     p.add_argument("--copy", action="append", default=[], metavar="PATH",
                    help="relative file or folder to copy to the workers (e.g. local data)")
+    p.add_argument("--env", action="append", default=[], metavar="NAME",
+                   help="pass this variable from your environment to training (e.g. "
+                        "HF_TOKEN for gated models); its value is never printed")
     p.add_argument("--phases", default=",".join(PHASES),
                    help=f"comma-separated subset of {','.join(PHASES)} (e.g. 'logs' to "
                         "re-attach, 'delete' to tear down)")
@@ -394,6 +409,11 @@ def job_from_args(argv: list[str]) -> tuple[TpuJob, list[str], argparse.Namespac
         raise LaunchError(f"--phases {unknown} not in {', '.join(PHASES)}.")
     if args.keep:
         phases = [p for p in phases if p != "delete"]
+    env = {}
+    for name in args.env:
+        if name not in os.environ:
+            raise LaunchError(f"--env {name}: {name} is not set in this shell; export it first.")
+        env[name] = os.environ[name]
     run_dir = args.run_dir or (cfg.run.output_dir if cfg.run.output_dir.startswith("gs://")
                                else "")
     job = TpuJob(
@@ -401,7 +421,8 @@ def job_from_args(argv: list[str]) -> tuple[TpuJob, list[str], argparse.Namespac
         accelerator_type=args.accelerator_type, config=config,
         runtime_version=args.runtime_version, slices=args.slices,
         provisioning="spot" if args.spot else "reserved" if args.reserved else "on-demand",
-        run_dir=run_dir, package=args.package, copies=list(args.copy), overrides=rest)
+        run_dir=run_dir, package=args.package, copies=list(args.copy), overrides=rest,
+        env=env)
     check_job(job, cfg)
     return job, phases, args
 
@@ -458,7 +479,7 @@ def main(argv: list[str]) -> int:
         for title, cmds in plan(job, phases):
             print(f"# {title}")
             for cmd in cmds:
-                print(shlex.join(cmd))
+                print(redact(shlex.join(cmd), job))
         return 0
     try:
         return Launcher(job).run(phases, max_restarts=args.max_restarts)
