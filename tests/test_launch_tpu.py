@@ -262,7 +262,10 @@ def test_env_values_reach_training_but_are_never_printed(capsys, monkeypatch):
 
     assert "HF_TOKEN=hf_secret123" in start_command(job)[-1]  # what really runs
     out = "\n".join(shlex.join(c) for c in dry_run(capsys, RECIPE, *BASE, "--env=HF_TOKEN"))
-    assert "hf_secret123" not in out and "HF_TOKEN=***" in out
+    assert "hf_secret123" not in out and "HF_TOKEN=REDACTED" in out
+    shown = []
+    Launcher(job, runner=FakeGcloud([], [0]), echo=shown.append).run(["train"])
+    assert "HF_TOKEN=***" in shown[0] and "hf_secret123" not in shown[0]
     monkeypatch.delenv("HF_TOKEN")
     with pytest.raises(LaunchError, match="HF_TOKEN is not set"):
         job_from_args([RECIPE, *BASE, "--env=HF_TOKEN"])

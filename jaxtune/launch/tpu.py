@@ -340,8 +340,9 @@ class Launcher:
 
 def redact(text: str, job: TpuJob) -> str:
     """``text`` with the values of ``--env`` variables (tokens) replaced by ***."""
-    for value in job.env.values():
-        if value:
+    for name, value in job.env.items():
+        text = text.replace(f"{name}={value}", f"{name}=***")
+        if len(value) >= 8:  # a token, also where quoting split it from its name
             text = text.replace(value, "***")
     return text
 
@@ -474,12 +475,13 @@ def check_job(job: TpuJob, cfg) -> None:
 def main(argv: list[str]) -> int:
     job, phases, args = job_from_args(argv)
     if args.dry_run:
+        job = dataclasses.replace(job, env={k: "REDACTED" for k in job.env})  # no secrets
         print(f"# {job.accelerator_type} x {job.slices}: {job.chips * job.slices} chips on "
               f"{job.hosts * job.slices} workers, runtime {job.runtime}")
         for title, cmds in plan(job, phases):
             print(f"# {title}")
             for cmd in cmds:
-                print(redact(shlex.join(cmd), job))
+                print(shlex.join(cmd))
         return 0
     try:
         return Launcher(job).run(phases, max_restarts=args.max_restarts)
