@@ -125,7 +125,8 @@ def initialize(cfg: DistributedConfig) -> None:
     log.info("process %d of %d joined (%d local devices, %d in all)", jax.process_index(),
              jax.process_count(), jax.local_device_count(), jax.device_count())
     if jax.process_count() > 1:
-        _FailureWatch.start()
+        # One small request per process per interval to the coordinator: slower on big jobs.
+        _FailureWatch.start(interval=max(1.0, jax.process_count() / 100))
 
 
 def _initialize_auto(cfg: DistributedConfig, cluster: str) -> None:
