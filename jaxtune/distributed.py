@@ -14,7 +14,9 @@ A process that cannot join never hangs: the address is checked before JAX sees i
 watchdog thread ends the process after ``distributed.timeout_seconds`` with a message that
 names the setting to check (JAX itself would wait, then abort with ``DEADLINE_EXCEEDED``).
 After connecting, the processes compare their ``num_processes``, since JAX only uses process
-0's. On CPU, collectives between processes use gloo.
+0's. On CPU, collectives between processes use gloo. Once connected, a process that fails
+calls :func:`fail_fast`: it tells the others, which stop within seconds naming it, instead of
+all of them waiting minutes on each other in collectives and JAX's shutdown barrier.
 
 Only process 0 (:func:`is_main_process`) writes logs, metrics and the resolved config; every
 process reads its own rows of each batch and writes its own shards of each checkpoint.
