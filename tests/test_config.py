@@ -32,7 +32,7 @@ def test_every_recipe_validates(recipe):
 
 
 def test_override_applies_and_round_trips(tmp_path):
-    cfg = load_config(ROOT / "configs/tiny.yaml", ["--optimizer.learning_rate=2e-5"])
+    cfg = load_config(ROOT / "configs/quickstart.yaml", ["--optimizer.learning_rate=2e-5"])
     assert cfg.optimizer.learning_rate == pytest.approx(2e-5)
     path = tmp_path / "config.yaml"
     path.write_text(dump_config(cfg))
@@ -42,25 +42,25 @@ def test_override_applies_and_round_trips(tmp_path):
 
 
 def test_space_separated_override():
-    cfg = load_config(ROOT / "configs/tiny.yaml", ["--trainer.steps", "7"])
+    cfg = load_config(ROOT / "configs/quickstart.yaml", ["--trainer.steps", "7"])
     assert cfg.trainer.steps == 7
 
 
 def test_print_config_cli_shows_override():
-    out = _cli("print-config", "configs/tiny.yaml", "--optimizer.learning_rate=2e-5")
+    out = _cli("print-config", "configs/quickstart.yaml", "--optimizer.learning_rate=2e-5")
     assert out.returncode == 0, out.stderr
     assert "learning_rate: 2.0e-05" in out.stdout
 
 
 def test_typo_suggests_closest_key_without_traceback():
-    out = _cli("print-config", "configs/tiny.yaml", "--optimizer.learning_rat=2e-5")
+    out = _cli("print-config", "configs/quickstart.yaml", "--optimizer.learning_rat=2e-5")
     assert out.returncode != 0
     assert "learning_rat" in out.stderr and "learning_rate" in out.stderr
     assert "Traceback" not in out.stderr
 
 
 def test_wrong_type_names_field_and_type():
-    out = _cli("print-config", "configs/tiny.yaml", "--trainer.steps=ten")
+    out = _cli("print-config", "configs/quickstart.yaml", "--trainer.steps=ten")
     assert out.returncode != 0
     assert "trainer.steps" in out.stderr and "int" in out.stderr
     assert "Traceback" not in out.stderr
@@ -93,7 +93,7 @@ def test_unknown_section(tmp_path):
 )
 def test_impossible_values_fail_early(override, match):
     with pytest.raises(ConfigError, match=match):
-        load_config(ROOT / "configs/tiny.yaml", [override])
+        load_config(ROOT / "configs/quickstart.yaml", [override])
 
 
 def test_missing_file_is_clear():
