@@ -85,7 +85,7 @@ def test_unknown_section(tmp_path):
     [
         ("--optimizer.name=adamx", "adamw"),
         ("--trainer.grad_accum_steps=3", "grad_accum_steps"),
-        ("--lora.quantize_base=int8", "lora.rank"),
+        ("--lora.rank=0 --lora.quantize_base=int8", "lora.rank"),
         ("--mesh.data=0", "mesh.data"),
         ("--checkpoint.resume=latest", "checkpoint.resume"),
         ("--trainer.steps=-1", "trainer.steps"),
@@ -93,7 +93,7 @@ def test_unknown_section(tmp_path):
 )
 def test_impossible_values_fail_early(override, match):
     with pytest.raises(ConfigError, match=match):
-        load_config(ROOT / "configs/quickstart.yaml", [override])
+        load_config(ROOT / "configs/quickstart.yaml", override.split())
 
 
 def test_missing_file_is_clear():
