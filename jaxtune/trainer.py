@@ -283,6 +283,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     """Run the whole training job described by ``cfg`` and return what happened."""
     logging.basicConfig(level=getattr(logging, cfg.logging.level, logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Orbax and datasets narrate every save and load at INFO; keep their warnings only.
+    for noisy in ("absl", "datasets"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
     # With several processes, fail_fast reports an error to the others and exits at once,
     # rather than leave them waiting for this process in a collective.
     try:
