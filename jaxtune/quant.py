@@ -1,8 +1,10 @@
 """Weight-only quantisation of frozen Linear kernels (the base of a QLoRA run).
 
-A :class:`QuantizedKernel` replaces a frozen ``Linear.kernel`` and reads like it: ``kernel[...]``
-returns the dequantised float32 kernel, so ``Linear.__call__`` needs no change and XLA fuses
-the dequantisation into the matmul's operand (one layer at a time under ``scan_layers``).
+A :class:`QuantizedKernel` replaces a frozen ``Linear.kernel``. ``kernel[...]`` returns the
+dequantised float32 kernel, and ``Linear`` calls :meth:`QuantizedKernel.dot` for its matmul:
+a ``dot_general`` with the kernel dequantised on the fly whose backward pass dequantises it
+again instead of keeping a float copy of every layer's kernel for the gradient (which plain
+autodiff would do without remat, undoing the savings). The kernel itself gets no gradient.
 Kernels are ``[*in_shape, *out_shape]`` (plus a leading ``layers`` axis when stacked); the
 input dims are the contracted ones.
 
@@ -86,7 +88,9 @@ class QuantizedKernel(nnx.Module):
 
     def dequantize(self) -> jax.Array:
         """The float32 kernel ``[*lead, *in_shape, *out_shape]`` these codes stand for."""
-        codes, scale = self.codes[...], self.scale[...]
+        return self._dequantize(self.codes[...], self.scale[...])
+
+    def _dequantize(self, codes: jax.Array, scale: jax.Array) -> jax.Array:
         if self.format == "int8":
             return codes.astype(jnp.float32) * scale
         # nf4: codes [*lead, blocks, block/2, *out] uint8, scale [*lead, blocks, 1, *out]
@@ -94,6 +98,30 @@ class QuantizedKernel(nnx.Module):
         lead = codes.shape[: codes.ndim - self.out_ndim - 2]
         out = codes.shape[codes.ndim - self.out_ndim:]
         return (values * scale).reshape(*lead, *self.in_shape, *out)
+
+    def dot(self, x: jax.Array, dims: Any, out_dtype: Any = None) -> jax.Array:
+        """``dot_general(x, kernel, dims)`` in ``x``'s dtype; the backward recomputes the
+        kernel from the codes (residuals: the codes and scales, which are held anyway)."""
+        dequantize, x_shape = self._dequantize, jax.ShapeDtypeStruct(x.shape, x.dtype)
+
+        def forward(x, codes, scale):
+            kernel = dequantize(codes, scale).astype(x.dtype)
+            return jax.lax.dot_general(x, kernel, dims, preferred_element_type=out_dtype)
+
+        @jax.custom_vjp
+        def frozen_dot(x, codes, scale):
+            return forward(x, codes, scale)
+
+        def fwd(x, codes, scale):
+            return forward(x, codes, scale), (codes, scale)
+
+        def bwd(residuals, g):
+            codes, scale = residuals
+            (dx,) = jax.linear_transpose(lambda x: forward(x, codes, scale), x_shape)(g)
+            return dx, None, None  # frozen: no gradient for the codes or scales
+
+        frozen_dot.defvjp(fwd, bwd)
+        return frozen_dot(x, self.codes[...], self.scale[...])
 
 
 def quantize_kernel(kernel: jax.Array, fmt: str, *, num_in: int, lead: int,

@@ -24,8 +24,8 @@ stored in ``param_dtype``; a layer computes in the dtype of its input (the model
 dtype), casting its weights on the way in.
 
 LoRA (``jaxtune.lora``) plugs into a Linear from outside: it sets ``Linear.lora`` to an adapter
-that adds its low-rank update to the output, and may replace ``kernel`` by a quantised kernel
-(``jaxtune.quant``) that dequantises when read with ``kernel[...]``.
+that adds its low-rank update to the output, and may replace ``kernel`` by a frozen quantised
+kernel (``jaxtune.quant``) that does the matmul itself, dequantising on the fly.
 """
 
 from __future__ import annotations
@@ -93,9 +93,13 @@ class Linear(nnx.Module):
 
     def __call__(self, x: jax.Array, out_dtype: Any = None) -> jax.Array:
         """Apply the projection; ``out_dtype`` (e.g. float32) sets the accumulation dtype."""
-        kernel = self.kernel[...].astype(x.dtype)
         contract = (tuple(range(x.ndim - self.num_in, x.ndim)), tuple(range(self.num_in)))
-        y = jax.lax.dot_general(x, kernel, (contract, ((), ())), preferred_element_type=out_dtype)
+        if isinstance(self.kernel, nnx.Variable):
+            kernel = self.kernel[...].astype(x.dtype)
+            y = jax.lax.dot_general(x, kernel, (contract, ((), ())),
+                                    preferred_element_type=out_dtype)
+        else:  # a quantised kernel (jaxtune.quant.QuantizedKernel)
+            y = self.kernel.dot(x, (contract, ((), ())), out_dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
         if self.lora is not None:
