@@ -74,10 +74,15 @@ class Trainer:
         self.num_trainable = count_params(self.state.params)
 
         self.loss_fn = loss.make_loss_fn(cfg.trainer)
+        train_loss = self.loss_fn
+        if cfg.lora.rank > 0 and cfg.lora.dropout > 0:  # dropout in the train step only
+            from jaxtune.lora import with_dropout
+
+            train_loss = with_dropout(self.loss_fn)
         step_fn = loss.load_callable(cfg.trainer.train_step) if cfg.trainer.train_step \
             else train_step
         self.train_step = jit_train_step(
-            step_fn, self.state, self.mesh, self.rules, loss_fn=self.loss_fn,
+            step_fn, self.state, self.mesh, self.rules, loss_fn=train_loss,
             optimizer=self.optimizer, grad_accum_steps=cfg.trainer.grad_accum_steps,
             schedule=self.schedule)
         self.eval_step = jit_eval_step(self.state, self.mesh, self.rules, loss_fn=self.loss_fn)

@@ -70,3 +70,14 @@ def test_custom_loss_and_step_from_the_docs(recipe):
     assert custom.history[0]["loss"] != pytest.approx(default.history[0]["loss"], rel=1e-3)
     assert 0 < custom.history[-1]["update_ratio"] < 1
     assert "update_ratio" not in default.history[-1]
+
+
+def test_lora_dropout_reaches_the_train_step_only(recipe):
+    base = {"steps": 3, "eval_every": 0}
+    plain = train(recipe(name="lora0", lora={"rank": 4, "dropout": 0.0}, trainer=base))
+    dropped = train(recipe(name="lora5", lora={"rank": 4, "dropout": 0.5}, trainer=base))
+    # Evaluation is deterministic: before any update both runs are the same model.
+    assert dropped.evals[0]["eval_loss"] == pytest.approx(plain.evals[0]["eval_loss"], rel=1e-6)
+    # B starts at zero and the warmup's first learning rate is 0, so B first moves at step 2
+    # and dropout shows in the loss from step 3 on.
+    assert dropped.history[2]["loss"] != pytest.approx(plain.history[2]["loss"], rel=1e-5)
