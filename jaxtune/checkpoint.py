@@ -72,6 +72,17 @@ class CheckpointError(JaxtuneError):
     """A checkpoint could not be saved or resumed; the message says why and what is left."""
 
 
+def checkpoint_dir(cfg: TrainConfig) -> epath.Path:
+    """Where the run's checkpoints live: ``checkpoint.dir`` or ``<output_dir>/checkpoints``.
+
+    Local paths are made absolute (Orbax refuses relative ones); ``gs://`` paths pass through.
+    """
+    path = cfg.checkpoint.dir or os.path.join(cfg.run.output_dir, "checkpoints")
+    if "://" not in path:
+        path = os.path.abspath(os.path.expanduser(path))
+    return epath.Path(path)
+
+
 class Checkpointer:
     """Saves and restores a run's TrainState, data position and config with Orbax.
 
@@ -84,7 +95,7 @@ class Checkpointer:
         self.cfg = cfg
         self.mesh = mesh
         c = cfg.checkpoint
-        self.directory = epath.Path(c.dir or os.path.join(cfg.run.output_dir, "checkpoints"))
+        self.directory = checkpoint_dir(cfg)
         self.last_save_blocked_s = 0.0  # how long the last save() held up the caller
         self._last_saved: int | None = None
         self._failed = False

@@ -407,3 +407,17 @@ def test_changed_model_architecture_is_named(tmp_path, mesh, step_fn):
     (model_dir / "config.json").write_text(json.dumps(hf))
     with pytest.raises(CheckpointError, match="num_hidden_layers: 3 -> 2"):
         Checkpointer(cfg, mesh).restore(toy_state(mesh), ToyData())
+
+
+def test_relative_output_dir_saves_and_resumes(tmp_path, mesh, step_fn, monkeypatch):
+    """Recipes say runs/<name>: a relative run directory must work (Orbax wants absolute)."""
+    monkeypatch.chdir(tmp_path)
+    cfg = TrainConfig()
+    cfg.run.output_dir = "runs/relative"
+    cfg.checkpoint.save_every = 2
+    ck = Checkpointer(cfg, mesh)
+    run_steps(step_fn, toy_state(mesh), ToyData(), mesh, 1, 2, ck)
+    ck.close()
+    assert (tmp_path / "runs/relative/checkpoints/2").is_dir()
+    state = Checkpointer(cfg, mesh).restore(toy_state(mesh), ToyData())
+    assert int(state.step) == 2

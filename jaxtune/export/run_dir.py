@@ -121,7 +121,7 @@ def complete_steps(directory: epath.Path) -> list[int]:
 
 def open_run(run_dir: str | Path, step: int | None = None) -> RunCheckpoint:
     """The checkpoint of ``step`` (default: the latest complete one) of a run directory."""
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir).expanduser().absolute()  # TensorStore wants absolute paths
     if not run_dir.is_dir():
         raise ExportError(f"Run directory {run_dir} does not exist.")
     cfg = _read_run_config(run_dir)
