@@ -225,3 +225,32 @@ def test_cudnn_attention_off_gpu_is_a_clear_config_error():
     with pytest.raises(JaxtuneError, match="needs an NVIDIA GPU.*attention: auto"):
         resolve_attention_impl("cudnn", jnp.bfloat16, 64)
     assert resolve_attention_impl("auto", jnp.bfloat16, 64) == "xla"
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2_sliding"])
+def test_long_sequence_blocked_attention_matches_transformers(tiny_hf_model, name):
+    """At T >= 256 the XLA path splits causal attention into query blocks; logits stay exact,
+    sliding windows included."""
+    long_ids = np.random.RandomState(1).randint(0, 389, (1, 256))
+    path = tiny_hf_model(name)
+    np.testing.assert_allclose(logits(jaxtune.from_pretrained(path), long_ids),
+                               hf_logits(path, long_ids), atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("window", [None, 5, 140])
+def test_blocked_attention_equals_full_attention(window):
+    """Blocked (T=300, 3 blocks, packed segments, windows) equals one masked attention."""
+    from jaxtune.models import layers
+
+    rng = np.random.RandomState(2)
+    q, k, v = (jnp.asarray(rng.randn(2, 300, *shape), jnp.float32)
+               for shape in ((6, 16), (3, 16), (3, 16)))
+    seg = jnp.asarray(np.repeat([[1, 2, 3, 0]], 75, axis=1).reshape(1, 300).repeat(2, 0))
+    t = np.arange(300)
+    mask = (t[:, None] >= t[None, :]) & (np.asarray(seg)[:, :, None] == np.asarray(seg)[:, None])
+    if window:
+        mask &= (t[:, None] - t[None, :]) < window
+    want = jax.nn.dot_product_attention(q, k, v, mask=jnp.asarray(mask)[:, None])
+    got = layers.dot_product_attention(q, k, v, segment_ids_BT=seg, window=window,
+                                       implementation="xla")
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6, rtol=0)

@@ -319,6 +319,9 @@ def dot_product_attention(
     itself and the ``window - 1`` tokens before it, as transformers' sliding window does; a
     Python int is static (and reaches cuDNN's sliding window), an array is applied in the mask.
     """
+    t, s = q_BTNH.shape[1], k_BSKH.shape[1]
+    if implementation == "xla" and t == s and t >= 2 * _CAUSAL_BLOCK:
+        return _blocked_causal_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, window)
     mask_B1TS = None
     if segment_ids_BT is not None:
         mask_B1TS = segment_ids_BT[:, None, :, None] == segment_ids_BT[:, None, None, :]
@@ -334,6 +337,38 @@ def dot_product_attention(
         q_BTNH, k_BSKH, v_BSKH, mask=mask_B1TS, is_causal=True,
         local_window_size=local_window, implementation=implementation,
     )
+
+
+#: Query block of the XLA path. Causal attention over T tokens needs only the keys up to each
+#: query block's end, so splitting the queries skips the blocks above the diagonal (measured on
+#: CPU at T=512, 8 heads of 64: forward + backward 0.25 s -> 0.13 s). At most 8 blocks keep the
+#: unrolled graph small.
+_CAUSAL_BLOCK = 128
+
+
+def _blocked_causal_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, window):
+    """Causal attention computed per query block against the keys that block can see."""
+    t = q_BTNH.shape[1]
+    block = max(_CAUSAL_BLOCK, -(-t // 8))
+    outs = []
+    for start in range(0, t, block):
+        end = min(start + block, t)
+        first = 0
+        if isinstance(window, int):  # keys before the window of the block's first query
+            first = max(0, (start - window + 1) // block * block)
+        q_pos = jnp.arange(start, end)[:, None]
+        k_pos = jnp.arange(first, end)[None, :]
+        mask_TS = q_pos >= k_pos
+        if window is not None:
+            mask_TS = mask_TS & (q_pos - k_pos < window)
+        mask_B1TS = mask_TS[None, None]
+        if segment_ids_BT is not None:
+            seg_q, seg_k = segment_ids_BT[:, start:end], segment_ids_BT[:, first:end]
+            mask_B1TS = mask_B1TS & (seg_q[:, None, :, None] == seg_k[:, None, None, :])
+        outs.append(jax.nn.dot_product_attention(
+            q_BTNH[:, start:end], k_BSKH[:, first:end], v_BSKH[:, first:end], mask=mask_B1TS,
+            implementation="xla"))
+    return jnp.concatenate(outs, axis=1)
 
 
 class Attention(nnx.Module):
