@@ -449,11 +449,13 @@ def check_job(job: TpuJob, cfg) -> None:
     if job.run_dir and not job.run_dir.startswith("gs://"):
         raise LaunchError(f"--run-dir '{job.run_dir}' must be a gs://bucket/path: the workers "
                           "write there together and it outlives the slice.")
-    if job.hosts * job.slices > 1 and not job.run_dir and cfg.checkpoint.enabled:
+    shared_checkpoints = cfg.checkpoint.dir.startswith("gs://")
+    if job.hosts * job.slices > 1 and not job.run_dir and cfg.checkpoint.enabled \
+            and not shared_checkpoints:
         raise LaunchError(
             f"{job.accelerator_type} x {job.slices} has {job.hosts * job.slices} workers, which "
             "write each checkpoint together and share no disk: give --run-dir "
-            "gs://BUCKET/runs/NAME (or set run.output_dir to a gs:// path).")
+            "gs://BUCKET/runs/NAME (or set run.output_dir or checkpoint.dir to a gs:// path).")
     if cfg.mesh.dcn_data != job.slices:
         raise LaunchError(
             f"mesh.dcn_data is {cfg.mesh.dcn_data} but --slices is {job.slices}: set "
