@@ -9,8 +9,9 @@ source scripts/setup_env.sh quickstart
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 run_dir="runs/quickstart-$(date +%Y%m%d-%H%M%S)"  # a fresh run each time; nothing old is lost
 echo "== 1/3 model fixture: SmolLM2-135M-Instruct (built once, cached outside git)"
-python scripts/make_smollm2.py
+model_dir="$(python scripts/make_smollm2.py | tail -n 1)"  # honours JAXTUNE_CACHE
+echo "$model_dir"
 echo "== 2/3 fine-tune (held-out eval before and after), export"
-jaxtune train configs/quickstart.yaml --run.output_dir="$run_dir" "$@"
+jaxtune train configs/quickstart.yaml --run.output_dir="$run_dir" --model.path="$model_dir" "$@"
 echo "== 3/3 report"
 python scripts/quickstart_report.py "$run_dir"
