@@ -35,6 +35,22 @@ def _write_hf_folder(tmp: Path, groups: list[TensorGroup], max_shard_size: str |
     return weight_map
 
 
+def write_hf_export(out: Path, sources: list[ParamSource], config: Any, *,
+                    hf_config: dict[str, Any], generation: dict[str, Any] | None,
+                    max_shard_size: str | int, tokenizer, overwrite: bool,
+                    out_dtype: Any = None, verify: Callable[[Path], Any] | None = None,
+                    ) -> tuple[list[TensorGroup], dict[str, str]]:
+    """Write ``sources`` as an HF folder at ``out``: staged, checked by ``verify(staged_dir)``
+    when given, then moved into place. Returns the tensor groups and the weight map."""
+    groups = hf_groups(sources, config, out_dtype)
+    with hf_folder.staged_output(out, overwrite) as tmp:
+        weight_map = _write_hf_folder(tmp, groups, max_shard_size, hf_config, generation,
+                                      tokenizer)
+        if verify is not None:
+            verify(tmp)
+    return groups, weight_map
+
+
 def _summary(groups: list[TensorGroup], weight_map: dict[str, str]) -> str:
     size = sum(s.nbytes for g in groups for s in g.specs)
     files = len(set(weight_map.values()))
@@ -156,23 +172,24 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
                                tokenizer=tokenizer, verify=verify, overwrite=overwrite,
                                echo=echo)
     sources = checkpoint_sources(ckpt, config, family)
-    groups = hf_groups(sources, config, out_dtype)
-    hf_config = hf_folder.export_hf_config(base_hf, cfg.model.overrides, out_dtype)
-    with hf_folder.staged_output(out, overwrite) as tmp:
-        weight_map = _write_hf_folder(tmp, groups, shard, hf_config,
-                                      read_generation_config(base_dir), tokenizer)
-        if verify:
-            from jaxtune.export import verify as check
 
-            scan = cfg.model.scan_layers
-            checks = [check.Check("jaxtune (the written values)", lambda: check.jaxtune_logits(
-                _reference_model(config, sources, scan, round_to=out_dtype)))]
-            if np.dtype(out_dtype).itemsize < np.dtype(cfg.model.dtype).itemsize:
-                checks.append(check.Check(
-                    f"the trained {cfg.model.dtype} model", lambda: check.jaxtune_logits(
-                        _reference_model(config, sources, scan)), check.ROUNDED_TOLERANCE))
-            check.verify(tmp, checks, vocab_size=config.vocab_size, tokenizer=tokenizer,
-                         echo=echo)
+    def check_written(tmp: Path) -> None:
+        from jaxtune.export import verify as check
+
+        scan = cfg.model.scan_layers
+        checks = [check.Check("jaxtune (the written values)", lambda: check.jaxtune_logits(
+            _reference_model(config, sources, scan, round_to=out_dtype)))]
+        if np.dtype(out_dtype).itemsize < np.dtype(cfg.model.dtype).itemsize:
+            checks.append(check.Check(
+                f"the trained {cfg.model.dtype} model", lambda: check.jaxtune_logits(
+                    _reference_model(config, sources, scan)), check.ROUNDED_TOLERANCE))
+        check.verify(tmp, checks, vocab_size=config.vocab_size, tokenizer=tokenizer, echo=echo)
+
+    groups, weight_map = write_hf_export(
+        out, sources, config, out_dtype=out_dtype, max_shard_size=shard, tokenizer=tokenizer,
+        hf_config=hf_folder.export_hf_config(base_hf, cfg.model.overrides, out_dtype),
+        generation=read_generation_config(base_dir), overwrite=overwrite,
+        verify=check_written if verify else None)
     echo(f"exported step {ckpt.step} of {run_dir} to {out} as {np.dtype(out_dtype).name}: "
          f"{_summary(groups, weight_map)}")
     return out
@@ -236,11 +253,11 @@ def save_pretrained(model: nnx.Module, out_dir: str | os.PathLike, tokenizer: An
     config = model.config
     family = get_family(config.model_type)
     sources = model_sources(nnx.state(model, nnx.Param), family.layers_path)
-    groups = hf_groups(sources, config, out_dtype)
     cfg_dtype = out_dtype or next(s.dtype for s in sources if "embed" in s.path)
-    hf_config = hf_folder.export_hf_config(config.to_hf_config(), None, cfg_dtype)
-    with hf_folder.staged_output(Path(out_dir), overwrite) as tmp:
-        _write_hf_folder(tmp, groups, max_shard_size, hf_config, None, tokenizer)
+    write_hf_export(Path(out_dir), sources, config, out_dtype=out_dtype,
+                    hf_config=hf_folder.export_hf_config(config.to_hf_config(), None, cfg_dtype),
+                    generation=None, max_shard_size=max_shard_size, tokenizer=tokenizer,
+                    overwrite=overwrite)
     return Path(out_dir)
 
 

@@ -353,7 +353,7 @@ def export_lora_run(ckpt: RunCheckpoint, out: Path, *, mode: str, base_dir: Path
                     adapter_dtype: np.dtype, max_shard_size: str, tokenizer, verify: bool,
                     overwrite: bool, echo: Callable[[str], Any]) -> Path:
     """Export a LoRA run as merged weights, a PEFT adapter, or both (see module docstring)."""
-    from jaxtune.export.api import _write_hf_folder, read_generation_config
+    from jaxtune.export.api import read_generation_config, write_hf_export
 
     adapters = find_adapters(ckpt)
     if not adapters:
@@ -366,14 +366,13 @@ def export_lora_run(ckpt: RunCheckpoint, out: Path, *, mode: str, base_dir: Path
     exits = []
     if mode in ("merged", "both"):
         sources = merged_sources(ckpt, base_dir, config, adapters)
-        groups = hf_groups(sources, config, out_dtype)
-        hf_config = hf_folder.export_hf_config(base_hf, cfg.model.overrides, out_dtype)
-        with hf_folder.staged_output(out, overwrite) as tmp:
-            weight_map = _write_hf_folder(tmp, groups, max_shard_size, hf_config,
-                                          read_generation_config(base_dir), tokenizer)
-            if verify:
-                _verify_merged(tmp, ckpt, base_dir, config, sources, out_dtype, tokenizer,
-                               echo)
+        _, weight_map = write_hf_export(
+            out, sources, config, out_dtype=out_dtype, max_shard_size=max_shard_size,
+            hf_config=hf_folder.export_hf_config(base_hf, cfg.model.overrides, out_dtype),
+            generation=read_generation_config(base_dir), tokenizer=tokenizer,
+            overwrite=overwrite,
+            verify=(lambda tmp: _verify_merged(tmp, ckpt, base_dir, config, sources, out_dtype,
+                                               tokenizer, echo)) if verify else None)
         exits.append(f"merged weights in {out} ({len(weight_map)} tensors, "
                      f"{np.dtype(out_dtype).name})")
     if mode in ("adapter", "both"):
