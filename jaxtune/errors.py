@@ -7,3 +7,10 @@ class JaxtuneError(Exception):
     The CLI prints these as ``error: <message>`` and exits with status 2; anything else is a
     bug and keeps its traceback.
     """
+
+
+class ModelConfigError(JaxtuneError, ValueError):
+    """A model's ``config.json`` describes something its family cannot build; says what.
+
+    (``jaxtune.config.ConfigError`` is the other kind: a bad key or value in a run's YAML.)
+    """

@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import itertools
 import math
 import re
 import threading
@@ -46,9 +48,13 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from jaxtune.config import ConfigError, LoraConfig
+from jaxtune.models.family import family_table
 from jaxtune.models.layers import Linear
+from jaxtune.models.table import STACK_AXES, ParamTable
 from jaxtune.quant import QuantizedKernel, quantize_kernel
-from jaxtune.sharding import Rules, state_shardings
+from jaxtune.sharding import Rules, host_array, state_shardings
+
+STACKED_LOGICAL_AXES = frozenset(STACK_AXES.values())
 
 ALL_LINEAR = "all-linear"
 
@@ -146,10 +152,26 @@ class LoraAdapter(nnx.Module):
         """The float32 kernel update ``scale * A . B``, ``[*lead, *in, *out]``."""
         a = self.lora_a[...].astype(jnp.float32)
         b = self.lora_b[...].astype(jnp.float32)
-        lead = a.ndim - self.num_in - 1
-        batch = tuple(range(lead))
-        dims = (((a.ndim - 1,), (lead,)), (batch, batch))
-        return jax.lax.dot_general(a, b, dims, precision=jax.lax.Precision.HIGHEST) * self.scale
+        return lora_delta(a, b, self.scale, a.ndim - self.num_in - 1,
+                          functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST))
+
+
+def lora_delta(a: Any, b: Any, scale: float, depth: int, matmul: Callable = np.matmul) -> Any:
+    """``scale * A . B`` as a kernel update ``[*lead, *in, *out]`` from ``a`` ``[*lead, *in, r]``
+    and ``b`` ``[*lead, r, *out]`` (``depth`` leading stacked axes). The one LoRA merge: the
+    in-memory :func:`merge` (jax arrays) and the streamed export (numpy) both call it."""
+    lead, r = a.shape[:depth], a.shape[-1]
+    d = matmul(a.reshape(*lead, -1, r), b.reshape(*lead, r, -1)) * scale
+    return d.reshape(*lead, *a.shape[depth:-1], *b.shape[depth + 1:])
+
+
+def peft_layout(a: np.ndarray, b: np.ndarray,
+                depth: int) -> Iterator[tuple[tuple[int, ...], np.ndarray, np.ndarray]]:
+    """PEFT's ``lora_A.weight`` ``[r, in]`` and ``lora_B.weight`` ``[out, r]`` of every stacked
+    slice of one adapter, in index order (the one PEFT layout writer's maths)."""
+    r = a.shape[-1]
+    for index in itertools.product(*(range(n) for n in a.shape[:depth])):
+        yield index, a[index].reshape(-1, r).T.copy(), b[index].reshape(r, -1).T.copy()
 
 
 # --------------------------------------------------------------------------- module paths
@@ -163,19 +185,17 @@ def _linears(model: nnx.Module) -> list[tuple[tuple, Linear]]:
     return [(p, m) for p, m in _modules(model) if isinstance(m, Linear)]
 
 
-def _layers_path(model: nnx.Module) -> tuple[str, ...]:
-    from jaxtune.models import get_family
-
-    return tuple(get_family(model.config.model_type).layers_path.split("."))
+def _table(model: nnx.Module) -> ParamTable:
+    return family_table(model.config)
 
 
-def _hf_names(path: tuple, layers_path: tuple, num_layers: int) -> list[str]:
-    """HF-style dotted names of a module, one per layer when it sits in stacked layers."""
-    n = len(layers_path)
-    stacked = path[:n] == layers_path and len(path) > n and not isinstance(path[n], int)
-    if not stacked:
-        return [".".join(map(str, path))]
-    return [".".join(map(str, (*layers_path, i, *path[n:]))) for i in range(num_layers)]
+def _hf_names(table: ParamTable, path: tuple, linear: Linear) -> list[str]:
+    """HF module names of a Linear (one per stacked slice: layers under scan, experts), from
+    the family's table, so LoRA targets are HF names whatever jaxtune calls the module."""
+    kernel = linear.kernel
+    shape = kernel.get_value().shape if isinstance(kernel, nnx.Variable) else kernel.shape
+    names = table.hf_module_names(".".join(map(str, (*path, "kernel"))), shape)
+    return names if names is not None else [".".join(map(str, path))]
 
 
 def _matches(pattern: str, name: str) -> bool:
@@ -191,11 +211,11 @@ def _matches(pattern: str, name: str) -> bool:
 def _select(model: nnx.Module, patterns: Sequence[str], candidates: list[tuple[tuple, Any]],
             key: str) -> list[tuple]:
     """Paths of the candidate modules some pattern selects; every pattern must select one."""
-    layers_path = _layers_path(model)
-    num_layers = model.config.num_hidden_layers
+    table = _table(model)
     selected, used = [], set()
-    for path, _ in candidates:
-        names = _hf_names(path, layers_path, num_layers)
+    for path, module in candidates:
+        names = (_hf_names(table, path, module) if isinstance(module, Linear)
+                 else [".".join(map(str, path))])
         hits = [[p for p in patterns if _matches(p, name)] for name in names]
         if all(hits):
             selected.append(path)
@@ -327,9 +347,12 @@ def _placed_as(x: Any, sharding: NamedSharding) -> bool:
 
 
 def _lead(var: nnx.Variable) -> int:
-    """1 when the variable carries the stacked ``layers`` axis first, else 0."""
-    axes = var.get_metadata().get("logical_axes")
-    return int(bool(axes) and axes[0] == "layers")
+    """How many stacked axes (``layers`` under scan, ``experts``) the variable carries first."""
+    axes = tuple(var.get_metadata().get("logical_axes") or ())
+    n = 0
+    while n < len(axes) and axes[n] in STACKED_LOGICAL_AXES:
+        n += 1
+    return n
 
 
 def _axes(var: nnx.Variable) -> tuple:
@@ -349,9 +372,9 @@ def _make_adapter(linear: Linear, rank: int, scale: float, dropout: float, key: 
     b = jnp.zeros((*lead_shape, rank, *out_shape), jnp.float32)
     salt = None
     if dropout > 0:
-        count = shape[0] if lead else 1
+        count = math.prod(lead_shape)
         values = jnp.arange(salt_base * count, (salt_base + 1) * count, dtype=jnp.uint32)
-        salt = LoraSalt(values if lead else values[0], logical_axes=lead_axes)
+        salt = LoraSalt(values.reshape(lead_shape), logical_axes=lead_axes)
     return LoraAdapter(
         LoraParam(a, logical_axes=(*lead_axes, *in_axes, "lora_rank")),
         LoraParam(b, logical_axes=(*lead_axes, "lora_rank", *out_axes)),
@@ -534,44 +557,23 @@ class LoraWeights:
     scale: float
 
 
-def _to_numpy(x: jax.Array) -> np.ndarray:
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
-
-
 def iter_lora_weights(model: nnx.Module) -> Iterator[tuple[str, LoraWeights]]:
-    """Yield ``(hf_module_path, LoraWeights)`` per adapter and layer, one at a time.
+    """Yield ``(hf_module_path, LoraWeights)`` per adapter and stacked slice, one at a time.
 
     ``hf_module_path`` is the HF module the adapter belongs to, e.g.
     ``model.layers.0.self_attn.q_proj`` (PEFT writes ``base_model.model.<it>.lora_A.weight``).
     """
-    from jaxtune.models import get_family
-
-    family = get_family(model.config.model_type)
-    rules = family.hf_table(model.config)
-    layers_path = _layers_path(model)
+    table = _table(model)
     for path, linear in _linears(model):
         adapter = linear.lora
         if adapter is None:
             continue
-        a_all, b_all = adapter.lora_a.get_value(), adapter.lora_b.get_value()
-        names = _hf_names(path, layers_path, model.config.num_hidden_layers)
-        stacked = a_all.ndim > adapter.num_in + 1
-        for i, name in enumerate(names):
-            a = _to_numpy(a_all[i] if stacked else a_all).astype(np.float32)
-            b = _to_numpy(b_all[i] if stacked else b_all).astype(np.float32)
-            rank = b.shape[0]
-            kernel_path = name + ".kernel"
-            rule = next((r for r in rules if r.match_target(kernel_path)), None)
-            if rule is None:
-                raise ConfigError(f"No HF name for {kernel_path} in the {family.name} table.")
-            hf_key = rule.hf_key(rule.match_target(kernel_path))
-            yield hf_key.removesuffix(".weight"), LoraWeights(
-                a=a.reshape(-1, rank).T.copy(), b=b.reshape(rank, -1).T.copy(),
-                scale=adapter.scale)
+        a_all = host_array(adapter.lora_a.get_value()).astype(np.float32)
+        b_all = host_array(adapter.lora_b.get_value()).astype(np.float32)
+        names = _hf_names(table, path, linear)
+        depth = a_all.ndim - adapter.num_in - 1
+        for name, (_, a, b) in zip(names, peft_layout(a_all, b_all, depth), strict=True):
+            yield name, LoraWeights(a=a, b=b, scale=adapter.scale)
 
 
 def lora_state(model: nnx.Module) -> dict[str, LoraWeights]:

@@ -13,11 +13,12 @@ Loading (:func:`from_pretrained`):
 
 Pickled checkpoints (``.bin``) are never opened: unpickling runs arbitrary code.
 
-Export (:func:`to_hf_tensors`) runs the same table backwards, one tensor at a time.
+Export (``jaxtune.export``) runs the same table (``jaxtune.models.table.ParamTable``) backwards.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -36,11 +37,11 @@ from safetensors import safe_open
 from jaxtune.errors import JaxtuneError
 from jaxtune.models import Family, abstract_model, get_family, init_model
 from jaxtune.models.build import single_device_mesh
-from jaxtune.models.table import Rule, Transform
+from jaxtune.models.table import ParamTable, Transform
 from jaxtune.sharding import Rules, state_shardings
 
 __all__ = ["CheckpointError", "checkpoint_index", "from_pretrained", "init_model",
-           "load_hf_config", "resolve_model_dir", "to_hf_tensors"]
+           "load_hf_config", "resolve_model_dir"]
 
 SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 INDEX_FILE = "model.safetensors.index.json"
@@ -188,30 +189,16 @@ def checkpoint_index(model_dir: Path) -> dict[str, TensorInfo]:
 
 @dataclass
 class _ParamPlan:
-    """Where every slice of one parameter comes from (one source per layer if stacked)."""
+    """Where every slice of one parameter comes from: one HF tensor per index into its leading
+    stacked axes (layers under scan, experts, ...; ``()`` for an unstacked parameter)."""
 
     shape: tuple[int, ...]
-    stacked: bool
+    depth: int = 0  # how many leading axes are stacked
     transform: Transform | None = None
-    sources: dict[int, TensorInfo] = field(default_factory=dict)  # layer (or 0) -> tensor
+    sources: dict[tuple[int, ...], TensorInfo] = field(default_factory=dict)
 
-
-def _unstack_path(path: str, layers_path: str, stacked: bool) -> tuple[str, int]:
-    """``model.layers.3.x`` -> (``model.layers.x``, 3) when layers are stacked."""
-    prefix = layers_path + "."
-    if stacked and path.startswith(prefix):
-        layer, _, rest = path[len(prefix):].partition(".")
-        if layer.isdigit():
-            return prefix + rest, int(layer)
-    return path, 0
-
-
-def _hf_key_for(rules: tuple[Rule, ...], path: str) -> tuple[str, Rule] | None:
-    for rule in rules:
-        m = rule.match_target(path)
-        if m:
-            return rule.hf_key(m), rule
-    return None
+    def indices(self) -> Iterator[tuple[int, ...]]:
+        return itertools.product(*(range(n) for n in self.shape[:self.depth]))
 
 
 def _flat_params(state: nnx.State) -> dict[str, nnx.Variable]:
@@ -222,44 +209,42 @@ def plan_load(family: Family, cfg: Any, abstract_state: nnx.State,
               tensors: Mapping[str, TensorInfo], *, scan_layers: bool,
               where: str) -> dict[str, _ParamPlan]:
     """Match checkpoint keys to parameters; raise one error listing every problem."""
-    rules = family.hf_table(cfg)
-    params = _flat_params(abstract_state)
-    n_layers = cfg.num_hidden_layers
+    table = ParamTable(family.hf_table(cfg), layers_path=family.layers_path,
+                       scan_layers=scan_layers)
     plans: dict[str, _ParamPlan] = {}
-    for path, var in params.items():
-        stacked = scan_layers and path.startswith(family.layers_path + ".")
-        plans[path] = _ParamPlan(tuple(var.get_value().shape), stacked)
+    for path, var in _flat_params(abstract_state).items():
+        shape = tuple(var.get_value().shape)
+        plans[path] = _ParamPlan(shape, table.stack_depth(path) or 0)
     unexpected, wrong, dtypes = [], [], []
     for key in sorted(tensors, key=_natural):
         info = tensors[key]
-        match = next(((r, m) for r in rules if (m := r.match(key))), None)
-        if match is None:
+        loc = table.locate(key)
+        if loc is None:
             unexpected.append(f"{key} (no rule in the {family.name} table)")
             continue
-        rule, m = match
-        target = rule.target_path(m)
-        if target is None:
+        if loc.path is None:
             continue  # known, deliberately not loaded
-        path, layer = _unstack_path(target, family.layers_path, scan_layers)
-        plan = plans.get(path)
-        if plan is None or layer >= (n_layers if plan.stacked else 1):
-            unexpected.append(f"{key} (the model built from config.json has no {target})")
+        plan = plans.get(loc.path)
+        if plan is None or len(loc.index) != plan.depth or any(
+                i >= n for i, n in zip(loc.index, plan.shape, strict=False)):
+            unexpected.append(f"{key} (the model built from config.json has no "
+                              f"{loc.path}{list(loc.index) if loc.index else ''})")
             continue
-        want = rule.transform.hf_shape(plan.shape[1:] if plan.stacked else plan.shape)
+        want = loc.rule.transform.hf_shape(plan.shape[plan.depth:])
         if info.shape != want:
             wrong.append(f"{key}: file has {list(info.shape)}, the model needs {list(want)}")
         if info.dtype not in SAFETENSORS_DTYPES:
             dtypes.append(f"{key}: {info.dtype} (supported: {', '.join(SAFETENSORS_DTYPES)})")
-        plan.transform = rule.transform
-        plan.sources[layer] = info
+        plan.transform = loc.rule.transform
+        plan.sources[loc.index] = info
     missing = []
     for path, plan in plans.items():
-        for layer in range(n_layers if plan.stacked else 1):
-            if layer not in plan.sources:
-                full = path.replace(family.layers_path + ".", f"{family.layers_path}.{layer}.", 1) \
-                    if plan.stacked else path
-                found = _hf_key_for(rules, full)
-                missing.append(f"{found[0] if found else '?'} (for {full})")
+        entries = table.entries(path, plan.shape) or []
+        keys = {e.index: e.key for e in entries}
+        for index in plan.indices():
+            if index not in plan.sources:
+                missing.append(f"{keys.get(index, '?')} (for {path}"
+                               f"{list(index) if index else ''})")
     sections = [("missing keys", missing), ("unexpected keys", unexpected),
                 ("wrong shapes", wrong), ("unsupported dtypes", dtypes)]
     problems = [(title, items) for title, items in sections if items]
@@ -289,17 +274,16 @@ def _read_slices(info: TensorInfo, slices: tuple[slice, ...]) -> np.ndarray:
         return f.get_slice(info.key)[slices]
 
 
-def _read_block(plan: _ParamPlan, block: tuple[slice, ...], dtype: np.dtype) -> np.ndarray:
-    if not plan.stacked:
-        info = plan.sources[0]
-        data = plan.transform.read_block(lambda s: _read_slices(info, s), block, plan.shape)
-        return np.asarray(data, dtype=dtype)
-    layer_block, rest = block[0], block[1:]
+def read_block(plan: _ParamPlan, block: tuple[slice, ...], dtype: np.dtype) -> np.ndarray:
+    """One device's block of a parameter: each stacked slice read from its own HF tensor."""
+    lead, rest = block[:plan.depth], block[plan.depth:]
+    inner = plan.shape[plan.depth:]
     out = np.empty([s.stop - s.start for s in block], dtype=dtype)
-    for i, layer in enumerate(range(layer_block.start, layer_block.stop)):
-        info = plan.sources[layer]
-        out[i] = plan.transform.read_block(lambda s, info=info: _read_slices(info, s), rest,
-                                           plan.shape[1:])
+    for index in itertools.product(*(range(s.start, s.stop) for s in lead)):
+        info = plan.sources[index]
+        local = tuple(i - s.start for i, s in zip(index, lead, strict=True))
+        out[local] = plan.transform.read_block(lambda s, info=info: _read_slices(info, s), rest,
+                                               inner)
     return out
 
 
@@ -310,7 +294,7 @@ def _make_array(plan: _ParamPlan, sharding: jax.sharding.Sharding, dtype: np.dty
         block = tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, plan.shape, strict=True))
         key = tuple((s.start, s.stop) for s in block)
         if key not in cache:
-            cache[key] = _read_block(plan, block, dtype)
+            cache[key] = read_block(plan, block, dtype)
         return cache[key]
 
     return jax.make_array_from_callback(plan.shape, sharding, callback)
@@ -369,58 +353,3 @@ def from_pretrained(
         name = ".".join(map(str, path))
         flat.append((path, var.replace(_make_array(plans[name], shardings[name], param_dtype))))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
-
-
-# --------------------------------------------------------------------------- export
-
-
-def _to_numpy(x: jax.Array) -> np.ndarray:
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
-
-
-def to_hf_tensors(model_or_state: nnx.Module | nnx.State, config: Any = None, *,
-                  dtype: Any = None, strict: bool = True) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield ``(hf_key, numpy array)`` for every parameter, one tensor at a time.
-
-    Runs the family's table backwards: stacked (scanned) layers are split per layer, kernels
-    go back to torch's ``[out, in]``. Tied embeddings produce no ``lm_head.weight``, as HF
-    writes them. ``config`` is needed only when passing a bare state. ``dtype`` casts each
-    tensor (default: keep the parameter dtype). With ``strict``, parameters the table does
-    not cover (e.g. unmerged LoRA adapters) raise instead of being skipped.
-    """
-    if isinstance(model_or_state, nnx.Module):
-        config = config or model_or_state.config
-        state = nnx.state(model_or_state, nnx.Param)
-    else:
-        state = model_or_state
-    if config is None:
-        raise JaxtuneError("to_hf_tensors needs the family config when given a bare state.")
-    family = get_family(config.model_type)
-    rules = family.hf_table(config)
-    prefix = family.layers_path + "."
-    items: list[tuple[str, Any, int | None, Transform]] = []
-    unmapped = []
-    for path, var in nnx.to_flat_state(state):
-        name = ".".join(map(str, path))
-        value = var.get_value() if isinstance(var, nnx.Variable) else var
-        stacked = name.startswith(prefix) and not name[len(prefix):].split(".")[0].isdigit()
-        layers = range(value.shape[0]) if stacked else [None]
-        for layer in layers:
-            full = name.replace(prefix, f"{prefix}{layer}.", 1) if stacked else name
-            found = _hf_key_for(rules, full)
-            if found is None:
-                unmapped.append(full)
-                continue
-            items.append((found[0], value, layer, found[1].transform))
-    if unmapped and strict:
-        raise JaxtuneError(f"No HF key for parameters {unmapped}; merge adapters first or "
-                           "pass strict=False to skip them.")
-    out_dtype = None if dtype is None else _as_dtype(dtype)
-    for key, value, layer, transform in sorted(items, key=lambda it: _natural(it[0])):
-        array = _to_numpy(value if layer is None else value[layer])
-        array = transform.to_hf(array)
-        yield key, array if out_dtype is None else array.astype(out_dtype)

@@ -14,10 +14,11 @@ from flax import nnx
 
 import jaxtune
 from jaxtune.errors import JaxtuneError
+from jaxtune.export.tensors import iter_hf_tensors as to_hf_tensors
 from jaxtune.models import get_family, init_model
 from jaxtune.models.llama import LlamaConfig
 from jaxtune.sharding import variable_axes
-from jaxtune.weights import load_hf_config, to_hf_tensors
+from jaxtune.weights import load_hf_config
 from tests.fixtures_models import TINY_VARIANTS, hf_logits, to_old_rope_spelling
 
 TOL = 1e-4
@@ -140,11 +141,18 @@ def test_bfloat16_params_and_compute(tiny_hf_model, ids):
 def test_config_round_trips_through_transformers(tiny_hf_model, name):
     import transformers
 
-    cfg = LlamaConfig.from_hf_config(load_hf_config(tiny_hf_model(name)))
+    original = load_hf_config(tiny_hf_model(name))
+    cfg = LlamaConfig.from_hf_config(original)
+    assert cfg.to_hf_config() == original  # written back exactly: no key added or respelled
     assert LlamaConfig.from_hf_config(cfg.to_hf_config()) == cfg
+    deeper = cfg.replace(num_hidden_layers=cfg.num_hidden_layers + 1,
+                         layer_types=cfg.layer_types + cfg.layer_types[-1:])
+    written = deeper.to_hf_config()
+    assert LlamaConfig.from_hf_config(written).num_hidden_layers == cfg.num_hidden_layers + 1
+    assert set(written) - set(original) <= {"layer_types"}  # only what changed is added
     hf = transformers.AutoConfig.for_model(**cfg.to_hf_config()).to_dict()
     again = LlamaConfig.from_hf_config(hf)
-    assert dataclasses.replace(again, hf_extra="{}") == dataclasses.replace(cfg, hf_extra="{}")
+    assert dataclasses.replace(again, hf_source="{}") == dataclasses.replace(cfg, hf_source="{}")
     hash(cfg)  # static under jit
 
 
@@ -251,6 +259,7 @@ def test_blocked_attention_equals_full_attention(window):
     if window:
         mask &= (t[:, None] - t[None, :]) < window
     want = jax.nn.dot_product_attention(q, k, v, mask=jnp.asarray(mask)[:, None])
-    got = layers.dot_product_attention(q, k, v, segment_ids_BT=seg, window=window,
-                                       implementation="xla")
+    positions = jnp.broadcast_to(jnp.arange(300), (2, 300))
+    got = layers.dot_product_attention(q, k, v, mask=layers.AttentionMask.causal(positions, seg),
+                                       window=window, implementation="xla")
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6, rtol=0)

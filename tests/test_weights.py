@@ -16,8 +16,9 @@ from safetensors.numpy import load_file, save_file
 
 import jaxtune
 from jaxtune.errors import JaxtuneError
+from jaxtune.export.tensors import iter_hf_tensors as to_hf_tensors
 from jaxtune.models.table import Transform
-from jaxtune.weights import CheckpointError, resolve_model_dir, to_hf_tensors
+from jaxtune.weights import CheckpointError, resolve_model_dir
 from tests.fixtures_models import hf_logits, make_tiny_hf_model
 
 TOL = 1e-4

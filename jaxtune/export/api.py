@@ -15,40 +15,13 @@ from jaxtune.errors import JaxtuneError
 from jaxtune.export import hf_folder
 from jaxtune.export.errors import ExportError
 from jaxtune.export.run_dir import RunCheckpoint, describe_size, open_run
-from jaxtune.export.safetensors_out import TensorGroup, parse_size, write_safetensors
-from jaxtune.export.tensors import ParamSource, hf_groups, is_stacked, model_sources
+from jaxtune.export.safetensors_out import TensorGroup, parse_size
+from jaxtune.export.tensors import ParamSource, model_sources
+from jaxtune.export.writer import read_generation_config, reference_model, write_hf_export
 from jaxtune.models import Family, get_family
 
 LORA_MODES = ("merged", "adapter", "both")
 Echo = Callable[[str], Any]
-
-
-def _write_hf_folder(tmp: Path, groups: list[TensorGroup], max_shard_size: str | int,
-                     hf_config: dict[str, Any], base_generation: dict[str, Any] | None,
-                     tokenizer) -> dict[str, str]:
-    weight_map = write_safetensors(tmp, groups, max_shard_size)
-    hf_folder.write_json(tmp / "config.json", hf_config)
-    hf_folder.write_json(tmp / "generation_config.json", hf_folder.export_generation_config(
-        base_generation, hf_config, tokenizer))
-    if tokenizer is not None:
-        hf_folder.save_tokenizer(tokenizer, tmp)
-    return weight_map
-
-
-def write_hf_export(out: Path, sources: list[ParamSource], config: Any, *,
-                    hf_config: dict[str, Any], generation: dict[str, Any] | None,
-                    max_shard_size: str | int, tokenizer, overwrite: bool,
-                    out_dtype: Any = None, verify: Callable[[Path], Any] | None = None,
-                    ) -> tuple[list[TensorGroup], dict[str, str]]:
-    """Write ``sources`` as an HF folder at ``out``: staged, checked by ``verify(staged_dir)``
-    when given, then moved into place. Returns the tensor groups and the weight map."""
-    groups = hf_groups(sources, config, out_dtype)
-    with hf_folder.staged_output(out, overwrite) as tmp:
-        weight_map = _write_hf_folder(tmp, groups, max_shard_size, hf_config, generation,
-                                      tokenizer)
-        if verify is not None:
-            verify(tmp)
-    return groups, weight_map
 
 
 def _summary(groups: list[TensorGroup], weight_map: dict[str, str]) -> str:
@@ -95,7 +68,7 @@ def checkpoint_sources(ckpt: RunCheckpoint, config: Any, family: Family) -> list
         elif saved.shape != shape:
             wrong.append(f"{name}: checkpoint {list(saved.shape)}, model {list(shape)}")
         else:
-            sources.append(ckpt.source(name, is_stacked(name, family.layers_path)))
+            sources.append(ckpt.source(name))
     if missing or wrong:
         raise ExportError(
             f"Checkpoint {ckpt.directory}/{ckpt.step} does not hold the model its config "
@@ -104,27 +77,6 @@ def checkpoint_sources(ckpt: RunCheckpoint, config: Any, family: Family) -> list
             "training? Point them back at the model the run trained."
         )
     return sources
-
-
-def _reference_model(config: Any, sources: list[ParamSource], scan_layers: bool,
-                     round_to: np.dtype | None = None) -> nnx.Module:
-    """The model with the sources' values (rounded to ``round_to`` first), in float32."""
-    import jax.numpy as jnp
-
-    from jaxtune.models import abstract_model
-
-    abstract = abstract_model(config, param_dtype=jnp.float32, compute_dtype=jnp.float32,
-                              scan_layers=scan_layers)
-    graphdef, state = nnx.split(abstract)
-    by_path = {s.path: s for s in sources}
-    flat = []
-    for path, var in nnx.to_flat_state(state):
-        src = by_path[".".join(map(str, path))]
-        value = np.asarray(src.read(0, src.shape[0] if src.stacked else 1))
-        if round_to is not None:
-            value = value.astype(round_to)
-        flat.append((path, var.replace(jnp.asarray(value, jnp.float32))))
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
 def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
@@ -178,11 +130,11 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
 
         scan = cfg.model.scan_layers
         checks = [check.Check("jaxtune (the written values)", lambda: check.jaxtune_logits(
-            _reference_model(config, sources, scan, round_to=out_dtype)))]
+            reference_model(config, sources, scan, round_to=out_dtype)))]
         if np.dtype(out_dtype).itemsize < np.dtype(cfg.model.dtype).itemsize:
             checks.append(check.Check(
                 f"the trained {cfg.model.dtype} model", lambda: check.jaxtune_logits(
-                    _reference_model(config, sources, scan)), check.ROUNDED_TOLERANCE))
+                    reference_model(config, sources, scan)), check.ROUNDED_TOLERANCE))
         check.verify(tmp, checks, vocab_size=config.vocab_size, tokenizer=tokenizer, echo=echo)
 
     groups, weight_map = write_hf_export(
@@ -193,13 +145,6 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
     echo(f"exported step {ckpt.step} of {run_dir} to {out} as {np.dtype(out_dtype).name}: "
          f"{_summary(groups, weight_map)}")
     return out
-
-
-def read_generation_config(model_dir: Path) -> dict[str, Any] | None:
-    import json
-
-    file = model_dir / "generation_config.json"
-    return json.loads(file.read_text()) if file.is_file() else None
 
 
 # --------------------------------------------------------------------------- in memory
@@ -251,8 +196,7 @@ def save_pretrained(model: nnx.Module, out_dir: str | os.PathLike, tokenizer: An
 
         model = merge(model, base=base)
     config = model.config
-    family = get_family(config.model_type)
-    sources = model_sources(nnx.state(model, nnx.Param), family.layers_path)
+    sources = model_sources(nnx.state(model, nnx.Param))
     cfg_dtype = out_dtype or next(s.dtype for s in sources if "embed" in s.path)
     write_hf_export(Path(out_dir), sources, config, out_dtype=out_dtype,
                     hf_config=hf_folder.export_hf_config(config.to_hf_config(), None, cfg_dtype),

@@ -31,15 +31,12 @@ from jaxtune.export import hf_folder
 from jaxtune.export.errors import ExportError
 from jaxtune.export.run_dir import RunCheckpoint, SavedArray
 from jaxtune.export.safetensors_out import TensorGroup, TensorSpec, write_safetensors
-from jaxtune.export.tensors import (
-    ParamSource,
-    hf_groups,
-    hf_rule_for,
-    is_stacked,
-    layer_path,
-    natural_key,
-)
-from jaxtune.models import get_family
+from jaxtune.export.tensors import ParamSource, hf_groups, model_sources, natural_key
+from jaxtune.export.writer import read_generation_config, reference_model, write_hf_export
+from jaxtune.lora import SavedParam, lora_delta, lora_scale, peft_layout
+from jaxtune.models.family import family_of, family_table
+from jaxtune.models.table import ParamTable
+from jaxtune.sharding import host_array
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_PREFIX = "base_model.model."
@@ -86,37 +83,25 @@ def base_sources(base_dir: Path, config: Any, scan_layers: bool) -> dict[str, Pa
     """Lazy sources for every base parameter, read from the original safetensors (in their
     dtype, unquantised) and laid out as jaxtune parameters by the family's table."""
     from jaxtune.models import abstract_model
-    from jaxtune.weights import checkpoint_index, plan_load
+    from jaxtune.weights import checkpoint_index, plan_load, read_block
 
-    family = get_family(config.model_type)
     abstract = abstract_model(config, scan_layers=scan_layers)
     _, state = nnx.split(abstract)
-    plans = plan_load(family, config, state, checkpoint_index(base_dir),
+    plans = plan_load(family_of(config), config, state, checkpoint_index(base_dir),
                       scan_layers=scan_layers, where=str(base_dir))
 
     out = {}
     for path, plan in plans.items():
-        dtype = _np_dtype(plan.sources[0].dtype)
+        dtype = _np_dtype(next(iter(plan.sources.values())).dtype)
 
-        def read(lo: int, hi: int, plan=plan) -> np.ndarray:
-            if not plan.stacked:
-                return _read_layer(plan, plan.sources[0], plan.shape)
-            return np.stack([_read_layer(plan, plan.sources[i], plan.shape[1:])
-                             for i in range(lo, hi)])
+        def read(lo: int, hi: int, plan=plan, dtype=dtype) -> np.ndarray:
+            whole = [slice(0, n) for n in plan.shape]
+            if plan.depth:
+                whole[0] = slice(lo, hi)
+            return read_block(plan, tuple(whole), dtype)
 
-        out[path] = ParamSource(path, plan.shape, dtype, plan.stacked, read, 1)
+        out[path] = ParamSource(path, plan.shape, dtype, plan.depth > 0, read, 1)
     return out
-
-
-def _read_layer(plan, info, shape) -> np.ndarray:
-    from safetensors import safe_open
-
-    def read(slices):
-        # One open per read, so the file's memory map is released right after.
-        with safe_open(info.file, framework="numpy") as f:
-            return f.get_slice(info.key)[slices]
-
-    return plan.transform.read_block(read, tuple(slice(0, n) for n in shape), shape)
 
 
 # --------------------------------------------------------------------------- merged
@@ -133,21 +118,18 @@ def merged_source(ckpt: RunCheckpoint, base: ParamSource, adapter: Adapter,
     A and B (small: rank columns) are read once per pass and kept until the last layer.
     """
     cache: dict[str, np.ndarray] = {}
+    depth = _adapter_depth(adapter, base.shape)
 
     def read(lo: int, hi: int) -> np.ndarray:
         if not cache:
             cache["a"], cache["b"] = _whole(ckpt, adapter.a), _whole(ckpt, adapter.b)
         a, b = cache["a"], cache["b"]
         w = np.asarray(base.read(lo, hi), np.float32)
-        r = adapter.rank
-        if base.stacked:
-            n = hi - lo
-            delta = np.matmul(a[lo:hi].reshape(n, -1, r), b[lo:hi].reshape(n, r, -1))
-        else:
-            delta = a.reshape(-1, r) @ b.reshape(r, -1)
-        if not base.stacked or hi == base.shape[0]:
+        if depth:
+            a, b = a[lo:hi], b[lo:hi]
+        if not depth or hi == base.shape[0]:
             cache.clear()
-        return w + np.float32(scale) * delta.reshape(w.shape)
+        return w + lora_delta(a, b, np.float32(scale), depth).reshape(w.shape)
 
     return ParamSource(base.path, base.shape, np.dtype(np.float32), base.stacked, read, 1)
 
@@ -155,12 +137,9 @@ def merged_source(ckpt: RunCheckpoint, base: ParamSource, adapter: Adapter,
 def merged_sources(ckpt: RunCheckpoint, base_dir: Path, config: Any,
                    adapters: dict[str, Adapter]) -> list[ParamSource]:
     """Every parameter of the merged model: base, merged kernel, or trained (saved) value."""
-    from jaxtune.lora import lora_scale
-
     lc = ckpt.config.lora
     scale = lora_scale(lc.alpha, lc.rank, lc.rslora)
     scan = ckpt.config.model.scan_layers
-    layers_path = get_family(config.model_type).layers_path
     out, unknown = [], [k for k in adapters]
     for path, base in base_sources(base_dir, config, scan).items():
         saved = ckpt.find(path)
@@ -168,7 +147,7 @@ def merged_sources(ckpt: RunCheckpoint, base_dir: Path, config: Any,
             if saved.shape != base.shape:
                 raise ExportError(f"{path}: checkpoint has {list(saved.shape)}, the base "
                                   f"model {list(base.shape)}.")
-            out.append(ckpt.source(path, is_stacked(path, layers_path)))
+            out.append(ckpt.source(path))
         elif path in adapters:
             unknown.remove(path)
             out.append(merged_source(ckpt, base, adapters[path], scale))
@@ -183,55 +162,84 @@ def merged_sources(ckpt: RunCheckpoint, base_dir: Path, config: Any,
 # --------------------------------------------------------------------------- PEFT adapter
 
 
-def _hf_module(rules, kernel_path: str) -> str:
-    found = hf_rule_for(rules, kernel_path)
-    if found is None or not found[0].endswith(".weight"):
+def _adapter_depth(adapter: Adapter, kernel_shape: tuple[int, ...]) -> int:
+    """Leading stacked axes of an adapter: from A ``[*lead, *in, r]``, B ``[*lead, r, *out]``
+    and the kernel ``[*lead, *in, *out]``, ``len(A) + len(B) - 2 - len(kernel)``."""
+    return len(adapter.a.shape) + len(adapter.b.shape) - 2 - len(kernel_shape)
+
+
+def _hf_modules(table: ParamTable, kernel_path: str, shape: tuple[int, ...]) -> list[str]:
+    names = table.hf_module_names(kernel_path, shape)
+    if names is None:
         raise ExportError(f"No Hugging Face module for {kernel_path}.")
-    return found[0].removesuffix(".weight")
+    return names
 
 
-def adapter_groups(ckpt: RunCheckpoint, config: Any, adapters: dict[str, Adapter],
-                   dtype: np.dtype) -> tuple[list[TensorGroup], list[str]]:
-    """PEFT tensors for every adapter (per layer), and the HF modules they sit on."""
-    family = get_family(config.model_type)
-    rules = family.hf_table(config)
+class _Reader:
+    """``read()`` -> float32 (A, B), with their shapes known before reading."""
+
+    def __init__(self, shapes: tuple[tuple[int, ...], tuple[int, ...]],
+                 read: Callable[[], tuple[np.ndarray, np.ndarray]]):
+        self.shapes = shapes
+        self._read = read
+
+    def __call__(self) -> tuple[np.ndarray, np.ndarray]:
+        return self._read()
+
+
+def peft_groups(adapters: list[tuple[str, tuple[int, ...], Callable[[], tuple]]], config: Any,
+                dtype: np.dtype) -> tuple[list[TensorGroup], list[str]]:
+    """PEFT tensors (``lora_A`` ``[r, in]``, ``lora_B`` ``[out, r]`` per stacked slice) and the
+    HF modules they sit on. Each adapter is ``(kernel_path, kernel_shape, read)`` where
+    ``read()`` gives float32 ``(A, B)`` as jaxtune holds them; the one PEFT layout writer for
+    adapters in memory and in checkpoints."""
+    table = family_table(config)
     groups, modules = [], []
-    for kernel_path, ad in adapters.items():
-        stacked = is_stacked(kernel_path, family.layers_path)
-        layers = list(range(ad.a.shape[0])) if stacked else [None]
-        names = [_hf_module(rules, layer_path(kernel_path, family.layers_path, i))
-                 for i in layers]
+    for kernel_path, kernel_shape, read in adapters:
+        names = _hf_modules(table, kernel_path, kernel_shape)
+        depth = table.stack_depth(kernel_path)
+        a_shape, b_shape = read.shapes
+        r = a_shape[-1]
+        n_in, n_out = math.prod(a_shape[depth:-1]), math.prod(b_shape[depth + 1:])
         modules += names
-        r = ad.rank
-        n_in = math.prod(ad.a.shape[1 if stacked else 0:-1])
-        n_out = math.prod(ad.b.shape[2 if stacked else 1:])
         specs = []
         for name in names:
             specs += [TensorSpec(f"{ADAPTER_PREFIX}{name}.lora_A.weight", (r, n_in), dtype),
                       TensorSpec(f"{ADAPTER_PREFIX}{name}.lora_B.weight", (n_out, r), dtype)]
 
-        def produce(ad=ad, stacked=stacked, layers=layers) -> Iterator[np.ndarray]:
-            a, b = _whole(ckpt, ad.a), _whole(ckpt, ad.b)
-            for i in layers:
-                ai, bi = (a[i], b[i]) if stacked else (a, b)
-                yield ai.reshape(-1, ad.rank).T
-                yield bi.reshape(ad.rank, -1).T
+        def produce(read=read, depth=depth) -> Iterator[np.ndarray]:
+            a, b = read()
+            for _, pa, pb in peft_layout(a, b, depth):
+                yield pa
+                yield pb
 
         groups.append(TensorGroup(specs, produce))
     groups.sort(key=lambda g: natural_key(g.specs[0].key))
     return groups, modules
 
 
+def adapter_groups(ckpt: RunCheckpoint, config: Any, adapters: dict[str, Adapter],
+                   dtype: np.dtype) -> tuple[list[TensorGroup], list[str]]:
+    """PEFT tensors for every adapter saved in a checkpoint, and the HF modules they sit on."""
+    table = family_table(config)
+    items = []
+    for kernel_path, ad in adapters.items():
+        depth = table.stack_depth(kernel_path) or 0
+        kernel_shape = tuple(ad.a.shape[:-1]) + tuple(ad.b.shape[depth + 1:])
+        items.append((kernel_path, kernel_shape, _Reader(
+            (ad.a.shape, ad.b.shape), lambda ad=ad: (_whole(ckpt, ad.a), _whole(ckpt, ad.b)))))
+    return peft_groups(items, config, dtype)
+
+
 def saved_module_groups(ckpt: RunCheckpoint, config: Any,
                         dtype: np.dtype) -> tuple[list[TensorGroup], list[str]]:
     """``modules_to_save`` parameters under PEFT's names, and their HF modules."""
-    family = get_family(config.model_type)
     paths = []
     for name in ckpt.arrays:
         if not name.startswith("params.") or _ADAPTER_NAME.fullmatch(name):
             continue
         paths.append(name.removeprefix("params.").removesuffix(".value"))
-    sources = [ckpt.source(p, is_stacked(p, family.layers_path)) for p in paths]
+    sources = [ckpt.source(p) for p in paths]
     return _peft_names(hf_groups(sources, config, dtype), config.tie_word_embeddings)
 
 
@@ -257,14 +265,13 @@ def peft_target_modules(config: Any, adapted: list[str]) -> list[str] | str:
     adapted modules, else a regex over the full module names."""
     from jaxtune.models import abstract_model
 
-    family = get_family(config.model_type)
-    rules = family.hf_table(config)
+    table = family_table(config)
     abstract = abstract_model(config, scan_layers=False)
     kernels = []
-    for path, _ in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+    for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
         name = ".".join(map(str, path))
         if name.endswith(".kernel"):
-            kernels.append(_hf_module(rules, name))
+            kernels += _hf_modules(table, name, tuple(var.get_value().shape))
     adapted_set = set(adapted)
     short = sorted({m.rsplit(".", 1)[-1] for m in adapted_set})
     if {m for m in kernels if m.rsplit(".", 1)[-1] in short} == adapted_set:
@@ -312,28 +319,35 @@ def save_peft_adapter(model: nnx.Module, out: Path, tokenizer, *, dtype: np.dtyp
                       overwrite: bool, base_model_name_or_path: str = "") -> Path:
     """A model in memory with adapters -> a PEFT adapter folder (adapters are small, so they
     are gathered whole; ``modules_to_save`` parameters stream as usual)."""
-    from jaxtune.export.tensors import model_sources
-    from jaxtune.lora import SavedParam, iter_lora_weights
+    from jaxtune.lora import LoraAdapter
 
     config = model.config
     dtype = np.dtype(dtype or np.float32)
-    weights = list(iter_lora_weights(model))
-    ranks = {w.a.shape[0] for _, w in weights}
-    scales = {w.scale for _, w in weights}
+    items, ranks, scales = [], set(), set()
+    for path, module in nnx.iter_graph(model):
+        adapter = getattr(module, "lora", None)
+        if not isinstance(adapter, LoraAdapter):
+            continue
+        a_var, b_var = adapter.lora_a, adapter.lora_b
+        kernel = module.kernel
+        kernel_shape = tuple(kernel.get_value().shape if isinstance(kernel, nnx.Variable)
+                             else kernel.shape)
+        ranks.add(a_var.get_value().shape[-1])
+        scales.add(adapter.scale)
+        read = _Reader((a_var.get_value().shape, b_var.get_value().shape),
+                       lambda a=a_var, b=b_var: (host_array(a.get_value()).astype(np.float32),
+                                                 host_array(b.get_value()).astype(np.float32)))
+        items.append((".".join(map(str, (*path, "kernel"))), kernel_shape, read))
     if len(ranks) != 1 or len(scales) != 1:
         raise ExportError(f"PEFT's adapter_config holds one rank and one alpha; these adapters "
                           f"have ranks {sorted(ranks)} and scales {sorted(scales)}.")
-    groups = [TensorGroup(
-        [TensorSpec(f"{ADAPTER_PREFIX}{name}.lora_A.weight", w.a.shape, dtype),
-         TensorSpec(f"{ADAPTER_PREFIX}{name}.lora_B.weight", w.b.shape, dtype)],
-        lambda w=w: iter([w.a, w.b])) for name, w in weights]
-    layers_path = get_family(config.model_type).layers_path
-    saved = hf_groups(model_sources(nnx.state(model, SavedParam), layers_path), config, dtype)
+    groups, adapted = peft_groups(items, config, dtype)
+    saved = hf_groups(model_sources(nnx.state(model, SavedParam)), config, dtype)
     saved, saved_modules = _peft_names(saved, config.tie_word_embeddings)
     rank, scale = ranks.pop(), scales.pop()
     cfg = adapter_config(rank=rank, alpha=scale * rank, rslora=False, dropout=0.0,
                          base_path=base_model_name_or_path,
-                         target_modules=peft_target_modules(config, [n for n, _ in weights]),
+                         target_modules=peft_target_modules(config, adapted),
                          modules_to_save=saved_modules, tied=config.tie_word_embeddings)
     with hf_folder.staged_output(out, overwrite) as tmp:
         _write_adapter_folder(tmp, groups + saved, cfg, tokenizer)
@@ -353,8 +367,6 @@ def export_lora_run(ckpt: RunCheckpoint, out: Path, *, mode: str, base_dir: Path
                     adapter_dtype: np.dtype, max_shard_size: str, tokenizer, verify: bool,
                     overwrite: bool, echo: Callable[[str], Any]) -> Path:
     """Export a LoRA run as merged weights, a PEFT adapter, or both (see module docstring)."""
-    from jaxtune.export.api import read_generation_config, write_hf_export
-
     adapters = find_adapters(ckpt)
     if not adapters:
         raise ExportError(f"Checkpoint {ckpt.directory}/{ckpt.step} of a LoRA run holds no "
@@ -430,12 +442,11 @@ def _tolerance(dtype: np.dtype) -> float:
 def _verify_merged(tmp: Path, ckpt: RunCheckpoint, base_dir: Path, config: Any,
                    sources: list[ParamSource], out_dtype: np.dtype, tokenizer, echo) -> None:
     from jaxtune.export import verify
-    from jaxtune.export.api import _reference_model
 
     scan = ckpt.config.model.scan_layers
     checks = [
         verify.Check("jaxtune (the written merged values)", lambda: verify.jaxtune_logits(
-            _reference_model(config, sources, scan, round_to=out_dtype))),
+            reference_model(config, sources, scan, round_to=out_dtype))),
         verify.Check("the adapter-applied model", lambda: verify.jaxtune_logits(
             adapter_model(ckpt, base_dir)), _tolerance(out_dtype)),
     ]

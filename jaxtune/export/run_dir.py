@@ -73,10 +73,12 @@ class RunCheckpoint:
         except Exception as e:  # noqa: BLE001 -- TensorStore raises ValueError / its own
             raise ExportError(f"Cannot read {name} from {self.state_dir}: {e}") from None
 
-    def source(self, path: str, stacked: bool) -> ParamSource:
-        """A lazy :class:`ParamSource` for model parameter ``path`` read from this step."""
+    def source(self, path: str) -> ParamSource:
+        """A lazy :class:`ParamSource` for model parameter ``path`` read from this step; reads
+        go by blocks of the first axis (a stacked parameter's chunk along layers)."""
         saved = self.find(path)
         assert saved is not None
+        stacked = len(saved.shape) > 0
 
         def read(lo: int, hi: int) -> np.ndarray:
             # A handle per read: a live handle keeps its last chunk's buffers (as much again

@@ -10,19 +10,21 @@ is read a block of layers at a time and written as one HF tensor per layer.
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from jaxtune.export.errors import ExportError
 from jaxtune.export.safetensors_out import TensorGroup, TensorSpec
-from jaxtune.models import get_family
-from jaxtune.models.table import Rule, Transform
+from jaxtune.models.family import family_table
+from jaxtune.models.table import Transform
+from jaxtune.sharding import host_array
 
 
 @dataclass(frozen=True)
@@ -42,31 +44,14 @@ class ParamSource:
     block: int = 1
 
 
+def read_whole(src: ParamSource) -> np.ndarray:
+    """The whole parameter of a source."""
+    return np.asarray(src.read(0, src.shape[0] if src.stacked else 1))
+
+
 def natural_key(key: str) -> list[Any]:
     """Sort key that puts ``layers.2`` before ``layers.10``."""
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)]
-
-
-def is_stacked(path: str, layers_path: str) -> bool:
-    """Whether ``path`` is a scanned parameter (``model.layers.x``, not ``model.layers.3.x``)."""
-    prefix = layers_path + "."
-    return path.startswith(prefix) and not path[len(prefix):].split(".")[0].isdigit()
-
-
-def layer_path(path: str, layers_path: str, layer: int | None) -> str:
-    """``model.layers.x`` -> ``model.layers.{layer}.x`` (unchanged when ``layer`` is None)."""
-    if layer is None:
-        return path
-    return path.replace(layers_path + ".", f"{layers_path}.{layer}.", 1)
-
-
-def hf_rule_for(rules: tuple[Rule, ...], path: str) -> tuple[str, Transform] | None:
-    """The HF key and transform for one unstacked jaxtune parameter path."""
-    for rule in rules:
-        m = rule.match_target(path)
-        if m:
-            return rule.hf_key(m), rule.transform
-    return None
 
 
 def hf_groups(sources: list[ParamSource], config: Any, dtype: Any = None) -> list[TensorGroup]:
@@ -76,25 +61,19 @@ def hf_groups(sources: list[ParamSource], config: Any, dtype: Any = None) -> lis
     Raises :class:`ExportError` listing parameters the family's table does not cover (e.g.
     LoRA adapters that were not merged).
     """
-    family = get_family(config.model_type)
-    rules = family.hf_table(config)
+    table = family_table(config)
     groups, unmapped = [], []
     for src in sources:
-        layers = list(range(src.shape[0])) if src.stacked else [None]
-        per_layer = src.shape[1:] if src.stacked else src.shape
-        keys, transform = [], None
-        for layer in layers:
-            found = hf_rule_for(rules, layer_path(src.path, family.layers_path, layer))
-            if found is None:
-                unmapped.append(layer_path(src.path, family.layers_path, layer))
-                break
-            keys.append(found[0])
-            transform = found[1]
-        if len(keys) != len(layers):
+        entries = table.entries(src.path, src.shape)
+        if entries is None:
+            unmapped.append(src.path)
             continue
+        depth = len(entries[0].index) if entries else 0
+        transform = entries[0].rule.transform
         out = np.dtype(dtype) if dtype is not None else np.dtype(src.dtype)
-        specs = [TensorSpec(k, transform.hf_shape(per_layer), out) for k in keys]
-        groups.append(TensorGroup(specs, _producer(src, transform)))
+        shape = transform.hf_shape(src.shape[depth:])
+        specs = [TensorSpec(e.key, shape, out) for e in entries]
+        groups.append(TensorGroup(specs, _producer(src, transform, depth)))
     if unmapped:
         raise ExportError(
             f"The {config.model_type} table has no Hugging Face key for {unmapped[:8]}"
@@ -105,41 +84,63 @@ def hf_groups(sources: list[ParamSource], config: Any, dtype: Any = None) -> lis
     return groups
 
 
-def _producer(src: ParamSource, transform: Transform) -> Callable[[], Iterator[np.ndarray]]:
+def _producer(src: ParamSource, transform: Transform,
+              depth: int) -> Callable[[], Iterator[np.ndarray]]:
+    """HF tensors of one parameter in index order, reading a block of its first axis at a time
+    (every stacked slice below the first axis comes from the block in memory)."""
+
     def produce() -> Iterator[np.ndarray]:
-        if not src.stacked:
-            yield transform.to_hf(np.asarray(src.read(0, 1)))
+        if depth == 0:
+            yield transform.to_hf(read_whole(src))
             return
         n = src.shape[0]
         step = max(1, src.block)
         for lo in range(0, n, step):
             block = np.asarray(src.read(lo, min(n, lo + step)))
-            for i in range(block.shape[0]):
-                yield transform.to_hf(block[i])
+            for index in itertools.product(*(range(k) for k in block.shape[:depth])):
+                yield transform.to_hf(block[index])
             del block
 
     return produce
 
 
+def iter_hf_tensors(model_or_state: Any, config: Any = None, *,
+                    dtype: Any = None) -> Iterator[tuple[str, np.ndarray]]:
+    """``(hf_key, array)`` for every parameter of a model in memory, in HF's key order, through
+    the same table and transforms a full export writes; one slice on the host at a time.
+    ``config`` is needed for a bare state."""
+    if isinstance(model_or_state, nnx.Module):
+        config = config or model_or_state.config
+        state = nnx.state(model_or_state, nnx.Param)
+    else:
+        state = model_or_state
+    if config is None:
+        raise ExportError("iter_hf_tensors needs the family config when given a bare state.")
+    out = None if dtype is None else np.dtype(jnp.dtype(dtype))
+    table = family_table(config)
+    items = []
+    for src in model_sources(state):
+        entries = table.entries(src.path, src.shape)
+        if entries is None:
+            hf_groups([src], config)  # raises the export's error naming the parameter
+        items += [(e.key, e.index, e.rule.transform, src) for e in entries]
+    for key, index, transform, src in sorted(items, key=lambda it: natural_key(it[0])):
+        whole = np.asarray(src.read(index[0], index[0] + 1))[0][index[1:]] if index \
+            else read_whole(src)
+        array = transform.to_hf(whole)
+        yield key, array if out is None else array.astype(out)
+
+
 # --------------------------------------------------------------------------- in memory
 
 
-def host_array(x: jax.Array) -> np.ndarray:
-    """A jax array on this host (gathered from every process when it is not addressable)."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
-
-
-def model_sources(state: nnx.State, layers_path: str) -> list[ParamSource]:
+def model_sources(state: nnx.State) -> list[ParamSource]:
     """Sources for the parameters of a model in memory (``nnx.state(model, nnx.Param)``)."""
     out = []
     for path, var in nnx.to_flat_state(state):
         name = ".".join(map(str, path))
         value = var.get_value() if isinstance(var, nnx.Variable) else var
-        stacked = is_stacked(name, layers_path)
+        stacked = value.ndim > 0  # a block of the first axis can be read on its own
 
         def read(lo: int, hi: int, value=value, stacked=stacked) -> np.ndarray:
             return host_array(value[lo:hi] if stacked else value)

@@ -16,13 +16,12 @@ from jax.sharding import Mesh
 
 from jaxtune.config import MeshConfig
 from jaxtune.mesh import make_mesh
+from jaxtune.models.family import family_of
 from jaxtune.sharding import Rules, state_shardings
 
 
 def _family(cfg: Any):
-    from jaxtune.models import get_family
-
-    return get_family(cfg.model_type)
+    return family_of(cfg)
 
 
 def single_device_mesh() -> Mesh:

@@ -39,7 +39,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, struct
 
 from jaxtune.errors import JaxtuneError
 from jaxtune.sharding import constrain
@@ -303,40 +303,84 @@ def resolve_attention_impl(choice: str, dtype: Any, head_dim: int) -> str:
     return "cudnn" if on_gpu and half and fits else "xla"
 
 
+@struct.dataclass
+class AttentionMask:
+    """Which keys each query may see, built from positions and segment ids.
+
+    A query at position ``p`` sees a key at position ``q <= p`` of the same segment (and, in a
+    layer with a sliding window ``w``, only ``p - q < w``). Segment 0 is padding: it sees only
+    padding, so no row is empty. The same mask serves training (queries are the keys), prefill
+    and decoding against a cache (keys are the cache's slots, with their own positions and
+    segment ids: an empty slot has segment 0, which no real query sees).
+
+    ``aligned`` (static) says the queries are the keys, in order: then a key after its query
+    (by index) is never seen, which lets attention skip the blocks above the diagonal.
+    """
+
+    q_positions_BT: jax.Array
+    k_positions_BS: jax.Array
+    q_segment_ids_BT: jax.Array | None = None
+    k_segment_ids_BS: jax.Array | None = None
+    aligned: bool = struct.field(pytree_node=False, default=False)
+
+    @classmethod
+    def causal(cls, positions_BT: jax.Array, segment_ids_BT: jax.Array | None = None
+               ) -> AttentionMask:
+        """Self-attention over one (possibly packed) sequence: training and prefill."""
+        return cls(positions_BT, positions_BT, segment_ids_BT, segment_ids_BT, aligned=True)
+
+    def allowed(self, window: int | jax.Array | None, q_slice: slice = slice(None),
+                k_slice: slice = slice(None)) -> jax.Array:
+        """Boolean ``[B, 1, t, s]``: may query ``t`` (of ``q_slice``) see key ``s``?"""
+        q_pos = self.q_positions_BT[:, q_slice][:, :, None]
+        k_pos = self.k_positions_BS[:, k_slice][:, None, :]
+        ok_BTS = k_pos <= q_pos
+        if window is not None:
+            ok_BTS = ok_BTS & (q_pos - k_pos < window)
+        if self.q_segment_ids_BT is not None:
+            seg_q = self.q_segment_ids_BT[:, q_slice][:, :, None]
+            seg_k = self.k_segment_ids_BS[:, k_slice][:, None, :]
+            ok_BTS = ok_BTS & (seg_q == seg_k)
+        if self.aligned:  # by index too, so any positions give a causal mask
+            t = self.q_positions_BT.shape[1]
+            q_idx = jnp.arange(t)[q_slice][:, None]
+            k_idx = jnp.arange(t)[k_slice][None, :]
+            ok_BTS = ok_BTS & (k_idx <= q_idx)[None]
+        return ok_BTS[:, None]
+
+
 def dot_product_attention(
     q_BTNH: jax.Array,
     k_BSKH: jax.Array,
     v_BSKH: jax.Array,
     *,
-    segment_ids_BT: jax.Array | None,
+    mask: AttentionMask,
     window: int | jax.Array | None,
     implementation: str,
 ) -> jax.Array:
-    """Causal grouped-query attention with optional packing and sliding window.
+    """Grouped-query attention of queries ``T`` over keys ``S`` as ``mask`` allows.
 
-    ``segment_ids_BT``: a token attends only to earlier tokens of its own segment (padding,
-    segment 0, attends only to padding, so no row is empty). ``window``: a query attends to
-    itself and the ``window - 1`` tokens before it, as transformers' sliding window does; a
-    Python int is static (and reaches cuDNN's sliding window), an array is applied in the mask.
+    ``window``: a query attends to keys less than ``window`` positions before it (itself
+    included), as transformers' sliding window does; a Python int is static (and reaches
+    cuDNN's sliding window), an array (a per-layer window under scan) is applied in the mask.
     """
     t, s = q_BTNH.shape[1], k_BSKH.shape[1]
-    if implementation == "xla" and t == s and t >= 2 * _CAUSAL_BLOCK:
-        return _blocked_causal_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, window)
-    mask_B1TS = None
-    if segment_ids_BT is not None:
-        mask_B1TS = segment_ids_BT[:, None, :, None] == segment_ids_BT[:, None, None, :]
-    local_window = None
-    if isinstance(window, int):
-        local_window = (window - 1, 0)
-    elif window is not None:
-        t = q_BTNH.shape[1]
-        distance_TS = jnp.arange(t)[:, None] - jnp.arange(k_BSKH.shape[1])[None, :]
-        in_window_11TS = (distance_TS < window)[None, None]
-        mask_B1TS = in_window_11TS if mask_B1TS is None else mask_B1TS & in_window_11TS
-    return jax.nn.dot_product_attention(
-        q_BTNH, k_BSKH, v_BSKH, mask=mask_B1TS, is_causal=True,
-        local_window_size=local_window, implementation=implementation,
-    )
+    if implementation == "xla" and mask.aligned and t == s and t >= 2 * _CAUSAL_BLOCK:
+        return _blocked_causal_attention(q_BTNH, k_BSKH, v_BSKH, mask, window)
+    if implementation == "cudnn" and mask.aligned:
+        # cuDNN's fused causal kernel: index-causal with a static window, segments as a mask.
+        seg = mask.q_segment_ids_BT
+        seg_mask = None if seg is None else seg[:, None, :, None] == seg[:, None, None, :]
+        local_window = (window - 1, 0) if isinstance(window, int) else None
+        if window is not None and local_window is None:
+            seg_mask = mask.allowed(window) if seg_mask is None else seg_mask & mask.allowed(
+                window)
+        return jax.nn.dot_product_attention(
+            q_BTNH, k_BSKH, v_BSKH, mask=seg_mask, is_causal=True,
+            local_window_size=local_window, implementation="cudnn")
+    return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask.allowed(window),
+                                        implementation="xla" if implementation == "cudnn"
+                                        else implementation)
 
 
 #: Query block of the XLA path. Causal attention over T tokens needs only the keys up to each
@@ -346,7 +390,7 @@ def dot_product_attention(
 _CAUSAL_BLOCK = 128
 
 
-def _blocked_causal_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, window):
+def _blocked_causal_attention(q_BTNH, k_BSKH, v_BSKH, mask: AttentionMask, window):
     """Causal attention computed per query block against the keys that block can see."""
     t = q_BTNH.shape[1]
     block = max(_CAUSAL_BLOCK, -(-t // 8))
@@ -356,17 +400,9 @@ def _blocked_causal_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, window):
         first = 0
         if isinstance(window, int):  # keys before the window of the block's first query
             first = max(0, (start - window + 1) // block * block)
-        q_pos = jnp.arange(start, end)[:, None]
-        k_pos = jnp.arange(first, end)[None, :]
-        mask_TS = q_pos >= k_pos
-        if window is not None:
-            mask_TS = mask_TS & (q_pos - k_pos < window)
-        mask_B1TS = mask_TS[None, None]
-        if segment_ids_BT is not None:
-            seg_q, seg_k = segment_ids_BT[:, start:end], segment_ids_BT[:, first:end]
-            mask_B1TS = mask_B1TS & (seg_q[:, None, :, None] == seg_k[:, None, None, :])
+        allowed = mask.allowed(window, slice(start, end), slice(first, end))
         outs.append(jax.nn.dot_product_attention(
-            q_BTNH[:, start:end], k_BSKH[:, first:end], v_BSKH[:, first:end], mask=mask_B1TS,
+            q_BTNH[:, start:end], k_BSKH[:, first:end], v_BSKH[:, first:end], mask=allowed,
             implementation="xla"))
     return jnp.concatenate(outs, axis=1)
 
@@ -409,7 +445,7 @@ class Attention(nnx.Module):
         self.implementation = implementation
 
     def __call__(self, x_BTD: jax.Array, cos_BTh: jax.Array, sin_BTh: jax.Array,
-                 segment_ids_BT: jax.Array | None, window: int | jax.Array | None) -> jax.Array:
+                 mask: AttentionMask, window: int | jax.Array | None) -> jax.Array:
         q_BTNH = self.q_proj(x_BTD)
         k_BTKH = self.k_proj(x_BTD)
         v_BTKH = self.v_proj(x_BTD)
@@ -419,8 +455,8 @@ class Attention(nnx.Module):
                            ("batch", "seq", "heads", "head_dim"))
         k_BTKH = constrain(apply_rope(k_BTKH, cos_BTh, sin_BTh),
                            ("batch", "seq", "kv_heads", "head_dim"))
-        out_BTNH = dot_product_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT=segment_ids_BT,
-                                         window=window, implementation=self.implementation)
+        out_BTNH = dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask, window=window,
+                                         implementation=self.implementation)
         return self.o_proj(out_BTNH)
 
 

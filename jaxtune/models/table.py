@@ -5,8 +5,15 @@ A family's table is a list of :class:`Rule`. A rule's ``pattern`` matches HF che
 path, formatted with those groups; ``transform`` names the layout change. The same rules run
 backwards for export (:meth:`Rule.hf_key`), so import and export cannot drift.
 
-Paths are written for unstacked layers (``model.layers.{i}.…``); ``weights.py`` maps them to
-the stacked ``layers`` axis when ``scan_layers`` is on.
+Stacked axes. A placeholder in a rule's pattern names which leading axis of the parameter it
+indexes (:data:`STACK_AXES`): ``{i}`` is ``layers``, ``{j}`` is ``experts``. Targets are written
+for unstacked layers (``model.layers.{i}.mlp.experts.gate_proj.kernel``): under ``scan_layers``
+the ``.{i}`` step leaves the path and becomes the parameter's first axis. A placeholder that is
+in the pattern but not in the target (``{j}`` above) always stacks: every HF expert tensor
+``...experts.{j}.gate_proj.weight`` is one slice of the one ``[E, ...]`` parameter (``[L, E,
+...]`` under scan). :class:`ParamTable` is the one place that turns an HF key into (parameter
+path, index into its stacked axes) and a parameter back into its HF keys; the loader (including
+per-device partial reads), export, and LoRA/PEFT naming all use it.
 
 A :class:`Transform` is a reshape of the HF tensor into "unflattened" axes followed by a
 transpose: ``dst = unflatten(src).transpose(perm)``. That form lets the loader read any
@@ -16,6 +23,8 @@ rectangular block of ``dst`` (one device's shard) from a rectangular slice of ``
 from __future__ import annotations
 
 import enum
+import functools
+import itertools
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -111,16 +120,148 @@ class Rule:
         return None if self.target is None else self.target.format(**m.groupdict())
 
     def match_target(self, path: str) -> re.Match | None:
-        """Match a jaxtune parameter path against ``target`` (for export)."""
-        if self.target is None:
-            return None
-        # Each {name} in the target takes the sub-pattern of the same group in ``pattern``.
-        groups = dict(re.findall(r"\(\?P<(\w+)>([^)]*)\)", self.pattern))
-        regex = re.sub(r"\\\{(\w+)\\\}", lambda g: f"(?P<{g.group(1)}>{groups[g.group(1)]})",
-                       re.escape(self.target))
-        return re.fullmatch(regex, path)
+        """Match an unstacked jaxtune parameter path against ``target`` (for export)."""
+        return None if self.target is None else _match_template(self, self.target, path)
 
     def hf_key(self, m: re.Match) -> str:
         """The HF key for a target-path match: the pattern with its groups filled in."""
-        key = re.sub(r"\(\?P<(\w+)>[^)]*\)", lambda g: "{" + g.group(1) + "}", self.pattern)
-        return key.replace("\\.", ".").format(**m.groupdict())
+        return _fill_pattern(self.pattern, m.groupdict())
+
+
+#: Placeholder name -> the logical axis it stacks (the parameter's leading axes, in this order).
+STACK_AXES = {"i": "layers", "j": "experts"}
+
+
+def _pattern_groups(pattern: str) -> list[str]:
+    return re.findall(r"\(\?P<(\w+)>", pattern)
+
+
+def _target_fields(target: str) -> set[str]:
+    return set(re.findall(r"\{(\w+)\}", target))
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where one HF tensor lives: a parameter and an index into its leading stacked axes."""
+
+    path: str  # the parameter's dotted path in the model as built (stacked or not)
+    index: tuple[int, ...]  # one entry per stacked axis (layers under scan, then experts ...)
+    rule: Rule
+
+
+@dataclass(frozen=True)
+class HFEntry:
+    """One HF tensor of a parameter: its key, its index into the stacked axes, its rule."""
+
+    key: str
+    index: tuple[int, ...]
+    rule: Rule
+
+
+class ParamTable:
+    """A family's rules bound to a model layout.
+
+    ``layers_path`` is the module that holds the layers (``model.layers``); ``scan_layers``
+    says whether they are one stacked module (needed only to go from HF keys to parameters:
+    going back, a parameter's path says whether it is stacked).
+    """
+
+    def __init__(self, rules: Sequence[Rule], *, layers_path: str = "model.layers",
+                 scan_layers: bool = False):
+        self.rules = tuple(rules)
+        self.layers_path = layers_path
+        self.scan_layers = scan_layers
+        self._templates = [self._templates_of(r) for r in self.rules]
+
+    def _templates_of(self, rule: Rule) -> list[tuple[str, tuple[str, ...]]]:
+        """``(target template, stacked placeholder names in axis order)`` for both layouts."""
+        if rule.target is None:
+            return []
+        fields = _target_fields(rule.target)
+        stacked = tuple(g for g in _pattern_groups(rule.pattern)
+                        if g not in fields and g in STACK_AXES)
+        unknown = [g for g in _pattern_groups(rule.pattern)
+                   if g not in fields and g not in STACK_AXES]
+        if unknown:
+            raise ValueError(f"rule {rule.pattern}: groups {unknown} are neither in the target "
+                             f"nor stacking placeholders {sorted(STACK_AXES)}.")
+        out = [(rule.target, stacked)]
+        if "i" in fields and ".{i}" in rule.target:  # the scanned form: layers leave the path
+            out.append((rule.target.replace(".{i}", "", 1), ("i",) + stacked))
+        return out
+
+    def _layout(self, rule_index: int) -> tuple[str, tuple[str, ...]]:
+        templates = self._templates[rule_index]
+        return templates[-1] if self.scan_layers and len(templates) > 1 else templates[0]
+
+    # ---------------------------------------------------------------- HF key -> parameter
+
+    def locate(self, hf_key: str) -> Location | None:
+        """The parameter slice an HF key loads into; ``Location.path`` is None for keys the
+        table knows and deliberately skips. None when no rule matches."""
+        for n, rule in enumerate(self.rules):
+            m = rule.match(hf_key)
+            if m is None:
+                continue
+            if rule.target is None:
+                return Location(None, (), rule)  # type: ignore[arg-type]
+            template, stacked = self._layout(n)
+            groups = m.groupdict()
+            index = tuple(int(groups[g]) for g in stacked)
+            return Location(template.format(**groups), index, rule)
+        return None
+
+    # ---------------------------------------------------------------- parameter -> HF keys
+
+    def entries(self, path: str, shape: Sequence[int]) -> list[HFEntry] | None:
+        """Every HF tensor of the parameter at ``path`` (stacked or not), in index order;
+        None when no rule covers it."""
+        for n, rule in enumerate(self.rules):
+            for template, stacked in self._templates[n]:
+                m = _match_template(rule, template, path)
+                if m is None:
+                    continue
+                if len(shape) < len(stacked):
+                    return None
+                out = []
+                for index in itertools.product(*(range(shape[k]) for k in range(len(stacked)))):
+                    groups = {**m.groupdict(), **{g: str(v) for g, v in zip(stacked, index,
+                                                                           strict=True)}}
+                    out.append(HFEntry(_fill_pattern(rule.pattern, groups), index, rule))
+                return out
+        return None
+
+    def stack_depth(self, path: str) -> int | None:
+        """How many leading axes of the parameter at ``path`` are stacked (None: unmapped)."""
+        for n, rule in enumerate(self.rules):
+            for template, stacked in self._templates[n]:
+                if _match_template(rule, template, path) is not None:
+                    return len(stacked)
+        return None
+
+    def hf_module_names(self, kernel_path: str, shape: Sequence[int]) -> list[str] | None:
+        """HF module names (``model.layers.3.self_attn.q_proj``) of a Linear's kernel, one per
+        stacked slice: what LoRA targets and PEFT adapters are named by."""
+        entries = self.entries(kernel_path, shape)
+        if entries is None:
+            return None
+        return [e.key.removesuffix(".weight") for e in entries]
+
+
+def _match_template(rule: Rule, template: str, path: str) -> re.Match | None:
+    """Match a parameter path against a target template; each ``{name}`` takes the
+    sub-pattern of the same group in the rule's pattern."""
+    return _template_regex(rule.pattern, template).fullmatch(path)
+
+
+@functools.lru_cache(maxsize=4096)
+def _template_regex(pattern: str, template: str) -> re.Pattern:
+    groups = dict(re.findall(r"\(\?P<(\w+)>([^)]*)\)", pattern))
+    return re.compile(re.sub(r"\\\{(\w+)\\\}",
+                             lambda g: f"(?P<{g.group(1)}>{groups[g.group(1)]})",
+                             re.escape(template)))
+
+
+def _fill_pattern(pattern: str, groups: dict[str, str]) -> str:
+    key = re.sub(r"\(\?P<(\w+)>[^)]*\)", lambda g: "{" + g.group(1) + "}", pattern)
+    return key.replace("\\.", ".").format(**groups)

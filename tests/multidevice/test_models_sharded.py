@@ -14,6 +14,7 @@ from safetensors.numpy import load_file
 import jaxtune
 import jaxtune.weights as weights
 from jaxtune.config import MeshConfig
+from jaxtune.export.tensors import iter_hf_tensors
 from jaxtune.mesh import make_mesh
 from jaxtune.models import init_model
 from jaxtune.models.llama import LlamaConfig
@@ -90,7 +91,7 @@ def test_export_from_sharded_model_is_bitwise(tiny_hf_model, mesh):
     path = tiny_hf_model("qwen3")
     original = load_file(path / "model.safetensors")
     for scan in (False, True):
-        exported = dict(weights.to_hf_tensors(
+        exported = dict(iter_hf_tensors(
             jaxtune.from_pretrained(path, mesh=mesh, scan_layers=scan)))
         assert exported.keys() == original.keys()
         for key, array in original.items():

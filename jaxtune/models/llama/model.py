@@ -31,10 +31,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxtune.errors import JaxtuneError
+from jaxtune.errors import ModelConfigError
+from jaxtune.models.family import write_back_hf_config
 from jaxtune.models.layers import (
     ACTIVATIONS,
     Attention,
+    AttentionMask,
     Embed,
     GatedMLP,
     Linear,
@@ -43,6 +45,7 @@ from jaxtune.models.layers import (
     resolve_attention_impl,
     rope_cos_sin,
 )
+from jaxtune.models.stack import apply_layers, check_remat, make_layers
 from jaxtune.sharding import constrain
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -58,18 +61,6 @@ _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layer
              "num_attention_heads")
 SLIDING, FULL = "sliding_attention", "full_attention"
 _NO_WINDOW = 2**30  # a "window" longer than any sequence, for full layers in a mixed scan
-
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,  # keep only each layer's input
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,  # keep every matmul output
-    # keep weight-matmul outputs, recompute attention scores and elementwise ops
-    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-
-
-class ConfigError(JaxtuneError, ValueError):
-    """config.json describes something this family cannot build; the message says what."""
 
 
 @dataclass(frozen=True)
@@ -95,16 +86,16 @@ class LlamaConfig:
     qk_norm: bool = False  # RMSNorm on each query / key head (Qwen3)
     sliding_window: int | None = None
     layer_types: tuple[str, ...] = ()  # per layer: full_attention | sliding_attention
-    hf_extra: str = "{}"  # JSON of the config.json fields not modelled here, written back as is
+    hf_source: str = "{}"  # the config.json this was read from (JSON), written back as it was
 
     def __post_init__(self):
         if not self.layer_types:
             object.__setattr__(self, "layer_types", (FULL,) * self.num_hidden_layers)
         if len(self.layer_types) != self.num_hidden_layers:
-            raise ConfigError(f"layer_types has {len(self.layer_types)} entries for "
+            raise ModelConfigError(f"layer_types has {len(self.layer_types)} entries for "
                               f"{self.num_hidden_layers} layers.")
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ConfigError(f"num_attention_heads={self.num_attention_heads} is not a "
+            raise ModelConfigError(f"num_attention_heads={self.num_attention_heads} is not a "
                               f"multiple of num_key_value_heads={self.num_key_value_heads}.")
 
     @property
@@ -120,8 +111,8 @@ class LlamaConfig:
         n = changes.get("num_hidden_layers", self.num_hidden_layers)
         if n != self.num_hidden_layers and "layer_types" not in changes:
             if len(set(self.layer_types)) > 1:
-                raise ConfigError("This config mixes full and sliding layers: give layer_types "
-                                  "along with a new num_hidden_layers.")
+                raise ModelConfigError("This config mixes full and sliding layers: give "
+                                       "layer_types along with a new num_hidden_layers.")
             changes["layer_types"] = self.layer_types[:1] * n
         return dataclasses.replace(self, **changes)
 
@@ -133,13 +124,13 @@ class LlamaConfig:
         ``rope_scaling`` + ``rope_theta``), with transformers' defaults for absent fields."""
         mt = hf.get("model_type")
         if mt not in MODEL_TYPES:
-            raise ConfigError(f"model_type '{mt}' is not a Llama-family type {MODEL_TYPES}.")
+            raise ModelConfigError(f"model_type '{mt}' is not a Llama-family type {MODEL_TYPES}.")
         missing = [k for k in _REQUIRED if hf.get(k) is None]
         if missing:
-            raise ConfigError(f"config.json lacks {missing}, which a {mt} model needs.")
+            raise ModelConfigError(f"config.json lacks {missing}, which a {mt} model needs.")
         act = hf.get("hidden_act", "silu")
         if act not in ACTIVATIONS:
-            raise ConfigError(f"hidden_act '{act}' is not supported; use one of "
+            raise ModelConfigError(f"hidden_act '{act}' is not supported; use one of "
                               f"{list(ACTIVATIONS)}.")
         heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or (
@@ -165,13 +156,17 @@ class LlamaConfig:
             hidden_act=act,
         )
         fields.update(_variant_from_hf(mt, hf, used))
-        extra = {k: v for k, v in hf.items() if k not in used}
-        fields["hf_extra"] = json.dumps(extra, sort_keys=True)
+        fields["hf_source"] = json.dumps(hf, sort_keys=True)
         return cls(**fields)
 
     def to_hf_config(self) -> dict[str, Any]:
-        """The transformers ``config.json`` dict (v5 spelling) that rebuilds this model."""
-        out: dict[str, Any] = json.loads(self.hf_extra)
+        """The ``config.json`` dict that rebuilds this model: exactly the file it was read from
+        (every key, value and spelling), with only the fields changed since then rewritten."""
+        return write_back_hf_config(self, LlamaConfig, LlamaConfig._modelled_hf_fields)
+
+    def _modelled_hf_fields(self) -> dict[str, Any]:
+        """The fields this class models, in transformers' v5 spelling."""
+        out: dict[str, Any] = {}
         out.update(
             model_type=self.model_type,
             architectures=[ARCHITECTURES[self.model_type]],
@@ -237,7 +232,7 @@ def _variant_from_hf(mt: str, hf: dict[str, Any], used: set[str]) -> dict[str, A
         for i in range(n)
     ]
     if len(types) != n or any(t not in (SLIDING, FULL) for t in types):
-        raise ConfigError(f"layer_types {types} must list {n} of '{FULL}' / '{SLIDING}'.")
+        raise ModelConfigError(f"layer_types {types} must list {n} of '{FULL}' / '{SLIDING}'.")
     out = dict(sliding_window=window, layer_types=tuple(types))
     if mt == "qwen2":
         out.update(attention_bias=True, attention_out_bias=False)
@@ -266,25 +261,11 @@ class DecoderLayer(nnx.Module):
         self.mlp = GatedMLP(d, cfg.intermediate_size, activation=cfg.hidden_act,
                             use_bias=cfg.mlp_bias, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x_BTD, cos_BTh, sin_BTh, segment_ids_BT, window) -> jax.Array:
-        attn = self.self_attn(self.input_layernorm(x_BTD), cos_BTh, sin_BTh, segment_ids_BT,
-                              window)
+    def __call__(self, x_BTD, cos_BTh, sin_BTh, mask: AttentionMask, *, window) -> jax.Array:
+        attn = self.self_attn(self.input_layernorm(x_BTD), cos_BTh, sin_BTh, mask, window)
         x_BTD = constrain(x_BTD + attn, ("batch", "seq", "embed"))
         x_BTD = x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
         return constrain(x_BTD, ("batch", "seq", "embed"))
-
-
-def _apply_layer(graphdef, window, state, x_BTD, cos_BTh, sin_BTh, segment_ids_BT):
-    # A pure function of the layer's state, so jax.checkpoint / lax.scan can wrap it.
-    return nnx.merge(graphdef, state)(x_BTD, cos_BTh, sin_BTh, segment_ids_BT, window)
-
-
-def _prepend_layers_axis(module: nnx.Module) -> None:
-    for _, var in nnx.iter_graph(module):
-        if isinstance(var, nnx.Variable):
-            axes = var.get_metadata().get("logical_axes")
-            if axes is not None:
-                var.set_metadata(logical_axes=("layers",) + tuple(axes))
 
 
 class LlamaModel(nnx.Module):
@@ -299,16 +280,8 @@ class LlamaModel(nnx.Module):
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=param_dtype,
                                   rngs=rngs)
         make = functools.partial(DecoderLayer, cfg, param_dtype=param_dtype, attention=attention)
-        if scan_layers:
-            @nnx.split_rngs(splits=cfg.num_hidden_layers)
-            @nnx.vmap(in_axes=0, out_axes=0)
-            def stacked(rngs: nnx.Rngs) -> DecoderLayer:
-                return make(rngs=rngs)
-
-            self.layers = stacked(rngs)
-            _prepend_layers_axis(self.layers)
-        else:
-            self.layers = nnx.List([make(rngs=rngs) for _ in range(cfg.num_hidden_layers)])
+        self.layers = make_layers(lambda r: make(rngs=r), cfg.num_hidden_layers,
+                                  scan_layers=scan_layers, rngs=rngs)
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
 
     def __call__(self, input_ids_BT, positions_BT, segment_ids_BT) -> jax.Array:
@@ -316,35 +289,16 @@ class LlamaModel(nnx.Module):
         x_BTD = constrain(self.embed_tokens(input_ids_BT, self.compute_dtype),
                           ("batch", "seq", "embed"))
         cos_BTh, sin_BTh = rope_cos_sin(positions_BT, cfg.rope, cfg.head_dim, x_BTD.dtype)
-        args = (cos_BTh, sin_BTh, segment_ids_BT)
-        policy = REMAT_POLICIES[self.remat]
+        mask = AttentionMask.causal(positions_BT, segment_ids_BT)
         windows = cfg.layer_windows()
-        if self.scan_layers:
-            x_BTD = self._scan(x_BTD, args, windows, policy)
-        else:
-            for layer, window in zip(self.layers, windows, strict=True):
-                graphdef, state = nnx.split(layer)
-                fn = functools.partial(_apply_layer, graphdef, window)
-                if self.remat != "none":
-                    fn = jax.checkpoint(fn, policy=policy)
-                x_BTD = fn(state, x_BTD, *args)
+        if self.scan_layers and len(set(windows)) > 1:
+            # Mixed full / sliding layers (Qwen2 with max_window_layers) scan a per-layer
+            # window, so a full layer's window is one longer than any sequence.
+            windows = tuple(w or _NO_WINDOW for w in windows)
+        x_BTD = apply_layers(self.layers, x_BTD, cos_BTh, sin_BTh, mask,
+                             num_layers=cfg.num_hidden_layers, scan_layers=self.scan_layers,
+                             remat=self.remat, layer_args=[{"window": w} for w in windows])
         return self.norm(x_BTD)
-
-    def _scan(self, x_BTD, args, windows, policy) -> jax.Array:
-        graphdef, state = nnx.split(self.layers)
-        uniform = len(set(windows)) == 1
-        # Mixed full / sliding layers (Qwen2 with max_window_layers) scan a per-layer window.
-        window_L = None if uniform else jnp.asarray([w or _NO_WINDOW for w in windows])
-
-        def body(x_BTD, xs):
-            layer_state, window = xs
-            return _apply_layer(graphdef, windows[0] if uniform else window, layer_state,
-                                x_BTD, *args), None
-
-        if self.remat != "none":
-            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-        x_BTD, _ = jax.lax.scan(body, x_BTD, (state, window_L))
-        return x_BTD
 
 
 class Llama(nnx.Module):
@@ -366,8 +320,7 @@ class Llama(nnx.Module):
         attention: str = "auto",
         rngs: nnx.Rngs,
     ):
-        if remat not in REMAT_POLICIES:
-            raise ConfigError(f"remat='{remat}' is not one of {', '.join(REMAT_POLICIES)}.")
+        check_remat(remat)
         param_dtype = jnp.dtype(param_dtype)
         compute_dtype = jnp.dtype(compute_dtype or param_dtype)
         impl = resolve_attention_impl(attention, compute_dtype, config.head_dim)
