@@ -18,7 +18,10 @@ where a reply sits:
 * ``gemma``: Gemma 3 (``<start_of_turn>``/``<end_of_turn>``, the system prompt folded into
   the first user turn, the assistant called ``model``);
 * ``zephyr``: Zephyr (``<|user|>``/``<|assistant|>`` as plain text, each turn ending in
-  ``</s>``, newlines from ``trim_blocks`` rendering).
+  ``</s>``, newlines from ``trim_blocks`` rendering);
+* ``llama2``: Llama 2 (``<<SYS>>`` in the first user turn, replies as ``' ' + reply + ' </s>'``);
+* ``phi3``: Phi-3 (ends the text with EOS unless asked for a generation prompt, so no prefix
+  of the chat renders as the start of it).
 
 Every template has a twin with ``{% generation %}`` markers around what the model writes,
 rendering the same text, so transformers' ``return_assistant_tokens_mask`` gives a reference
@@ -26,6 +29,8 @@ mask that does not come from jaxtune.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import pytest
 
@@ -288,26 +293,72 @@ ZEPHYR_MARKED = ZEPHYR.replace(
     "{{ '<|assistant|>\n' }}{% generation %}{{ message['content'] + eos_token }}"
     "{% endgeneration %}\n")
 
-# Special tokens these templates need, beyond those of tests/fixtures_data.SPECIAL_TOKENS.
-EXTRA_SPECIAL_TOKENS = ["<s>", "</s>", "[INST]", "[/INST]", "<bos>", "<eos>",
-                        "<start_of_turn>", "<end_of_turn>"]
+PHI3 = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}"
+    "{{'<|system|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'user' %}"
+    "{{'<|user|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'assistant' %}"
+    "{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+PHI3_MARKED = PHI3.replace(
+    "{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}",
+    "{{'<|assistant|>\n'}}{% generation %}{{ message['content'] + '<|end|>' }}"
+    "{% endgeneration %}{{ '\n' }}")
 
-# name -> (template, twin with generation markers, bos, eos, pad, end-of-turn token, system ok)
+LLAMA2 = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}{% else %}"
+    "{% set loop_messages = messages %}{% set system_message = false %}{% endif %}"
+    "{% for message in loop_messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}"
+    "{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}"
+    "{% endif %}{% endfor %}"
+)
+LLAMA2_MARKED = LLAMA2.replace(
+    "{{ ' '  + content.strip() + ' ' + eos_token }}",
+    "{{ ' ' }}{% generation %}{{ content.strip() + ' ' + eos_token }}{% endgeneration %}")
+
+
+class ChatTemplate(NamedTuple):
+    text: str  # the template, with its family's structure
+    marked: str  # the same, with {% generation %} around what the model writes
+    bos: str | None
+    eos: str
+    pad: str | None
+    end: str  # the end-of-turn token of assistant turns
+    system: bool = True  # whether the template accepts a system message
+    specials: tuple[str, ...] = ()  # its own special tokens, beyond EXTRA_SPECIAL_TOKENS
+
+
+# Special tokens several templates need, beyond those of tests/fixtures_data.SPECIAL_TOKENS.
+EXTRA_SPECIAL_TOKENS = ("<s>", "</s>", "[INST]", "[/INST]", "<bos>", "<eos>",
+                        "<start_of_turn>", "<end_of_turn>")
+
 CHAT_TEMPLATES = {
-    "qwen3": (QWEN3, QWEN3_MARKED, None, "<|im_end|>", "<|endoftext|>", "<|im_end|>", True),
-    "mistral_v3": (MISTRAL_V3, MISTRAL_V3.replace(_MISTRAL_V3_REPLY, _MISTRAL_V3_REPLY_MARKED),
-                   "<s>", "</s>", None, "</s>", True),
-    "mistral_v3_last_user": (
+    "qwen3": ChatTemplate(QWEN3, QWEN3_MARKED, None, "<|im_end|>", "<|endoftext|>",
+                          "<|im_end|>"),
+    "mistral_v3": ChatTemplate(
+        MISTRAL_V3, MISTRAL_V3.replace(_MISTRAL_V3_REPLY, _MISTRAL_V3_REPLY_MARKED),
+        "<s>", "</s>", None, "</s>"),
+    "mistral_v3_last_user": ChatTemplate(
         MISTRAL_V3_LAST_USER,
         MISTRAL_V3_LAST_USER.replace(_MISTRAL_V3_REPLY, _MISTRAL_V3_REPLY_MARKED),
-        "<s>", "</s>", None, "</s>", True),
-    "mistral_v1": (MISTRAL_V1, MISTRAL_V1_MARKED, "<s>", "</s>", None, "</s>", False),
-    "llama3": (LLAMA3, LLAMA3_MARKED, "<|begin_of_text|>", "<|eot_id|>", None, "<|eot_id|>",
-               True),
-    "llama31": (LLAMA31, LLAMA31_MARKED, "<|begin_of_text|>", "<|eot_id|>", None, "<|eot_id|>",
-                True),
-    "gemma": (GEMMA, GEMMA_MARKED, "<bos>", "<eos>", None, "<end_of_turn>", True),
-    "zephyr": (ZEPHYR, ZEPHYR_MARKED, "<s>", "</s>", None, "</s>", True),
+        "<s>", "</s>", None, "</s>"),
+    "mistral_v1": ChatTemplate(MISTRAL_V1, MISTRAL_V1_MARKED, "<s>", "</s>", None, "</s>",
+                               system=False),
+    "llama2": ChatTemplate(LLAMA2, LLAMA2_MARKED, "<s>", "</s>", None, "</s>"),
+    "llama3": ChatTemplate(LLAMA3, LLAMA3_MARKED, "<|begin_of_text|>", "<|eot_id|>", None,
+                           "<|eot_id|>"),
+    "llama31": ChatTemplate(LLAMA31, LLAMA31_MARKED, "<|begin_of_text|>", "<|eot_id|>", None,
+                            "<|eot_id|>"),
+    "gemma": ChatTemplate(GEMMA, GEMMA_MARKED, "<bos>", "<eos>", None, "<end_of_turn>"),
+    "zephyr": ChatTemplate(ZEPHYR, ZEPHYR_MARKED, "<s>", "</s>", None, "</s>"),
+    "phi3": ChatTemplate(PHI3, PHI3_MARKED, None, "<|endoftext|>", None, "<|end|>",
+                         specials=("<|end|>", "<|user|>", "<|assistant|>", "<|system|>")),
 }
 
 
@@ -316,13 +367,14 @@ def build_template_tokenizer(name: str, base):
     from tokenizers import AddedToken, Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    template, _, bos, eos, pad, _, _ = CHAT_TEMPLATES[name]
+    t = CHAT_TEMPLATES[name]
     tok = Tokenizer.from_str(base.to_str())
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t in EXTRA_SPECIAL_TOKENS])
-    kwargs = {k: v for k, v in (("bos_token", bos), ("eos_token", eos), ("pad_token", pad)) if v}
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False)
+                            for s in EXTRA_SPECIAL_TOKENS + t.specials])
+    kwargs = {k: v for k, v in (("bos_token", t.bos), ("eos_token", t.eos), ("pad_token", t.pad))
+              if v}
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, **kwargs)
-    hf.chat_template = template
+    hf.chat_template = t.text
     return hf
 
 

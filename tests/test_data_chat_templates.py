@@ -48,6 +48,10 @@ CONVERSATIONS = {
         ("Say the word model.", "model"),
         ("Say the word user.", "user"),
     ]),
+    "empty": (None, [
+        ("Say nothing.", ""),
+        ("Now say Yes.", "Yes"),
+    ]),
     "thinking": (None, [
         (SENTIMENT + "I loved it.",
          "<think>\npositive or negative? positive\n</think>\n\npositive"),
@@ -65,7 +69,7 @@ def messages(name: str, system_ok: bool = True) -> list[dict]:
 
 
 def rows_for(style: str) -> list[list[dict]]:
-    system_ok = CHAT_TEMPLATES[style][-1]
+    system_ok = CHAT_TEMPLATES[style].system
     rows = [messages(name, system_ok) for name in CONVERSATIONS]
     reasoning = messages("sentiment", system_ok)  # Qwen3 reads reasoning_content if present
     reasoning[-1] = {**reasoning[-1], "reasoning_content": "The user says positive vibes."}
@@ -95,7 +99,7 @@ def trained_runs(tokens, trained) -> list[list[int]]:
 
 def reference(tok, style: str, conv: list[dict]):
     """Token ids and the mask transformers derives from the template's generation markers."""
-    ref = tok.apply_chat_template(conv, chat_template=CHAT_TEMPLATES[style][1], tokenize=True,
+    ref = tok.apply_chat_template(conv, chat_template=CHAT_TEMPLATES[style].marked, tokenize=True,
                                   return_dict=True, return_assistant_tokens_mask=True)
     return ref["input_ids"], ref["assistant_masks"]
 
@@ -105,13 +109,13 @@ def test_generation_twin_renders_the_same_text(chat_template_tokenizers, style):
     tok = chat_template_tokenizers[style]
     for conv in rows_for(style):
         assert tok.apply_chat_template(conv, tokenize=False) == tok.apply_chat_template(
-            conv, tokenize=False, chat_template=CHAT_TEMPLATES[style][1])
+            conv, tokenize=False, chat_template=CHAT_TEMPLATES[style].marked)
 
 
 @pytest.mark.parametrize("style", list(CHAT_TEMPLATES))
 def test_mask_is_exactly_each_reply_and_its_end_token(chat_template_tokenizers, style):
     tok = chat_template_tokenizers[style]
-    end = CHAT_TEMPLATES[style][5]
+    end = CHAT_TEMPLATES[style].end
     convs = rows_for(style)
     for conv, (tokens, trained) in zip(convs, encode(tok, convs), strict=True):
         ids, mask = reference(tok, style, conv)
@@ -120,6 +124,15 @@ def test_mask_is_exactly_each_reply_and_its_end_token(chat_template_tokenizers, 
         runs = trained_runs(tokens, trained)
         assert len(runs) == sum(m["role"] == "assistant" for m in conv)
         assert all(tok.decode(r).endswith(end) for r in runs)
+
+
+@pytest.mark.parametrize("style", ["qwen3", "llama3", "llama31", "zephyr", "phi3"])
+def test_chat_that_opens_with_the_assistant(chat_template_tokenizers, style):
+    tok = chat_template_tokenizers[style]
+    conv = [{"role": "assistant", "content": "Hello, user."},
+            {"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "Hello"}]
+    (tokens, trained), = encode(tok, [conv])
+    assert trained.tolist()[1:] == reference(tok, style, conv)[1][1:]  # (token 0 never trains)
 
 
 def assert_runs(tok, tokens, trained, expected: list[str], space_before: bool = False):
@@ -170,7 +183,7 @@ def test_short_answers_that_appear_in_the_prompt(chat_template_tokenizers, style
     (tokens, trained), = encode(tok, [messages("short")])
     assert_runs(tok, tokens, trained, expected)
     (tokens, trained), = encode(tok, [messages("template_words")])
-    end = CHAT_TEMPLATES[style][5]
+    end = CHAT_TEMPLATES[style].end
     assert_runs(tok, tokens, trained, [w + end for w in ("assistant", "model", "user")])
 
 

@@ -144,8 +144,8 @@ class ChatRenderer:
             raise self._unlocatable(
                 name, f"is rendered as {_clip(full[a:b])!r}, not as the reply {_clip(content)!r}")
         start = a
-        if generation and isinstance(before, str) and through.startswith(before) \
-                and len(before) <= reply_start:
+        if generation and isinstance(before, str) and before.endswith(generation) \
+                and through.startswith(before) and len(before) <= reply_start:
             lead = through[len(before):reply_start]  # written after the generation prompt
             if full_probe is None:
                 start = len(before)
