@@ -8,5 +8,6 @@ so each is built once per test session.
 import os
 
 collect_ignore = [] if os.environ.get("JAXTUNE_MULTIDEVICE") else ["multidevice"]
+from tests.fixtures_chat_templates import *  # noqa: F401,F403,E402
 from tests.fixtures_data import *  # noqa: F401,F403,E402
 from tests.fixtures_models import *  # noqa: F401,F403,E402

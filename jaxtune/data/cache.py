@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 # Bump when the cached arrays' meaning changes (masking rules, array layout).
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: chat replies located by probing renders (issue #20)
 
 _ARRAYS = ("tokens", "trained", "offsets", "rows")
 

@@ -50,7 +50,8 @@ class Encoder:
         """One row as text with trained character spans (raises RowProblem if malformed)."""
         example = parse_row(row, self.spec, self.info.has_chat_template)
         if isinstance(example, ChatExample):
-            return self.chat.render(example.messages, self.spec.train_on_inputs)
+            return self.chat.render(example.messages, self.spec.train_on_inputs,
+                                    example.fields)
         assert isinstance(example, PlainExample)
         text, spans, pos = "", [], 0
         for piece, trained in example.pieces:

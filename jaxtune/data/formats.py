@@ -94,6 +94,7 @@ class ChatExample:
     """Messages with normalised roles, rendered by the chat template."""
 
     messages: list[dict[str, Any]] = field(default_factory=list)
+    fields: list[str] | None = None  # the row field each message came from, for errors
 
 
 def parse_row(row: dict[str, Any], spec: FormatSpec, has_chat_template: bool):
@@ -107,7 +108,12 @@ def parse_row(row: dict[str, Any], spec: FormatSpec, has_chat_template: bool):
     if spec.format == "alpaca":
         return _alpaca(row, spec, has_chat_template)
     if spec.format == "chat":  # (the encoder has checked that a chat template exists)
-        return ChatExample(parse_messages(row, spec))
+        messages = parse_messages(row, spec)
+        # Errors name the row's own fields (data.system_prompt may have been put first).
+        raw = row[spec.messages_field]
+        keys = ["content" if m.get("role") is not None else "value" for m in raw]
+        fields = [f"{spec.messages_field}[{j}].{key}" for j, key in enumerate(keys)]
+        return ChatExample(messages, ["data.system_prompt"] * (len(messages) - len(raw)) + fields)
     raise ValueError(f"unknown format {spec.format}")
 
 
@@ -142,9 +148,11 @@ def _alpaca(row: dict[str, Any], spec: FormatSpec, has_chat_template: bool):
     if use_chat:
         user = f"{instruction}\n\n{extra}" if extra else instruction
         messages = [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+        fields = [spec.instruction_field, spec.output_field]
         if spec.system_prompt:
             messages.insert(0, {"role": "system", "content": spec.system_prompt})
-        return ChatExample(messages)
+            fields.insert(0, "data.system_prompt")
+        return ChatExample(messages, fields)
     template = ALPACA_PROMPT_WITH_INPUT if extra else ALPACA_PROMPT
     prompt = template.format(instruction=instruction, input=extra)
     if spec.system_prompt:
