@@ -221,11 +221,11 @@ class Checkpointer:
         )
 
     def _state_items(self, state) -> dict[str, Any]:
-        items = {"step": state.step, "params": state.params, "opt_state": state.opt_state,
-                 "rng": state.rng}
-        # A LoRA run's frozen part is the base model: it is re-read from model.path instead.
-        if self.cfg.lora.rank == 0 and jax.tree.leaves(state.frozen):
-            items["frozen"] = state.frozen
+        # Every array field of the state, by name (a new field is saved without an edit here),
+        # except a LoRA run's frozen part: the base model, re-read from model.path instead.
+        items = state.array_fields()
+        if self.cfg.lora.rank > 0 or not jax.tree.leaves(state.frozen):
+            items.pop("frozen", None)
         return items
 
     def _data_state(self, data_iter) -> dict[str, Any]:
@@ -288,10 +288,9 @@ class Checkpointer:
         return restored
 
     def _restore_arrays(self, step: int, state, saved_frozen: bool):
-        current = {"step": state.step, "params": state.params, "opt_state": state.opt_state,
-                   "rng": state.rng}
-        if saved_frozen:
-            current["frozen"] = state.frozen
+        current = state.array_fields()
+        if not saved_frozen:
+            current.pop("frozen", None)
         self._check_shapes(step, current)
         target = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), current)

@@ -131,7 +131,8 @@ class TrainerConfig:
     eval_every: int = 0  # evaluate every N steps; 0 only at the start and end
     eval_batches: int = 0  # eval batches per evaluation; 0 means the whole eval set
     log_every: int = 1  # write metrics every N steps
-    loss_fn: str = ""  # replacement loss 'pkg.module:function'; empty uses token cross-entropy
+    objective: str = "sft"  # what to train for, by name (jaxtune.objectives): sft
+    loss_fn: str = ""  # replacement loss 'pkg.module:function'; empty uses the objective's
     train_step: str = ""  # replacement train step 'pkg.module:function'
     z_loss: float = 0.0  # weight of the z-loss (log-partition squared) regulariser
     loss_chunk_size: int = 1024  # tokens per chunk of the vocabulary projection in the loss

@@ -80,6 +80,31 @@ def lora_scale(alpha: float, rank: int, rslora: bool = False) -> float:
     return float(alpha) / (math.sqrt(rank) if rslora else rank)
 
 
+# --------------------------------------------------------------------------- disabling
+
+_disabled = threading.local()
+
+
+@contextlib.contextmanager
+def adapters_disabled() -> Iterator[None]:
+    """Within this context (at trace time) every adapter adds nothing: the model is its base.
+
+    This is the free reference model of preference objectives (PEFT's ``disable_adapter``):
+    the same weights, no second copy, and no gradient reaches the adapters through it.
+    """
+    prev = getattr(_disabled, "value", False)
+    _disabled.value = True
+    try:
+        yield
+    finally:
+        _disabled.value = prev
+
+
+def has_adapters(model: nnx.Module) -> bool:
+    """Whether any Linear of ``model`` carries a LoRA adapter."""
+    return any(lin.lora is not None for _, lin in _linears(model))
+
+
 # --------------------------------------------------------------------------- dropout
 
 _dropout_context = threading.local()
@@ -99,14 +124,16 @@ def dropout_rng(key: jax.Array) -> Iterator[None]:
 def with_dropout(loss_fn: Callable[[Any, dict], Any]) -> Callable[[Any, dict], Any]:
     """The training loss: ``loss_fn`` run with LoRA dropout keyed by the micro-batch's ``rng``.
 
-    Give it to the train step only; the eval step keeps the plain (deterministic) loss.
+    Give it to the train step only; the eval step keeps the plain (deterministic) loss. An
+    objective (``jaxtune.objectives.Objective``) stays one, with its axes and normaliser.
     """
 
     def train_loss(model: Any, batch: dict) -> Any:
         with dropout_rng(jax.random.fold_in(batch["rng"], 0x10A)):
             return loss_fn(model, batch)
 
-    return train_loss
+    with_loss = getattr(loss_fn, "with_loss", None)
+    return with_loss(train_loss) if with_loss is not None else train_loss
 
 
 # --------------------------------------------------------------------------- the adapter
@@ -127,7 +154,7 @@ class LoraAdapter(nnx.Module):
 
     def add(self, y: jax.Array, x: jax.Array) -> jax.Array:
         """``y`` (the base layer's output for input ``x``) plus this adapter's update."""
-        if self.merged:
+        if self.merged or getattr(_disabled, "value", False):
             return y
         x = self._drop(x)
         n = self.num_in

@@ -24,7 +24,6 @@ per chunk.
 
 from __future__ import annotations
 
-import functools
 import importlib
 import math
 import os
@@ -319,17 +318,12 @@ def _import_module(module_name: str, path: str):
         ) from e
 
 
-def make_loss_fn(trainer_cfg: Any) -> LossFn:
-    """The loss from ``trainer.loss_fn`` if set, else cross-entropy with the config's chunk size
-    and z-loss weight bound in."""
-    if trainer_cfg.loss_fn:
-        fn = load_callable(trainer_cfg.loss_fn)
-        if not callable(fn):
-            raise ImportPathError(
-                f"'trainer.loss_fn' ({trainer_cfg.loss_fn}) names a {type(fn).__name__}, not a "
-                "function loss_fn(model, batch) -> (loss, aux)."
-            )
-        return fn
-    return functools.partial(
-        cross_entropy_loss, chunk_size=trainer_cfg.loss_chunk_size, z_loss=trainer_cfg.z_loss
-    )
+def load_loss_fn(path: str) -> LossFn:
+    """A replacement loss ``loss_fn(model, batch) -> (loss, aux)`` from an import path."""
+    fn = load_callable(path)
+    if not callable(fn):
+        raise ImportPathError(
+            f"'trainer.loss_fn' ({path}) names a {type(fn).__name__}, not a "
+            "function loss_fn(model, batch) -> (loss, aux)."
+        )
+    return fn

@@ -17,6 +17,7 @@ from jax.sharding import Mesh
 
 from jaxtune.config import MeshConfig
 from jaxtune.errors import JaxtuneError
+from jaxtune.sharding import Rules, batch_axis_size, batch_mesh_axes
 
 AXES = ("data", "fsdp", "tensor")
 
@@ -140,21 +141,20 @@ def _mesh(grid: np.ndarray) -> Mesh:
     return Mesh(grid, AXES)
 
 
-def batch_axis_size(mesh: Mesh) -> int:
-    """How many ways the batch dimension is split: data x fsdp."""
-    return mesh.shape["data"] * mesh.shape["fsdp"]
-
-
-def check_batch(global_batch_size: int, mesh: Mesh, grad_accum_steps: int = 1) -> None:
-    """Fail early when a micro-batch cannot be split evenly over data x fsdp."""
-    ways = batch_axis_size(mesh)
+def check_batch(global_batch_size: int, mesh: Mesh, grad_accum_steps: int = 1,
+                rules: Rules | None = None) -> None:
+    """Fail early when a micro-batch cannot be split evenly over the mesh axes the rules
+    give the ``batch`` axis (data x fsdp by default)."""
+    ways = batch_axis_size(mesh, rules)
     micro = global_batch_size // grad_accum_steps
     if micro % ways == 0:
         return
+    axes = batch_mesh_axes(rules)
     good = [ways * k * grad_accum_steps for k in range(1, 5)]
     raise MeshError(
         f"The micro-batch of {micro} rows (trainer.global_batch_size={global_batch_size} / "
-        f"grad_accum_steps={grad_accum_steps}) does not divide over data x fsdp = "
-        f"{mesh.shape['data']} x {mesh.shape['fsdp']} = {ways} devices. Use "
-        f"trainer.global_batch_size in {good}, or a mesh whose data x fsdp divides {micro}."
+        f"grad_accum_steps={grad_accum_steps}) does not divide over {' x '.join(axes)} = "
+        f"{' x '.join(str(mesh.shape[a]) for a in axes)} = {ways} devices. Use "
+        f"trainer.global_batch_size in {good}, or a mesh whose {' x '.join(axes)} divides "
+        f"{micro}."
     )

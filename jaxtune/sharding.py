@@ -9,6 +9,7 @@ evenly is replicated instead, and a mesh axis is used at most once per array.
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -33,6 +34,7 @@ DEFAULT_RULES: Rules = {
     "mlp": ("tensor",),
     "vocab": ("tensor",),
     "layers": (),
+    "experts": (),
     "lora_rank": (),
 }
 
@@ -131,6 +133,16 @@ def state_shardings(state: Any, mesh: Mesh, rules: Rules | None = None) -> Any:
 def state_specs(state: Any, rules: Rules | None = None, mesh: Mesh | None = None) -> Any:
     """Like :func:`state_shardings` but PartitionSpecs."""
     return jax.tree.map(lambda s: s.spec, state_shardings(state, mesh, rules))
+
+
+def batch_mesh_axes(rules: Rules | None = None) -> tuple[str, ...]:
+    """The mesh axes the rules split the ``batch`` axis over."""
+    return tuple((DEFAULT_RULES if rules is None else rules).get("batch", ()))
+
+
+def batch_axis_size(mesh: Mesh, rules: Rules | None = None) -> int:
+    """How many ways the batch dimension is split on ``mesh`` under ``rules``."""
+    return math.prod(mesh.shape[a] for a in batch_mesh_axes(rules))
 
 
 def batch_sharding(mesh: Mesh, rules: Rules | None = None, ndim: int = 2) -> NamedSharding:

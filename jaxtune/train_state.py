@@ -8,6 +8,7 @@ exactly where their parameters are, and nothing is ever whole on one host.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -28,10 +29,29 @@ class TrainState(struct.PyTreeNode):
     opt_state: optax.OptState
     rng: jax.Array  # uint32 key data (raw, so checkpoints hold plain arrays)
     graphdef: nnx.GraphDef = struct.field(pytree_node=False)
+    # A frozen copy of the trainable parameters at the start (full fine-tuning with an
+    # objective that needs a reference model); None otherwise. Checkpointed like the rest.
+    reference: nnx.State | None = None
 
     def model(self) -> nnx.Module:
         """The NNX model these parameters describe (cheap: arrays are shared, not copied)."""
         return nnx.merge(self.graphdef, self.params, self.frozen)
+
+    def reference_model(self) -> nnx.Module | None:
+        """The frozen reference model (None when the state keeps no reference)."""
+        if self.reference is None:
+            return None
+        return nnx.merge(self.graphdef, jax.lax.stop_gradient(self.reference), self.frozen)
+
+    def array_fields(self) -> dict[str, Any]:
+        """Every array-holding field by name (what a checkpoint saves), empty ones left out."""
+        out = {}
+        for f in dataclasses.fields(self):
+            if f.metadata.get("pytree_node", True):
+                value = getattr(self, f.name)
+                if value is not None:
+                    out[f.name] = value
+        return out
 
 
 def split_model(model: nnx.Module, trainable: Any = nnx.Param):
@@ -47,16 +67,25 @@ def create_train_state(
     rules: Rules | None = None,
     seed: int = 0,
     trainable: Any = nnx.Param,
+    keep_reference: bool = False,
 ) -> TrainState:
-    """Build the TrainState from an already-sharded model; optimizer state is made sharded."""
+    """Build the TrainState from an already-sharded model; optimizer state is made sharded.
+
+    ``keep_reference``: also keep a frozen copy of the trainable parameters as the reference
+    model (for objectives such as DPO under full fine-tuning; LoRA runs need none, their
+    reference is the base with adapters disabled)."""
     graphdef, params, frozen = split_model(model, trainable)
     opt_shardings = state_shardings(jax.eval_shape(optimizer.init, params), mesh, rules)
     opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
     replicated = NamedSharding(mesh, PartitionSpec())
     step = jax.device_put(jnp.zeros((), jnp.int32), replicated)
     rng = jax.device_put(jax.random.key_data(jax.random.key(seed)), replicated)
+    reference = None
+    if keep_reference:  # a real copy: the params are donated and updated in place
+        reference = jax.jit(lambda p: jax.tree.map(jnp.copy, p),
+                            out_shardings=state_shardings(params, mesh, rules))(params)
     return TrainState(step=step, params=params, frozen=frozen, opt_state=opt_state, rng=rng,
-                      graphdef=graphdef)
+                      graphdef=graphdef, reference=reference)
 
 
 def train_state_shardings(state: TrainState, mesh: Mesh, rules: Rules | None = None) -> TrainState:
@@ -69,6 +98,8 @@ def train_state_shardings(state: TrainState, mesh: Mesh, rules: Rules | None = N
         opt_state=state_shardings(state.opt_state, mesh, rules),
         rng=replicated,
         graphdef=state.graphdef,
+        reference=None if state.reference is None else state_shardings(state.reference, mesh,
+                                                                        rules),
     )
 
 

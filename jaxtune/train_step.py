@@ -2,11 +2,18 @@
 
 ``train_step(state, batch, *, loss_fn, optimizer, grad_accum_steps, schedule)`` returns
 ``(new_state, metrics)``. Gradients are accumulated with ``lax.scan`` over micro-batches. The
-step sets ``batch["loss_denominator"]`` to the number of trained tokens in the whole global
-batch, and a loss function divides its token sums by it, so summing the micro-batches'
-contributions gives exactly the full-batch mean (no per-micro-batch averaging bias). Each
-micro-batch a loss sees also holds ``step`` (steps taken before this one) and ``rng`` (a fresh
-key per micro-batch, e.g. for dropout).
+step sets ``batch["loss_denominator"]`` to the objective's normaliser over the whole global
+batch (trained tokens for SFT, sequences for a per-sequence objective) and a loss function
+divides its sums by it, so summing the micro-batches' contributions gives exactly the
+full-batch value (no per-micro-batch averaging bias). Each micro-batch a loss sees also holds
+``step`` (steps taken before this one) and ``rng`` (a fresh key per micro-batch, e.g. for
+dropout).
+
+``loss_fn`` is an :class:`~jaxtune.objectives.Objective` (or a plain function, which gets
+SFT's batch keys and normaliser): its ``batch_axes`` say which keys are per-row and how they
+are sharded, so micro-batches split every per-row key, whatever the objective adds (chosen /
+rejected ids, per-sequence rewards). When the train state keeps a frozen reference model, the
+loss finds it through :func:`jaxtune.objectives.reference_model`.
 
 A replacement step (``trainer.train_step: pkg.mod:fn``) takes the same arguments.
 """
@@ -22,35 +29,51 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxtune.sharding import Rules, activation_rules, batch_sharding, constrain
+from jaxtune.errors import JaxtuneError
+from jaxtune.objectives import batch_axes_of, denominator_of, reference_available
+from jaxtune.sharding import Rules, activation_rules, constrain
 from jaxtune.train_state import TrainState, train_state_shardings
 
 Batch = dict[str, jax.Array]
 LossFn = Callable[[nnx.Module, Batch], tuple[jax.Array, dict[str, jax.Array]]]
 
-#: Per-token arrays; everything else in a batch (scalars such as loss_denominator) is shared.
-TOKEN_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
+
+def per_row_keys(batch: Batch, batch_axes) -> list[str]:
+    """The keys of ``batch`` split by rows (declared with a leading ``batch`` axis); every
+    other array must be a scalar shared by all rows."""
+    rows = [k for k, axes in batch_axes.items() if axes and axes[0] == "batch" and k in batch]
+    undeclared = [k for k, v in batch.items()
+                  if k not in batch_axes and getattr(v, "ndim", 0) > 0]
+    if undeclared:
+        raise JaxtuneError(
+            f"The batch has keys {undeclared} that the objective does not declare; add them to "
+            "its batch_axes with their logical axes (e.g. ('batch',) for a per-row value), so "
+            "they are split under gradient accumulation and sharded by rows.")
+    return rows
 
 
-def split_micro_batches(batch: Batch, num_micro: int) -> Batch:
+def split_micro_batches(batch: Batch, num_micro: int, batch_axes=None) -> Batch:
     """``[B, ...] -> [A, B/A, ...]`` taking every A-th row, so each device keeps its own rows.
 
     Row ``r`` goes to micro-batch ``r % A``. With the batch dim sharded in contiguous blocks,
     the reshape to ``[B/A, A]`` keeps the sharding on the first dim and the swap is local.
+    Per-row keys are those ``batch_axes`` declares (default: the token batch's).
     """
+    rows = set(per_row_keys(batch, batch_axes_of(None) if batch_axes is None else batch_axes))
 
     def split(x: jax.Array) -> jax.Array:
         b = x.shape[0] // num_micro
         return jnp.swapaxes(x.reshape(b, num_micro, *x.shape[1:]), 0, 1)
 
-    return {k: split(v) if k in TOKEN_KEYS else v for k, v in batch.items()}
+    return {k: split(v) if k in rows else v for k, v in batch.items()}
 
 
 def _grads(state: TrainState, params: nnx.State, micro: Batch, loss_fn: LossFn):
     def objective(p: nnx.State):
         return loss_fn(nnx.merge(state.graphdef, p, state.frozen), micro)
 
-    (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(params)
+    with reference_available(state.reference_model()):
+        (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(params)
     return loss, aux, grads
 
 
@@ -65,21 +88,23 @@ def train_step(
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step over the global batch; pure, so it can be jitted and swapped."""
     params = state.params
-    batch = dict(batch)
-    batch["loss_denominator"] = jnp.maximum(batch["loss_mask"].astype(jnp.float32).sum(), 1.0)
+    axes = batch_axes_of(loss_fn)
+    batch = {k: constrain(v, axes[k]) if k in axes else v for k, v in batch.items()}
+    rows = per_row_keys(batch, axes)
+    batch["loss_denominator"] = jnp.asarray(denominator_of(loss_fn)(batch), jnp.float32)
     batch["step"] = state.step  # steps already taken, for losses that change over training
     rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
 
     if grad_accum_steps == 1:
         loss, aux, grads = _grads(state, params, {**batch, "rng": step_rng}, loss_fn)
     else:
-        micro = split_micro_batches(batch, grad_accum_steps)
-        token_arrays = {k: v for k, v in micro.items() if k in TOKEN_KEYS}
-        shared = {k: v for k, v in micro.items() if k not in TOKEN_KEYS}
+        micro = split_micro_batches(batch, grad_accum_steps, axes)
+        token_arrays = {k: v for k, v in micro.items() if k in rows}
+        shared = {k: v for k, v in micro.items() if k not in rows}
 
         def body(carry, xs):
             index, mb = xs
-            mb = {k: constrain(v, ("batch", "seq")) for k, v in mb.items()}
+            mb = {k: constrain(v, axes[k]) for k, v in mb.items()}
             mb = {**mb, **shared, "rng": jax.random.fold_in(step_rng, index)}
             loss, aux, grads = _grads(state, params, mb, loss_fn)
             return jax.tree.map(jnp.add, carry, (loss, aux, grads)), None
@@ -98,7 +123,8 @@ def train_step(
         "loss": loss,
         "grad_norm": optax.tree.norm(grads),
         "param_norm": optax.tree.norm(new_params),
-        "trained_tokens": batch["loss_denominator"],
+        "trained_tokens": (batch["loss_mask"].astype(jnp.float32).sum() if "loss_mask" in batch
+                           else batch["loss_denominator"]),
         **{k: v for k, v in aux.items() if k != "num_tokens"},
     }
     if schedule is not None:
@@ -109,14 +135,15 @@ def train_step(
 
 
 def eval_step(state: TrainState, batch: Batch, *, loss_fn: LossFn) -> dict[str, jax.Array]:
-    """Summed NLL and token count of one batch (the loss with denominator 1 is the sum)."""
+    """Sums over one batch: the loss with denominator 1 (``loss_sum``), the objective's
+    normaliser (``count``) and the loss's aux sums; the objective's ``eval_metrics`` turns the
+    totals over the eval split into metrics."""
+    count = jnp.asarray(denominator_of(loss_fn)(batch), jnp.float32)
     batch = {**batch, "loss_denominator": jnp.ones((), jnp.float32), "step": state.step,
              "rng": jax.random.wrap_key_data(state.rng)}
-    loss, aux = loss_fn(state.model(), batch)
-    # nll_sum when the loss reports it: the objective may add regularisers (z-loss) that are
-    # not part of the held-out likelihood.
-    return {"loss_sum": aux.get("nll_sum", loss),
-            "num_tokens": batch["loss_mask"].astype(jnp.float32).sum()}
+    with reference_available(state.reference_model()):
+        loss, aux = loss_fn(state.model(), batch)
+    return {**aux, "loss_sum": loss, "count": count}
 
 
 def jit_train_step(
@@ -128,14 +155,15 @@ def jit_train_step(
 ):
     """The single jit of the train step: state and batch shardings in and out, state donated."""
     state_sh = train_state_shardings(state, mesh, rules)
-    batch_sh = batch_sharding(mesh, rules)
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def step(state: TrainState, batch: Batch):
         with activation_rules(mesh, rules):
             return step_fn(state, batch, **step_kwargs)
 
-    return jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
+    # The batch keeps the shardings it was placed with (by its keys' logical axes, see
+    # jaxtune.data.to_global_batch), which the step pins again by the objective's batch_axes.
+    return jax.jit(step, in_shardings=(state_sh, None), out_shardings=(state_sh, replicated),
                    donate_argnums=(0,))
 
 
@@ -148,6 +176,5 @@ def jit_eval_step(state: TrainState, mesh: Mesh, rules: Rules | None = None, *,
         with activation_rules(mesh, rules):
             return eval_step(state, batch, loss_fn=loss_fn)
 
-    return jax.jit(step, in_shardings=(state_sh, batch_sharding(mesh, rules)),
-                   out_shardings=replicated)
+    return jax.jit(step, in_shardings=(state_sh, None), out_shardings=replicated)
 

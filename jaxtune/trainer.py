@@ -44,6 +44,7 @@ class Trainer:
         distributed.initialize(cfg.distributed)
         from jaxtune import data, loss, metrics, optim
         from jaxtune.mesh import check_batch, make_mesh
+        from jaxtune.objectives import make_objective
         from jaxtune.sharding import make_rules
         from jaxtune.train_state import count_params, create_train_state
         from jaxtune.train_step import jit_eval_step, jit_train_step, train_step
@@ -58,7 +59,8 @@ class Trainer:
             save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
         self.mesh = make_mesh(cfg.mesh)
         self.rules = make_rules(cfg.mesh.rules)
-        check_batch(cfg.trainer.global_batch_size, self.mesh, cfg.trainer.grad_accum_steps)
+        check_batch(cfg.trainer.global_batch_size, self.mesh, cfg.trainer.grad_accum_steps,
+                    self.rules)
 
         self.tokenizer = data.load_tokenizer(cfg)
         model, trainable = self._load_model()
@@ -68,12 +70,15 @@ class Trainer:
 
         trainable_params = nnx.state(model, trainable)
         self.optimizer = optim.make_optimizer(cfg.optimizer, cfg.trainer.steps, trainable_params)
-        self.state = create_train_state(model, self.optimizer, mesh=self.mesh, rules=self.rules,
-                                        seed=cfg.run.seed, trainable=trainable)
+        self.loss_fn = make_objective(cfg.trainer)  # the objective
+        self._check_objective(self.loss_fn)
+        self.state = create_train_state(
+            model, self.optimizer, mesh=self.mesh, rules=self.rules, seed=cfg.run.seed,
+            trainable=trainable,
+            keep_reference=self.loss_fn.needs_reference and cfg.lora.rank == 0)
         self.num_params = count_params(self.state.params) + count_params(self.state.frozen)
         self.num_trainable = count_params(self.state.params)
 
-        self.loss_fn = loss.make_loss_fn(cfg.trainer)
         train_loss = self.loss_fn
         if cfg.lora.rank > 0 and cfg.lora.dropout > 0:  # dropout in the train step only
             from jaxtune.lora import with_dropout
@@ -119,6 +124,13 @@ class Trainer:
                               seed=self.cfg.run.seed)
         return model, nnx.Param
 
+    def _check_objective(self, objective) -> None:
+        formats = objective.data_formats
+        if formats is not None and self.cfg.data.format not in formats:
+            raise JaxtuneError(
+                f"trainer.objective '{objective.name}' trains on data.format "
+                f"{' or '.join(formats)}, but data.format is '{self.cfg.data.format}'.")
+
     # ------------------------------------------------------------------ evaluation
 
     def evaluate(self) -> dict[str, float] | None:
@@ -128,16 +140,16 @@ class Trainer:
         from jaxtune import data
 
         it = data.make_batch_iterator(self.cfg, self.tokenizer, split="eval")
-        total, tokens = 0.0, 0.0
+        sums: dict[str, float] = {}
         for i, host_batch in enumerate(it):
             if self.cfg.trainer.eval_batches and i >= self.cfg.trainer.eval_batches:
                 break
             out = jax.device_get(self.eval_step(self.state, self.to_global(host_batch)))
-            total += float(out["loss_sum"])
-            tokens += float(out["num_tokens"])
-        loss = total / max(tokens, 1.0)
-        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)),
-                "eval_tokens": tokens}
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        if not sums:
+            sums = {"loss_sum": 0.0, "count": 0.0}
+        return self.loss_fn.eval_metrics(sums)
 
     # ------------------------------------------------------------------ the loop
 

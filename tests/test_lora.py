@@ -13,8 +13,8 @@ from flax import nnx
 from jaxtune import lora
 from jaxtune.config import ConfigError, LoraConfig, MeshConfig, OptimizerConfig, TrainerConfig
 from jaxtune.export.tensors import iter_hf_tensors as to_hf_tensors
-from jaxtune.loss import make_loss_fn
 from jaxtune.mesh import make_mesh
+from jaxtune.objectives import make_loss_fn
 from jaxtune.optim import make_optimizer
 from jaxtune.quant import NF4_CODEBOOK, QuantizedKernel, QuantizedParam, quantize_kernel
 from jaxtune.sharding import make_rules

@@ -19,7 +19,6 @@ from jaxtune.loss import (
     cross_entropy_loss,
     full_logits_cross_entropy_loss,
     load_callable,
-    make_loss_fn,
 )
 
 V, D, B, T = 389, 72, 3, 37  # odd sizes: 111 tokens never divide a chunk evenly
@@ -226,13 +225,19 @@ def test_load_callable_finds_working_directory(tmp_path, monkeypatch):
 
 
 def test_make_loss_fn(model):
-    cfg = types.SimpleNamespace(loss_fn="", loss_chunk_size=16, z_loss=1e-2)
+    from jaxtune.objectives import make_loss_fn
+
+    cfg = types.SimpleNamespace(loss_fn="", loss_chunk_size=16, z_loss=1e-2, objective="sft")
     batch = make_batch(5)
     loss, _ = make_loss_fn(cfg)(model, batch)
     ref, _ = full_logits_cross_entropy_loss(model, batch, z_loss=1e-2)
     np.testing.assert_allclose(loss, ref, rtol=1e-6)
     cfg.loss_fn = "jaxtune.loss:full_logits_cross_entropy_loss"
-    assert make_loss_fn(cfg) is full_logits_cross_entropy_loss
+    assert make_loss_fn(cfg).loss is full_logits_cross_entropy_loss
+    cfg.objective = "no-such-objective"
+    with pytest.raises(JaxtuneError, match="trainer.objective 'no-such-objective'"):
+        make_loss_fn(cfg)
+    cfg.objective = "sft"
     cfg.loss_fn = "jaxtune.loss:DEFAULT_CHUNK_SIZE"
     with pytest.raises(ImportPathError, match="not a function"):
         make_loss_fn(cfg)

@@ -57,7 +57,7 @@ def half_loss(model, batch):
 
 def test_custom_loss_by_import_path(tiny_hf_model):
     from jaxtune.config import TrainerConfig
-    from jaxtune.loss import make_loss_fn
+    from jaxtune.objectives import make_loss_fn
 
     custom = make_loss_fn(TrainerConfig(loss_fn="tests.test_train_step:half_loss"))
     base, _, _ = _run(tiny_hf_model("llama"), steps=1)

@@ -7,8 +7,8 @@ import optax
 from flax import nnx
 
 from jaxtune.config import MeshConfig, OptimizerConfig, TrainerConfig
-from jaxtune.loss import make_loss_fn
 from jaxtune.mesh import make_mesh
+from jaxtune.objectives import make_loss_fn
 from jaxtune.optim import make_optimizer
 from jaxtune.sharding import batch_sharding, make_rules
 from jaxtune.train_state import create_train_state
@@ -53,7 +53,7 @@ def make_stepper(model_dir, mesh_sizes=(1, 1, 1), devices=None, *, grad_accum_st
 def put(batch: dict[str, np.ndarray], mesh) -> dict:
     import jax
 
-    return {k: jax.device_put(v, batch_sharding(mesh)) for k, v in batch.items()}
+    return {k: jax.device_put(v, batch_sharding(mesh, ndim=np.ndim(v))) for k, v in batch.items()}
 
 
 def params_numpy(state) -> dict[str, np.ndarray]:

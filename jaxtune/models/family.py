@@ -25,6 +25,7 @@ import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import jax
@@ -127,11 +128,11 @@ def _discover() -> None:
     if _discovered:
         return
     _discovered = True
-    import jaxtune.models as models_pkg
-
-    for info in pkgutil.iter_modules(models_pkg.__path__):
+    # This module's own folder is jaxtune/models: every package in it is a family.
+    package = __name__.rpartition(".")[0]
+    for info in pkgutil.iter_modules([str(Path(__file__).parent)]):
         if info.ispkg:
-            importlib.import_module(f"jaxtune.models.{info.name}")
+            importlib.import_module(f"{package}.{info.name}")
     for entry in metadata.entry_points(group=ENTRY_POINT_GROUP):
         importlib.import_module(entry.value.split(":")[0])
 

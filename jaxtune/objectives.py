@@ -1,0 +1,176 @@
+"""Training objectives: a loss plus what it needs, named in the config (``trainer.objective``).
+
+An :class:`Objective` is what the one train step and the one loop need to know about an
+objective, so SFT, DPO, ORPO or SimPO are each "one function" and never a trainer class:
+
+- ``loss(model, batch) -> (loss, aux)``: this micro-batch's contribution (see ``loss.py``);
+- ``batch_axes``: the batch's per-row keys and their logical axes. The step splits
+  micro-batches along ``batch`` and shards each key by these axes; a key a batch carries that
+  is not declared is an error, not silently shared;
+- ``denominator(batch)``: the normaliser over the whole global batch (all micro-batches, all
+  devices), set as ``batch["loss_denominator"]`` before the loss runs. Token cross-entropy
+  counts trained tokens; a per-sequence objective counts sequences;
+- ``eval_metrics(sums)``: reported metrics from eval sums (``loss_sum``, ``count``, ``aux``);
+- ``data_formats``: the ``data.format`` values it trains on (None: any token format);
+- ``needs_reference``: whether the loss calls :func:`reference_model`.
+
+An objective is callable as its loss, so it is passed to ``train_step`` as ``loss_fn``; a
+plain function there gets SFT's axes and normaliser. Objectives register themselves with
+:func:`register_objective`; ``sft`` is built in.
+
+The reference model (DPO-style objectives) is :func:`reference_model` inside the loss: the
+frozen copy in the train state when the run keeps one (full fine-tuning), else the same model
+with its LoRA adapters disabled (no second copy of the weights, PEFT's ``disable_adapter``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxtune.errors import JaxtuneError
+from jaxtune.loss import cross_entropy_loss, load_loss_fn
+
+Batch = dict[str, jax.Array]
+
+#: The token batch every text format produces (``jaxtune.data``): ``[B, T]`` arrays.
+TOKEN_AXES: Mapping[str, tuple[str, ...]] = {
+    "input_ids": ("batch", "seq"),
+    "targets": ("batch", "seq"),
+    "loss_mask": ("batch", "seq"),
+    "segment_ids": ("batch", "seq"),
+    "positions": ("batch", "seq"),
+}
+
+
+def trained_tokens(batch: Batch) -> jax.Array:
+    """Token cross-entropy's normaliser: trained tokens in the batch (at least 1)."""
+    return jnp.maximum(batch["loss_mask"].astype(jnp.float32).sum(), 1.0)
+
+
+def token_eval_metrics(sums: Mapping[str, float]) -> dict[str, float]:
+    """Held-out mean token NLL and perplexity from summed NLL and trained tokens."""
+    tokens = float(sums["count"])
+    loss = float(sums.get("nll_sum", sums["loss_sum"])) / max(tokens, 1.0)
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)),
+            "eval_tokens": tokens}
+
+
+@dataclass(frozen=True)
+class Objective:
+    """One objective (see the module docstring)."""
+
+    name: str
+    loss: Callable[[Any, Batch], tuple[jax.Array, dict[str, jax.Array]]]
+    batch_axes: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: dict(TOKEN_AXES))
+    denominator: Callable[[Batch], jax.Array] = trained_tokens
+    eval_metrics: Callable[[Mapping[str, float]], dict[str, float]] = token_eval_metrics
+    data_formats: tuple[str, ...] | None = None
+    needs_reference: bool = False
+
+    def __call__(self, model: Any, batch: Batch):
+        return self.loss(model, batch)
+
+    def with_loss(self, loss: Callable) -> Objective:
+        """The same objective around another loss (e.g. the loss wrapped for LoRA dropout)."""
+        return Objective(self.name, loss, self.batch_axes, self.denominator, self.eval_metrics,
+                         self.data_formats, self.needs_reference)
+
+
+def batch_axes_of(loss_fn: Any) -> Mapping[str, tuple[str, ...]]:
+    """The per-row keys of the batch ``loss_fn`` trains on (SFT's for a plain function)."""
+    return getattr(loss_fn, "batch_axes", TOKEN_AXES)
+
+
+def denominator_of(loss_fn: Any) -> Callable[[Batch], jax.Array]:
+    return getattr(loss_fn, "denominator", trained_tokens)
+
+
+def eval_metrics_of(loss_fn: Any) -> Callable[[Mapping[str, float]], dict[str, float]]:
+    return getattr(loss_fn, "eval_metrics", token_eval_metrics)
+
+
+# --------------------------------------------------------------------------- registry
+
+_OBJECTIVES: dict[str, Callable[[Any], Objective]] = {}
+
+
+def register_objective(name: str, build: Callable[[Any], Objective]) -> None:
+    """Make ``trainer.objective: name`` build its objective with ``build(trainer_cfg)``."""
+    _OBJECTIVES[name] = build
+
+
+def objective_names() -> list[str]:
+    return sorted(_OBJECTIVES)
+
+
+def make_objective(trainer_cfg: Any) -> Objective:
+    """The objective ``trainer.objective`` names, with the config's settings bound in.
+    ``trainer.loss_fn`` (an import path) replaces its loss and keeps the rest."""
+    name = getattr(trainer_cfg, "objective", "sft") or "sft"
+    build = _OBJECTIVES.get(name)
+    if build is None:
+        raise JaxtuneError(f"trainer.objective '{name}' is not an objective; use one of "
+                           f"{', '.join(objective_names())}.")
+    objective = build(trainer_cfg)
+    if trainer_cfg.loss_fn:
+        objective = objective.with_loss(load_loss_fn(trainer_cfg.loss_fn))
+    return objective
+
+
+def _sft(trainer_cfg: Any) -> Objective:
+    return Objective("sft", functools.partial(cross_entropy_loss,
+                                              chunk_size=trainer_cfg.loss_chunk_size,
+                                              z_loss=trainer_cfg.z_loss))
+
+
+register_objective("sft", _sft)
+
+
+# --------------------------------------------------------------------------- reference
+
+_reference = threading.local()
+
+
+@contextlib.contextmanager
+def reference_available(frozen_reference: Any) -> Iterator[None]:
+    """Within this context (the train step, at trace time) the reference model is
+    ``frozen_reference`` (an NNX model) or, when None, the trained model with adapters off."""
+    prev = getattr(_reference, "value", None)
+    _reference.value = frozen_reference
+    try:
+        yield
+    finally:
+        _reference.value = prev
+
+
+@contextlib.contextmanager
+def reference_model(model: Any) -> Iterator[Any]:
+    """The reference for ``model``: the train state's frozen copy when the run keeps one,
+    else ``model`` itself with its LoRA adapters disabled. Gradients never reach it."""
+    frozen = getattr(_reference, "value", None)
+    if frozen is not None:
+        yield frozen
+        return
+    from jaxtune import lora
+
+    if not lora.has_adapters(model):
+        raise JaxtuneError(
+            "This objective needs a reference model: train with LoRA (lora.rank > 0; the base "
+            "with adapters disabled is the reference), or keep a frozen copy for full "
+            "fine-tuning (the trainer does when the objective needs one).")
+    with lora.adapters_disabled():
+        yield model
+
+
+def make_loss_fn(trainer_cfg: Any) -> Objective:
+    """The run's objective, callable as ``loss_fn(model, batch)`` (see :func:`make_objective`)."""
+    return make_objective(trainer_cfg)
