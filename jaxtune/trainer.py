@@ -103,6 +103,9 @@ class Trainer:
         self.flops_per_token = metrics.flops_per_token(self.model_config, cfg.data.seq_len)
         self.peak_flops = metrics.device_peak_flops(jax.devices()[0], cfg.model.compute_dtype,
                                                     peak_tflops=cfg.logging.peak_tflops)
+        self.throughput = metrics.Throughput(
+            cfg.trainer.global_batch_size * cfg.data.seq_len, self.flops_per_token,
+            jax.device_count(), self.peak_flops)
         self._metrics = metrics
 
     def _load_model(self):
@@ -221,12 +224,7 @@ class Trainer:
         return values
 
     def _throughput(self, elapsed: float, tokens: float) -> dict[str, float]:
-        n = jax.device_count()
-        tps = tokens / max(elapsed, 1e-9)
-        out = {"step_time_s": elapsed, "tokens_per_s": tps, "tokens_per_s_per_device": tps / n}
-        if self.peak_flops:
-            out["mfu"] = tps * self.flops_per_token / (self.peak_flops * n)
-        return out
+        return self.throughput(elapsed, tokens)
 
     def _compile(self, batch):
         tick = time.perf_counter()
