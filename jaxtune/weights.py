@@ -34,6 +34,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from safetensors import safe_open
 
+from jaxtune.dtypes import LOADABLE_CODES
 from jaxtune.errors import JaxtuneError
 from jaxtune.models import Family, abstract_model, get_family, init_model
 from jaxtune.models.build import single_device_mesh
@@ -43,7 +44,7 @@ from jaxtune.sharding import Rules, state_shardings
 __all__ = ["CheckpointError", "checkpoint_index", "from_pretrained", "init_model",
            "load_hf_config", "resolve_model_dir"]
 
-SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+SAFETENSORS_DTYPES = LOADABLE_CODES  # the safetensors codes a checkpoint may hold
 INDEX_FILE = "model.safetensors.index.json"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]

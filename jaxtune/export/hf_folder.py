@@ -26,9 +26,10 @@ from typing import Any
 
 import numpy as np
 
+from jaxtune.dtypes import FLOAT_DTYPES
 from jaxtune.export.errors import ExportError
 
-EXPORT_DTYPES = ("float32", "bfloat16", "float16")
+EXPORT_DTYPES = FLOAT_DTYPES
 _PROBE_USER = "jaxtune export probe question"
 _PROBE_REPLY = "jaxtune export probe reply"
 

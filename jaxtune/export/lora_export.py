@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
+from jaxtune.dtypes import numpy_dtype
 from jaxtune.export import hf_folder
 from jaxtune.export.errors import ExportError
 from jaxtune.export.run_dir import RunCheckpoint, SavedArray
@@ -73,12 +74,6 @@ def find_adapters(ckpt: RunCheckpoint) -> dict[str, Adapter]:
 # --------------------------------------------------------------------------- the base
 
 
-def _np_dtype(code: str) -> np.dtype:
-    import jax.numpy as jnp
-
-    return np.dtype(jnp.dtype({"F32": "float32", "BF16": "bfloat16", "F16": "float16"}[code]))
-
-
 def base_sources(base_dir: Path, config: Any, scan_layers: bool) -> dict[str, ParamSource]:
     """Lazy sources for every base parameter, read from the original safetensors (in their
     dtype, unquantised) and laid out as jaxtune parameters by the family's table."""
@@ -92,7 +87,7 @@ def base_sources(base_dir: Path, config: Any, scan_layers: bool) -> dict[str, Pa
 
     out = {}
     for path, plan in plans.items():
-        dtype = _np_dtype(next(iter(plan.sources.values())).dtype)
+        dtype = numpy_dtype(next(iter(plan.sources.values())).dtype)
 
         def read(lo: int, hi: int, plan=plan, dtype=dtype) -> np.ndarray:
             whole = [slice(0, n) for n in plan.shape]

@@ -23,14 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxtune.dtypes import SAFETENSORS_CODES
 from jaxtune.export.errors import ExportError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
-_CODES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64",
-          "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8",
-          "bool": "BOOL"}
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -47,7 +45,7 @@ def parse_size(size: str | int) -> int:
 
 def dtype_code(dtype: np.dtype) -> str:
     try:
-        return _CODES[np.dtype(dtype).name]
+        return SAFETENSORS_CODES[np.dtype(dtype).name]
     except KeyError:
         raise ExportError(f"dtype {dtype} cannot be written to safetensors.") from None
 
