@@ -206,10 +206,14 @@ def staged_output(out: Path, overwrite: bool) -> Iterator[Path]:
     On any exception the temporary folder is removed and ``out`` is untouched.
     """
     check_output(out, overwrite)
+    created = [p for p in out.absolute().parents if not p.exists()]  # deepest first
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     except OSError as err:  # a race with the checks above, or a file system that refuses
+        for p in created:  # leave no empty folders behind
+            with contextlib.suppress(OSError):
+                p.rmdir()
         raise _os_problem(out, err) from None
     umask = os.umask(0)
     os.umask(umask)
