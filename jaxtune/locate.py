@@ -68,14 +68,16 @@ def quickstart_model_dir() -> Path:
     return root / QUICKSTART_MODEL
 
 
-def _where(key: str) -> str:
-    return f"{key} is " if key else ""
+def _subject(key: str, text: str) -> str:
+    """``model.path is 'x', which is`` with a key, ``'x' is`` without one."""
+    return f"{key} is '{text}', which is" if key else f"'{text}' is"
 
 
 def _missing_folder(text: str, path: Path, key: str) -> CheckpointError:
     full = path.absolute()
     shown = f"'{text}'" + (f" ({full})" if str(full) != text else "")
-    msg = f"{_where(key)}{shown}: that folder does not exist."
+    msg = (f"{key} is {shown}: that folder does not exist." if key
+           else f"Model folder {shown} does not exist.")
     if path.name == QUICKSTART_MODEL:
         built = quickstart_model_dir()
         msg += (" It is the quickstart's model: build it once with `python "
@@ -105,7 +107,7 @@ def resolve_model_dir(path_or_hub_id: str | os.PathLike, key: str = "") -> Path:
         return path
     if path.exists():
         raise CheckpointError(
-            f"{_where(key)}'{text}', a file; give the folder that holds it "
+            f"{_subject(key, text)} a file; give the folder that holds it "
             f"({path.absolute().parent}), with config.json and *.safetensors.")
     if looks_local(text):
         raise _missing_folder(text, path, key)
@@ -119,15 +121,15 @@ def resolve_model_dir(path_or_hub_id: str | os.PathLike, key: str = "") -> Path:
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as err:
         if offline:
             raise CheckpointError(
-                f"{_where(key)}'{text}', which is not a local folder, so it was taken for a "
-                "Hugging Face hub id; the hub is unreachable offline (HF_HUB_OFFLINE is set) "
-                f"and the model is not in the Hugging Face cache ({cache}). Download it once "
+                f"{_subject(key, text)} not a local folder, so it was taken for a Hugging Face "
+                "hub id; the hub is unreachable offline (HF_HUB_OFFLINE is set) and the model "
+                f"is not in the Hugging Face cache ({cache}). Download it once "
                 f"with network access (`hf download {text}`), point HF_HUB_CACHE at a cache "
                 "that has it, or give a local folder (./name for one in this directory)."
             ) from None
         raise CheckpointError(
-            f"{_where(key)}'{text}', which is not a local folder and could not be fetched "
-            f"from the Hugging Face hub into {cache}: {err}"
+            f"{_subject(key, text)} not a local folder and could not be fetched from the "
+            f"Hugging Face hub into {cache}: {err}"
         ) from None
 
 

@@ -76,7 +76,7 @@ def test_safetensors_file_instead_of_its_folder(tiny_hf_model, tmp_path, capsys)
     file = tiny_hf_model("llama") / "model.safetensors"
     for command in ("train", "inspect-data"):
         msg = fails(capsys, command, recipe(tmp_path, {"path": str(file)}))
-        assert f"model.path is '{file}', a file; give the folder that holds it " \
+        assert f"model.path is '{file}', which is a file; give the folder that holds it " \
                f"({file.parent})" in msg
 
 

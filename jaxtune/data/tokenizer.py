@@ -75,7 +75,7 @@ def resolve_chat_template(value: str, tokenizer=None) -> str:
 
 # Any one of these makes a folder loadable by AutoTokenizer.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
-                    "spiece.model", "sentencepiece.bpe.model")
+                    "vocab.txt", "tekken.json", "spiece.model", "sentencepiece.bpe.model")
 
 
 def load_tokenizer(cfg):
