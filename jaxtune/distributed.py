@@ -163,7 +163,11 @@ def _initialize_explicit(cfg: DistributedConfig) -> None:
     if cfg.process_id == 0:
         _check_port_free(port, cfg)
     _cpu_collectives()
-    watchdog = _Watchdog(cfg.timeout_seconds, lambda: _join_timeout_message(cfg))
+    # A process other than 0 watches for the coordinator during the whole wait, so the
+    # diagnosis does not depend on whether process 0 is still up at the very end.
+    probe = None if cfg.process_id == 0 else _CoordinatorProbe(host, port)
+    watchdog = _Watchdog(cfg.timeout_seconds, lambda: _join_timeout_message(
+        cfg, reached=probe is not None and probe.reached()))
     kwargs = dict(coordinator_address=cfg.coordinator_address,
                   num_processes=cfg.num_processes, process_id=cfg.process_id,
                   initialization_timeout=_jax_timeout(cfg))
@@ -177,6 +181,8 @@ def _initialize_explicit(cfg: DistributedConfig) -> None:
         raise
     except Exception as e:  # the runtime's errors name neither the setting nor the fix
         watchdog.cancel()
+        if probe is not None:
+            probe.stop()
         hint = _BACKEND_HINT if "must be called before" in str(e) else (
             "Check distributed.coordinator_address (reachable host:port of process 0), that "
             "every process uses the same distributed.num_processes, and that each has its own "
@@ -186,6 +192,8 @@ def _initialize_explicit(cfg: DistributedConfig) -> None:
             f"at {cfg.coordinator_address}: {e}. {hint}"
         ) from e
     watchdog.cancel()
+    if probe is not None:
+        probe.stop()
 
 
 _BACKEND_HINT = (
@@ -259,8 +267,36 @@ def _reachable(host: str, port: int, timeout: float = 2.0) -> bool:
         return False
 
 
-def _join_timeout_message(cfg: DistributedConfig) -> str:
-    """Why the processes did not all join, as far as this process can tell."""
+class _CoordinatorProbe:
+    """Polls process 0's port until it answers once (a plain TCP connect, then closed)."""
+
+    def __init__(self, host: str, port: int, interval: float = 0.5):
+        self._reached = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(host, port, interval),
+                                        name="jaxtune-coordinator-probe", daemon=True)
+        self._thread.start()
+
+    def _run(self, host: str, port: int, interval: float) -> None:
+        while not self._stop.is_set():
+            if _reachable(host, port, timeout=interval):
+                self._reached.set()
+                return
+            self._stop.wait(interval)
+
+    def reached(self) -> bool:
+        return self._reached.is_set()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def _join_timeout_message(cfg: DistributedConfig, reached: bool = False) -> str:
+    """Why the processes did not all join, as far as this process can tell.
+
+    ``reached``: the coordinator answered at some point during the wait (it may have given
+    up and gone since).
+    """
     host, port = parse_address(cfg.coordinator_address)
     waited = f"within distributed.timeout_seconds={cfg.timeout_seconds}s"
     same = (f"Start all {cfg.num_processes} processes with the same "
@@ -271,7 +307,7 @@ def _join_timeout_message(cfg: DistributedConfig) -> str:
                 f"distributed.num_processes={cfg.num_processes} processes joined {waited}. "
                 f"{same} Check that the others can reach {cfg.coordinator_address} (firewall, "
                 "the address of this machine) and that none of them failed at start-up.")
-    if not _reachable(host, port):
+    if not (reached or _reachable(host, port)):
         return (f"Process {cfg.process_id} found no coordinator at "
                 f"distributed.coordinator_address={cfg.coordinator_address} {waited}: nothing "
                 f"answered on port {port} of {host}. Check the address (it must be the machine "

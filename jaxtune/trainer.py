@@ -43,6 +43,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         distributed.initialize(cfg.distributed)
         from jaxtune import data, loss, metrics, optim
+        from jaxtune.data.tokenizer import check_vocab_fits
         from jaxtune.mesh import check_batch, make_mesh
         from jaxtune.objectives import make_objective
         from jaxtune.sharding import make_rules
@@ -50,6 +51,11 @@ class Trainer:
         from jaxtune.train_step import jit_eval_step, jit_train_step, train_step
 
         self.cfg = cfg
+        if not cfg.model.path:
+            raise JaxtuneError("model.path is empty: set it to a Hugging Face folder or hub id.")
+        from jaxtune.locate import check_model_paths
+
+        check_model_paths(cfg)  # before the run directory and the tokenizer: name a bad path
         self.run_dir = cfg.run.output_dir
         self.main = distributed.is_main_process()
         if not self.main:  # one log for the job (process 0's); the others report only trouble
@@ -63,6 +69,7 @@ class Trainer:
                     self.rules)
 
         self.tokenizer = data.load_tokenizer(cfg)
+        check_vocab_fits(self.tokenizer, cfg)  # ids past the embedding would give NaN at step 1
         model, trainable = self._load_model()
         self.model_config = model.config
         self.schedule = optim.make_schedule(cfg.optimizer, cfg.trainer.steps)

@@ -36,6 +36,7 @@ from safetensors import safe_open
 
 from jaxtune.dtypes import LOADABLE_CODES
 from jaxtune.errors import JaxtuneError
+from jaxtune.locate import CheckpointError, hf_config_file, read_hf_config, resolve_model_dir
 from jaxtune.models import Family, abstract_model, get_family, init_model
 from jaxtune.models.build import single_device_mesh
 from jaxtune.models.table import ParamTable, Transform
@@ -47,83 +48,17 @@ __all__ = ["CheckpointError", "checkpoint_index", "from_pretrained", "init_model
 SAFETENSORS_DTYPES = LOADABLE_CODES  # the safetensors codes a checkpoint may hold
 INDEX_FILE = "model.safetensors.index.json"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-_HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
-
-
-class CheckpointError(JaxtuneError, ValueError):
-    """The folder, its config.json or its safetensors cannot become the model; says why."""
 
 
 # --------------------------------------------------------------------------- locating
-
-
-def _hub_offline() -> bool:
-    from huggingface_hub import constants
-
-    env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-    return env or bool(constants.HF_HUB_OFFLINE)
-
-
-def _hub_cache_dir() -> str:
-    # Read at call time (huggingface_hub reads these once, at import).
-    if os.environ.get("HF_HUB_CACHE"):
-        return os.environ["HF_HUB_CACHE"]
-    if os.environ.get("HF_HOME"):
-        return os.path.join(os.environ["HF_HOME"], "hub")
-    from huggingface_hub import constants
-
-    return constants.HF_HUB_CACHE
-
-
-def resolve_model_dir(path_or_hub_id: str | os.PathLike) -> Path:
-    """A local model folder for a path or a hub id (``org/name``), via the HF cache.
-
-    Hub ids go through ``huggingface_hub.snapshot_download`` (config, safetensors and
-    tokenizer files only), which respects ``HF_HUB_OFFLINE`` and the cache location.
-    """
-    path = Path(path_or_hub_id).expanduser()
-    if path.is_dir():
-        return path
-    text = str(path_or_hub_id)
-    if path.exists():
-        raise CheckpointError(f"{text} is a file; give the model folder that holds config.json.")
-    looks_local = text.startswith((".", "/", "~")) or text.count("/") > 1 or os.sep != "/"
-    if looks_local or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", text):
-        raise CheckpointError(f"Model folder {text} does not exist.")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    offline, cache = _hub_offline(), _hub_cache_dir()
-    try:
-        return Path(snapshot_download(text, allow_patterns=_HUB_FILES, cache_dir=cache,
-                                      local_files_only=offline))
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as err:
-        if offline:
-            raise CheckpointError(
-                f"'{text}' is not a local folder, HF_HUB_OFFLINE is set, and the model is not "
-                f"in the Hugging Face cache ({cache}). Download it once with network access "
-                f"(`hf download {text}`), point HF_HUB_CACHE at a cache that has it, or pass "
-                "a local folder."
-            ) from None
-        raise CheckpointError(
-            f"'{text}' is not a local folder and could not be fetched from the Hugging Face "
-            f"hub into {cache}: {err}"
-        ) from None
+# Paths and hub ids are resolved in jaxtune.locate (light: every command checks them first).
 
 
 def load_hf_config(path: str | os.PathLike) -> dict[str, Any]:
     """The ``config.json`` of a model folder (or hub id) as a dict."""
     path = Path(path)
-    file = path if path.is_file() else resolve_model_dir(path) / "config.json"
-    if not file.is_file():
-        raise CheckpointError(
-            f"{file.parent} has no config.json; a Hugging Face model folder needs config.json "
-            "and *.safetensors."
-        )
-    try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{file} is not valid JSON: {err}") from None
+    file = path if path.is_file() else hf_config_file(resolve_model_dir(path))
+    return read_hf_config(file)
 
 
 # --------------------------------------------------------------------------- the checkpoint

@@ -35,23 +35,44 @@ def read_metrics(run_dir: Path) -> tuple[list[tuple[int, float]], list[tuple[int
     return sorted(train.items()), sorted(evals.items())
 
 
-def plot(train, evals, out: Path) -> None:
+def loss_figure(train, evals):
+    """The loss curve: train loss at every step (a line), held-out loss where it was measured.
+
+    Held-out evaluations are few, so they are drawn as points with their values, not joined:
+    a line between two of them would read as a measured trend.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-    ax.plot(*zip(*train, strict=True), label="train loss (trained tokens)", lw=1.2)
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss (trained tokens)", lw=1.2)
     if evals:
-        ax.plot(*zip(*evals, strict=True), "o-", label="held-out loss", lw=1.5)
+        steps, losses = zip(*evals, strict=True)
+        ax.plot(steps, losses, linestyle="none", marker="o", markersize=7, color="C1",
+                label=f"held-out loss ({len(evals)} evaluations)")
+        for step, loss in evals:
+            ax.annotate(f"{loss:.2f}", (step, loss), textcoords="offset points",
+                        xytext=(0, 8), ha="center", fontsize=8, color="C1")
     ax.set_xlabel("step")
     ax.set_ylabel("token cross-entropy")
-    ax.set_title("jaxtune quickstart: SmolLM2-135M-Instruct + LoRA on Nimbrel Sync support")
+    ax.set_title("jaxtune quickstart: SmolLM2-135M-Instruct + LoRA on Nimbrel Sync support",
+                 fontsize=10)
+    ax.margins(x=0.04, y=0.12)  # room for the value labels above the points
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
+    return fig
+
+
+def plot(train, evals, out: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = loss_figure(train, evals)
     fig.savefig(out)
+    plt.close(fig)
 
 
 def answer(model, tokenizer, messages, max_new_tokens: int) -> str:
@@ -99,6 +120,9 @@ def main() -> int:
         "",
         f"Held-out loss: {before:.3f} before, {after:.3f} after fine-tuning "
         f"({drop:.0%} lower) over {evals[-1][0]} steps.",
+        "",
+        "Held-out loss by step: " + ", ".join(f"{step}: {loss:.3f}" for step, loss in evals)
+        + ".",
         "",
         "![loss curve](loss_curve.png)",
         "",

@@ -6,6 +6,6 @@ cd "$(dirname "$0")/.."
 source scripts/setup_env.sh test
 export JAX_PLATFORMS=cpu HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 python -m ruff check jaxtune tests scripts examples
-python -m pytest tests "$@"
+JAXTUNE_MULTIDEVICE_LATER=1 python -m pytest tests "$@"  # multidevice: next, in its own process
 JAXTUNE_MULTIDEVICE=1 XLA_FLAGS=--xla_force_host_platform_device_count=8 \
   python -m pytest tests/multidevice "$@"

@@ -1,5 +1,8 @@
 """Shared pytest setup. Multi-device tests live in tests/multidevice and run in their own
-process (scripts/test.sh sets XLA_FLAGS for 8 fake CPU devices before JAX starts).
+process, with XLA_FLAGS for 8 fake CPU devices set before JAX starts: a plain ``pytest tests``
+starts that process from tests/test_multidevice_suite.py, and scripts/test.sh runs it itself.
+The folder is collected here only with ``JAXTUNE_MULTIDEVICE`` set (the fake devices then must
+be configured already; its own conftest fails, never skips, without them).
 
 Session-scoped fixtures live in tests/fixtures_<area>.py and are registered here by import,
 so each is built once per test session.

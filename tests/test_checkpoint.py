@@ -243,9 +243,16 @@ KILL_DURING_SAVE = textwrap.dedent("""
     data.pos = 1
     ck.save(1, state.replace(step=state.step + 1), data)
     ck.wait()
+    # Die inside step 2's background save, once its files are written but before they are
+    # committed (renamed into place): a known point, however fast or slow the write is.
+    from orbax.checkpoint._src.path import atomicity
+    async def die(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGKILL)
+    atomicity.AtomicRenameTemporaryPath.finalize = die
     data.pos = 2
     ck.save(2, state.replace(step=state.step + 2), data)  # returns once copied to host
-    os.kill(os.getpid(), signal.SIGKILL)  # dies while the background write runs
+    ck.wait()  # never returns: the background save kills the process
+    sys.exit("step 2 was committed: the kill hook never ran (did Orbax's atomicity move?)")
 """)
 
 

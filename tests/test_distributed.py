@@ -1,11 +1,16 @@
 """``jaxtune.distributed``: processes that cannot join fail in bounded time, saying why.
 
 The subprocess tests run the real ``jaxtune train`` CLI with ``distributed.initialize:
-explicit`` on loopback and a 5 s ``distributed.timeout_seconds``: a wrong coordinator address,
-more processes expected than started, and processes that disagree on the count must each
-exit with status 2 and a message naming the setting, well before JAX's own deadline (JAX
-would block, then abort with ``DEADLINE_EXCEEDED``). Address checks and cluster detection run
-in this process: they finish before JAX is asked to connect.
+explicit`` on loopback: a wrong coordinator address, a coordinator left alone, more processes
+expected than started, and processes that disagree on the count must each exit with status 2
+and a message naming the setting (JAX itself would block, then abort the process with
+``DEADLINE_EXCEEDED``: another status, no such message). Address checks and cluster detection
+run in this process: they finish before JAX is asked to connect.
+
+No test depends on which process starts first or how fast: where one process must meet
+another, process 0 is started first and the next one only once process 0's coordinator is
+listening (a condition polled, not a sleep), and process 0 then gets a timeout far longer than
+the wait it serves. Time bounds only catch hangs; they hold on a loaded machine.
 """
 
 from __future__ import annotations
@@ -23,8 +28,9 @@ from jaxtune.config import DistributedConfig
 from jaxtune.distributed import DistributedError, detect_cluster, initialize, parse_address
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TIMEOUT = 5  # distributed.timeout_seconds in the subprocess tests
-BOUND = TIMEOUT + 25  # generous for start-up on a loaded machine; JAX alone would wait longer
+TIMEOUT = 5  # distributed.timeout_seconds of a process expected to give up
+PATIENT = 300  # that of a process that must outlast the others (it is killed, or fails fast)
+BOUND = 240  # catches a hang; start-up on a loaded 2-core machine takes far less
 
 
 def free_port() -> int:
@@ -45,13 +51,14 @@ def recipe(tmp_path_factory) -> str:
     return str(path)
 
 
-def train(recipe: str, run_dir: str, *, address: str, num: int, pid: int) -> subprocess.Popen:
+def train(recipe: str, run_dir: str, *, address: str, num: int, pid: int,
+          timeout: int = TIMEOUT) -> subprocess.Popen:
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cmd = [sys.executable, "-m", "jaxtune.cli", "train", recipe, f"--run.output_dir={run_dir}",
            "--distributed.initialize=explicit", f"--distributed.coordinator_address={address}",
            f"--distributed.num_processes={num}", f"--distributed.process_id={pid}",
-           f"--distributed.timeout_seconds={TIMEOUT}"]
+           f"--distributed.timeout_seconds={timeout}"]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env, cwd=ROOT)
 
@@ -61,12 +68,27 @@ def wait_all(procs: list[subprocess.Popen]) -> tuple[list[int], list[str], float
     outs = []
     try:
         for p in procs:
-            outs.append(p.communicate(timeout=BOUND + 30)[0])
+            outs.append(p.communicate(timeout=BOUND)[0])
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
     return [p.returncode for p in procs], outs, time.monotonic() - tick
+
+
+def start_coordinator(recipe: str, run_dir: str, address: str, num: int) -> subprocess.Popen:
+    """Process 0 with a long timeout, returned once its coordinator accepts connections."""
+    proc = train(recipe, run_dir, address=address, num=num, pid=0, timeout=PATIENT)
+    host, port = parse_address(address)
+    deadline = time.monotonic() + BOUND
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with socket.create_connection((host, port), timeout=1.0):
+                return proc
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise AssertionError(f"process 0 never listened on {address}: {proc.communicate()[0]}")
 
 
 def error_line(out: str) -> str:
@@ -87,22 +109,39 @@ def test_wrong_coordinator_address_fails_in_bounded_time(recipe, tmp_path):
     assert "Traceback" not in outs[0]
 
 
+def test_coordinator_left_alone_fails_in_bounded_time(recipe, tmp_path):
+    rcs, outs, took = wait_all([train(recipe, str(tmp_path), address=f"127.0.0.1:{free_port()}",
+                                      num=2, pid=0)])
+    assert rcs == [2], outs[0][-3000:]
+    assert took < BOUND, took
+    msg = error_line(outs[0])
+    assert "not all distributed.num_processes=2 processes joined" in msg
+    assert f"timeout_seconds={TIMEOUT}s" in msg and "Traceback" not in outs[0]
+
+
 def test_more_processes_expected_than_started_fails_in_bounded_time(recipe, tmp_path):
     address = f"127.0.0.1:{free_port()}"
-    procs = [train(recipe, str(tmp_path), address=address, num=3, pid=i) for i in range(2)]
-    rcs, outs, took = wait_all(procs)
-    assert rcs == [2, 2], outs
+    coordinator = start_coordinator(recipe, str(tmp_path), address, num=3)
+    try:
+        rcs, outs, took = wait_all([train(recipe, str(tmp_path), address=address, num=3,
+                                          pid=1)])
+        assert coordinator.poll() is None  # process 0 was up for all of process 1's wait
+    finally:
+        coordinator.kill()
+        coordinator.communicate()
+    assert rcs == [2], outs[0][-3000:]
     assert took < BOUND, took
-    msg0, msg1 = error_line(outs[0]), error_line(outs[1])
-    assert "not all distributed.num_processes=3 processes joined" in msg0
-    assert "reached the coordinator" in msg1 and "distributed.num_processes" in msg1
+    msg = error_line(outs[0])
+    assert "reached the coordinator" in msg and "distributed.num_processes" in msg
+    assert f"timeout_seconds={TIMEOUT}s" in msg and "Traceback" not in outs[0]
 
 
 def test_processes_that_disagree_on_the_count_fail_fast(recipe, tmp_path):
-    # JAX itself would connect these two happily: only process 0's count is used.
+    # JAX itself would connect these two happily: only process 0's count is used. Both have
+    # a long timeout, so failing at all shows the count check, not a timeout, stopped them.
     address = f"127.0.0.1:{free_port()}"
-    procs = [train(recipe, str(tmp_path), address=address, num=n, pid=i)
-             for i, n in enumerate((2, 3))]
+    procs = [start_coordinator(recipe, str(tmp_path), address, num=2)]
+    procs.append(train(recipe, str(tmp_path), address=address, num=3, pid=1, timeout=PATIENT))
     rcs, outs, took = wait_all(procs)
     assert rcs == [2, 2], outs
     assert took < BOUND, took
@@ -191,3 +230,21 @@ def test_slurm_tasks_drive_the_right_gpus(monkeypatch, env, expected):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     assert _slurm_local_device_ids() == expected
+
+
+def test_a_coordinator_seen_during_the_wait_counts_even_if_gone_at_the_end():
+    """Process 1's diagnosis remembers that process 0 answered, even after it gave up."""
+    from jaxtune.distributed import _CoordinatorProbe, _join_timeout_message
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        probe = _CoordinatorProbe("127.0.0.1", port, interval=0.05)
+        deadline = time.monotonic() + BOUND
+        while not probe.reached() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert probe.reached()
+    cfg = explicit(f"127.0.0.1:{port}")  # nothing listens there any more
+    assert "reached the coordinator" in _join_timeout_message(cfg, reached=True)
+    assert "nothing answered" in _join_timeout_message(cfg, reached=False)

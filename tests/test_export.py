@@ -226,6 +226,53 @@ def test_bad_input_is_a_clear_error(trained_run, tmp_path, capsys):
     assert not (busy / "keep.txt").exists() and (busy / "model.safetensors").is_file()
 
 
+def test_export_target_that_cannot_be_created(trained_run, tmp_path, capsys, monkeypatch):
+    """Under a file, in a read-only folder, or refused by the file system: exit 2, nothing
+    left behind, no FileExistsError / FileNotFoundError traceback from the staging code."""
+    import errno
+    import os
+
+    _, _, root = trained_run
+    run = str(root / "run")
+
+    def export(out) -> str:
+        capsys.readouterr()
+        assert cli_main(["export", run, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "Traceback" not in err
+        return " ".join(err.split())
+
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("a file, not a folder")
+    for out in (blocker / "hf", blocker / "deeper" / "hf"):
+        assert f"{blocker} is a file, not a folder" in export(out)
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    readonly.chmod(0o555)
+    try:
+        if not os.access(readonly, os.W_OK):  # root may write anyway: then nothing to check
+            assert f"{readonly} is not writable" in export(readonly / "hf")
+    finally:
+        readonly.chmod(0o755)
+
+    from jaxtune.export import hf_folder
+
+    def refused(*_, **__):
+        raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "ro"))
+
+    monkeypatch.setattr(hf_folder.tempfile, "mkdtemp", refused)
+    msg = export(tmp_path / "ro" / "hf")
+    assert "cannot be created: Read-only file system" in msg and "Nothing was written" in msg
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "readonly"]
+
+
+def test_missing_run_dir_names_the_command_that_makes_it(tmp_path, capsys):
+    assert cli_main(["export", str(tmp_path / "runs" / "quickstart"), "--out",
+                     str(tmp_path / "m")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "does not exist" in err and "`jaxtune train configs/quickstart.yaml`" in err
+
+
 def test_failed_export_leaves_nothing(trained_run, tmp_path, monkeypatch):
     _, _, root = trained_run
     from jaxtune.export import hf_folder

@@ -7,8 +7,11 @@ SIGTERM after step 5: it must save that step and exit 0, and its restart must ag
 bitwise equal to A. Packing and shuffling are on, on a tiny Llama at seq 32.
 
 The processes run ``jaxtune.cli`` through a small launcher that prints each step's loss and,
-after each step's checkpoint call, pauses briefly: the pause lets the test send its signal at
-a known step. The kill itself is a real ``kill -9``.
+after the checkpoint call of the step the test stops at (``E2E_STOP_AT``), waits for the
+background saves to finish and then blocks until the test writes a line to its stdin. The test
+sends its signal while the process is blocked there, so the signal lands at a known step
+whatever the load on the machine: no pause to outrun, no race with async saves. The kill
+itself is a real ``kill -9``.
 """
 
 from __future__ import annotations
@@ -29,15 +32,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 12
 
 LAUNCHER = textwrap.dedent("""
-    import os, sys, time
+    import os, sys
     from jaxtune import checkpoint, trainer
-    pace = float(os.environ.get("E2E_PACE", "0"))
+    stop_at = int(os.environ.get("E2E_STOP_AT", "0"))
     save, finish = checkpoint.Checkpointer.save, trainer.Trainer._finish_step
 
-    def paced_save(self, step, *args, **kwargs):
+    def held_save(self, step, *args, **kwargs):
         out = save(self, step, *args, **kwargs)
-        print(f"E2E-STEP {step}", flush=True)
-        time.sleep(pace)
+        if step == stop_at:
+            self.wait()  # the earlier checkpoints are complete on disk
+            print(f"E2E-STEP {step}", flush=True)
+            sys.stdin.readline()  # blocked here while the test sends its signal
         return out
 
     def printed_finish(self, step, *args, **kwargs):
@@ -45,7 +50,7 @@ LAUNCHER = textwrap.dedent("""
         print(f"E2E-LOSS {step} {values['loss']!r}", flush=True)
         return values
 
-    checkpoint.Checkpointer.save = paced_save
+    checkpoint.Checkpointer.save = held_save
     trainer.Trainer._finish_step = printed_finish
     from jaxtune.cli import main
     sys.exit(main(sys.argv[1:]))
@@ -73,23 +78,29 @@ def recipe(tmp_path_factory, tiny_hf_model, data_tokenizers):
 
 def launch(recipe_path: str, run_dir: str, *, stop_after: int | None = None,
            sig: int = signal.SIGKILL) -> tuple[int, dict[int, float], str]:
-    """Run ``jaxtune train``; send ``sig`` once step ``stop_after`` has been saved/checked.
+    """Run ``jaxtune train``; send ``sig`` while it is held after step ``stop_after``.
 
     Returns the exit code, {step: loss} as printed, and the whole output.
     """
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "E2E_PACE": "0.15",
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "E2E_STOP_AT": str(stop_after or 0),
            "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cmd = [sys.executable, "-c", LAUNCHER, "train", recipe_path, f"--run.output_dir={run_dir}"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env, cwd=ROOT)
+    stdin = subprocess.PIPE if stop_after is not None else subprocess.DEVNULL
+    proc = subprocess.Popen(cmd, stdin=stdin, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
     lines = []
     try:
         for line in proc.stdout:
             lines.append(line)
             if stop_after is not None and line.strip() == f"E2E-STEP {stop_after}":
-                proc.send_signal(sig)
+                proc.send_signal(sig)  # handled (SIGTERM) or fatal (SIGKILL) while held
+                try:
+                    proc.stdin.write("go\n")
+                    proc.stdin.close()
+                except BrokenPipeError:  # already gone (SIGKILL)
+                    pass
                 stop_after = None
-        rc = proc.wait(timeout=120)
+        rc = proc.wait(timeout=600)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -15,7 +15,7 @@ import numpy as np
 
 from jaxtune.data.loader import BatchIterator
 from jaxtune.data.prepare import PreparedData, prepare
-from jaxtune.data.tokenizer import load_tokenizer
+from jaxtune.data.tokenizer import check_vocab_fits, load_tokenizer
 
 _GREEN, _DIM, _RESET = "\033[1;32m", "\033[2m", "\033[0m"
 
@@ -45,6 +45,7 @@ def inspect_data(cfg, n: int = 3, color: bool | None = None) -> dict[str, Any]:
     """Print the first ``n`` training examples with trained tokens marked, then totals."""
     use_color = _use_color(color)
     tokenizer = load_tokenizer(cfg)
+    check_vocab_fits(tokenizer, cfg)
     data = prepare(cfg, tokenizer, "train")
     marker = f"{_GREEN}green{_RESET}" if use_color else "[[in double brackets]]"
     print(f"Trained tokens (loss targets) are shown {marker}.\n")

@@ -66,6 +66,7 @@ def cache_root(data_cfg) -> str:
 def prepare(cfg, tokenizer, split: str = "train") -> PreparedData:
     """Tokenize (or load from cache) the train or eval sources of ``cfg`` into documents."""
     sources = cfg.data.sources if split == "train" else cfg.data.eval_sources
+    list_key = "data.sources" if split == "train" else "data.eval_sources"
     if split == "train" and not sources:
         raise DataError("No training data: add at least one entry to data.sources.")
     if cfg.data.truncation == "split" and cfg.data.format != "text":
@@ -84,7 +85,7 @@ def prepare(cfg, tokenizer, split: str = "train") -> PreparedData:
     selections: list[np.ndarray] = []
     keys: list[str] = []
     for i, src in enumerate(sources):
-        src_shards = resolve_source(i, src)
+        src_shards = resolve_source(i, src, list_key)
         src_tok = []
         for shard in src_shards:
             key = cache.cache_key({

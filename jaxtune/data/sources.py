@@ -151,33 +151,61 @@ def is_sliced(split: str) -> bool:
     return "[" in split or "+" in split
 
 
-def resolve_source(index: int, src) -> list[Shard]:
-    """The shards of ``DataSourceConfig`` ``src`` (local files in a stable order, or the hub)."""
+def resolve_source(index: int, src, key: str = "data.sources") -> list[Shard]:
+    """The shards of ``DataSourceConfig`` ``src`` (local files in a stable order, or the hub).
+
+    ``key`` is the config list the source is in (``data.sources`` or ``data.eval_sources``),
+    so messages name the entry to fix.
+    """
     path = os.path.expanduser(src.path)
+    entry = f"{key}[{index}]"
     if not src.path:
-        raise DataError(f"Data source {index} has no path; set data.sources[{index}].path.")
+        raise DataError(f"Data source {index} of {key} has no path; set {entry}.path.")
     if os.path.isfile(path):
         builder = _builder_for(path)
         if builder is None:
             raise DataError(
-                f"Data file '{src.path}' has an unknown extension; use one of "
+                f"Data file '{src.path}' ({entry}.path) has an unknown extension; use one of "
                 f"{', '.join(BUILDERS)} (optionally compressed)."
             )
         if split_name(src.split) != "train":
             raise DataError(
-                f"Data file '{src.path}' has a single split, 'train', not "
+                f"Data file '{src.path}' ({entry}) has a single split, 'train', not "
                 f"'{split_name(src.split)}'; select rows with a slice like train[90%:]."
             )
+        _check_not_empty(path, src.path, entry)
         return [Shard(index, src.path, path, builder)]
     if os.path.isdir(path):
-        return [Shard(index, f, f, _builder_for(f)) for f in _folder_files(index, path, src)]
+        files = _folder_files(index, path, src, entry)
+        for f in files:
+            _check_not_empty(f, f, entry)
+        return [Shard(index, f, f, _builder_for(f)) for f in files]
     if _looks_local(src.path):
         raise DataError(
-            f"Data source {index}: '{src.path}' does not exist (no such file or folder; "
-            f"working directory '{os.getcwd()}'). Fix data.sources[{index}].path."
+            f"Data source {index} of {key}: '{src.path}' does not exist (no such file or "
+            f"folder; working directory '{os.getcwd()}'). Fix {entry}.path."
         )
     return [Shard(index, f"{src.path}:{src.subset or 'default'}:{src.split}", src.path, None,
                   src.subset, src.split)]
+
+
+_EMPTY_PROBE = 1 << 16  # files up to this size are read to tell "only blank lines"
+
+
+def _check_not_empty(path: str, shown: str, entry: str) -> None:
+    """An empty (or blank) file has no rows; say so rather than let a reader fail on it."""
+    size = os.path.getsize(path)
+    if size > _EMPTY_PROBE or path.lower().endswith(_COMPRESSED):
+        return
+    with open(path, "rb") as f:
+        blank = not f.read().strip()
+    if blank:
+        what = "is empty (0 bytes)" if size == 0 else "holds only blank lines"
+        raise DataError(
+            f"Data file '{shown}' ({entry}) {what}, so it has no rows to "
+            f"{'evaluate' if 'eval' in entry else 'train'} on. Write the rows into it (one JSON "
+            f"object per line for .jsonl), or remove it from {entry.split('[')[0]}."
+        )
 
 
 def _looks_local(path: str) -> bool:
@@ -186,7 +214,7 @@ def _looks_local(path: str) -> bool:
             or _builder_for(path) is not None or os.sep != "/" and os.sep in path)
 
 
-def _folder_files(index: int, path: str, src) -> list[str]:
+def _folder_files(index: int, path: str, src, entry: str) -> list[str]:
     files = []
     for root, dirs, names in os.walk(path):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
@@ -194,7 +222,7 @@ def _folder_files(index: int, path: str, src) -> list[str]:
                   if not n.startswith(".") and _builder_for(n)]
     if not files:
         raise DataError(
-            f"Data folder '{src.path}' (data.sources[{index}]) holds no data files "
+            f"Data folder '{src.path}' ({entry}) holds no data files "
             f"({', '.join(BUILDERS)})."
         )
     builders = {_builder_for(f) for f in files}

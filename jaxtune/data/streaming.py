@@ -61,7 +61,8 @@ class StreamingBatchIterator:
         self.cfg, self.train = cfg, split == "train"
         self.info = TokenizerInfo.of(tokenizer)
         self.encoder = Encoder(tokenizer, FormatSpec.from_config(d), self.info)
-        self.shards = [resolve_source(i, src) for i, src in enumerate(sources)]
+        key = "data.sources" if split == "train" else "data.eval_sources"
+        self.shards = [resolve_source(i, src, key) for i, src in enumerate(sources)]
         self.weights = [src.weight for src in sources]
         self.hf_cache = f"{cache_root(d)}/hf"
         self.seq_len, self.global_batch_size = d.seq_len, cfg.trainer.global_batch_size

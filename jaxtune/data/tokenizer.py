@@ -73,27 +73,71 @@ def resolve_chat_template(value: str, tokenizer=None) -> str:
     )
 
 
+# Any one of these makes a folder loadable by AutoTokenizer.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                    "vocab.txt", "tekken.json", "spiece.model", "sentencepiece.bpe.model")
+
+
 def load_tokenizer(cfg):
     """The run's tokenizer (a ``transformers`` tokenizer), chat-template override applied.
 
-    Reads ``cfg.model.tokenizer`` or else ``cfg.model.path``; never runs remote code.
+    Reads ``cfg.model.tokenizer`` or else ``cfg.model.path``; never runs remote code. Both
+    paths are checked first (:func:`jaxtune.locate.check_model_paths`), so a missing folder,
+    a file given for a folder or an uncached hub id is named as such.
     """
     from transformers import AutoTokenizer
 
-    path = cfg.model.tokenizer or cfg.model.path
-    if not path:
+    from jaxtune.locate import check_model_paths
+
+    if not (cfg.model.tokenizer or cfg.model.path):
         raise DataError("No tokenizer: set model.tokenizer or model.path in the config.")
-    local = os.path.expanduser(path)  # recipes may say ~/...; hub ids pass through unchanged
-    path = local if os.path.exists(local) else path
+    model_dir, tok_dir = check_model_paths(cfg)
+    key = "model.tokenizer" if tok_dir is not None else "model.path"
+    path = tok_dir if tok_dir is not None else model_dir
+    if not any((path / f).is_file() for f in _TOKENIZER_FILES):
+        raise DataError(
+            f"{path} ({key}) holds no tokenizer files ({', '.join(_TOKENIZER_FILES[:3])}). "
+            "Set model.tokenizer to the folder (or hub id) of the model's tokenizer, or save "
+            "the tokenizer into this folder (tokenizer.save_pretrained).")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise DataError(
-            f"Could not load a tokenizer from '{path}' (model.tokenizer / model.path): {e}"
+            f"Could not load a tokenizer from {path} ({key}): {e}. The folder needs the "
+            "tokenizer files save_pretrained writes (tokenizer.json or tokenizer.model, "
+            "tokenizer_config.json); set model.tokenizer to a folder that has them."
         ) from None
     if cfg.data.chat_template:
         tokenizer.chat_template = resolve_chat_template(cfg.data.chat_template, tokenizer)
     return tokenizer
+
+
+def check_vocab_fits(tokenizer, cfg) -> None:
+    """Refuse a tokenizer with more tokens than the model's embedding has rows.
+
+    Ids at or above ``vocab_size`` read past the embedding (in JAX: NaN, so the loss is NaN at
+    step 1, which looks like a learning-rate problem). ``len(tokenizer)`` counts added tokens.
+    """
+    from jaxtune.locate import model_vocab_size
+
+    vocab = model_vocab_size(cfg)
+    if vocab is None:
+        return
+    n = len(tokenizer)
+    if n <= vocab:
+        return
+    source = (f"model.tokenizer ({cfg.model.tokenizer})" if cfg.model.tokenizer
+              else f"the tokenizer of model.path ({cfg.model.path})")
+    raise DataError(
+        f"The tokenizer has {n} tokens (ids up to {n - 1}, added tokens included), but the "
+        f"model at model.path ({cfg.model.path}) has vocab_size={vocab} embedding rows; every "
+        f"id from {vocab} on would read past the embedding and the loss would be NaN. The "
+        f"tokenizer comes from {source}. Use the tokenizer made for this model (leave "
+        "model.tokenizer empty to use the one in model.path), or give the model an embedding "
+        f"of at least {n} rows first (in transformers: "
+        "model.resize_token_embeddings(len(tokenizer)), then save_pretrained to a new folder "
+        "for model.path)."
+    )
 
 
 @dataclass(frozen=True)

@@ -162,6 +162,7 @@ def check_output(out: Path, overwrite: bool, protect: tuple[Path, ...] = ()) -> 
     """
     if out.exists() and not out.is_dir():
         raise ExportError(f"Export target {out} is a file; give a folder.")
+    _check_creatable(out)
     for p in protect:
         try:
             if out.resolve() == p.resolve() or p.resolve().is_relative_to(out.resolve()):
@@ -174,6 +175,31 @@ def check_output(out: Path, overwrite: bool, protect: tuple[Path, ...] = ()) -> 
                           "an empty or new folder, or pass --overwrite to replace it.")
 
 
+def _check_creatable(out: Path) -> None:
+    """The staging folder goes next to ``out``: its nearest existing ancestor must be a
+    writable folder (not a file, not read-only)."""
+    ancestor = out.absolute().parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ExportError(
+            f"Export target {out} cannot be created: {ancestor} is a file, not a folder, so "
+            "nothing can be written under it. Choose an --out (export.out_dir) whose parent is "
+            "a folder or does not exist yet.")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ExportError(
+            f"Export target {out} cannot be created: {ancestor} is not writable (read-only "
+            "or owned by someone else). Choose an --out (export.out_dir) in a folder you can "
+            "write, e.g. inside the run directory.")
+
+
+def _os_problem(out: Path, err: OSError) -> ExportError:
+    where = f" ({err.filename})" if err.filename else ""
+    return ExportError(
+        f"Export target {out} cannot be created: {err.strerror or err}{where}. Nothing was "
+        "written; choose an --out (export.out_dir) in a folder you can write.")
+
+
 @contextlib.contextmanager
 def staged_output(out: Path, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary folder next to ``out``; on success it becomes ``out``.
@@ -181,8 +207,15 @@ def staged_output(out: Path, overwrite: bool) -> Iterator[Path]:
     On any exception the temporary folder is removed and ``out`` is untouched.
     """
     check_output(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    created = [p for p in out.absolute().parents if not p.exists()]  # deepest first
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as err:  # a race with the checks above, or a file system that refuses
+        for p in created:  # leave no empty folders behind
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        raise _os_problem(out, err) from None
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a model folder should not be

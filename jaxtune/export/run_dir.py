@@ -125,7 +125,11 @@ def open_run(run_dir: str | Path, step: int | None = None) -> RunCheckpoint:
     """The checkpoint of ``step`` (default: the latest complete one) of a run directory."""
     run_dir = Path(run_dir).expanduser().absolute()  # TensorStore wants absolute paths
     if not run_dir.is_dir():
-        raise ExportError(f"Run directory {run_dir} does not exist.")
+        raise ExportError(
+            f"Run directory {run_dir} does not exist. A training run writes it (its "
+            "run.output_dir, holding config.yaml and checkpoints/): train first, e.g. "
+            "`jaxtune train configs/quickstart.yaml` writes runs/quickstart, or give the "
+            "run.output_dir of an existing run.")
     cfg = _read_run_config(run_dir)
     # checkpoint.dir when set; else the given folder's checkpoints/, so a run directory that
     # was moved or copied still exports.

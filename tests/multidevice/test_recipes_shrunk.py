@@ -5,6 +5,8 @@ accumulation, checkpoint and export settings), tiny dimensions: a random tiny mo
 same family, a tiny chat dataset, seq 32, and mesh axes cut down to fit 8 devices.
 """
 
+import json
+import struct
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,52 @@ RECIPES = sorted((ROOT / "configs").glob("*.yaml"))
 
 def _tiny_variant(model_path: str) -> str:
     return "qwen2" if "qwen" in model_path.lower() else "llama_llama3"
+
+
+def _safetensors_headers(folder: Path) -> dict[str, dict]:
+    """key -> {dtype, shape} of every tensor in the folder's safetensors files (no data read)."""
+    out: dict[str, dict] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with open(file, "rb") as f:
+            header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+        header.pop("__metadata__", None)
+        assert not set(header) & set(out), file
+        out.update(header)
+    return out
+
+
+_DTYPE_CODES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+
+
+def _assert_exported(cfg, model_dir: Path) -> None:
+    """What the run's export must hold: merged/full weights with every tensor of the original
+    model (same keys and shapes, the export dtype), config, generation config and tokenizer;
+    for LoRA adapters, a PEFT adapter_config.json of the run's rank and its lora_A/B tensors."""
+    from jaxtune.export.lora_export import adapter_dir_for
+
+    out = Path(cfg.export.out_dir)
+    lora = cfg.lora.rank > 0
+    mode = cfg.export.lora if lora else "merged"
+    if mode in ("merged", "both"):
+        for name in ("config.json", "generation_config.json", "tokenizer_config.json"):
+            assert (out / name).is_file(), (out, name, sorted(p.name for p in out.iterdir()))
+        assert (out / "tokenizer.json").is_file() or (out / "tokenizer.model").is_file()
+        got, want = _safetensors_headers(out), _safetensors_headers(model_dir)
+        assert {k: v["shape"] for k, v in got.items()} == \
+            {k: v["shape"] for k, v in want.items()}
+        if cfg.export.dtype in _DTYPE_CODES:
+            assert {v["dtype"] for v in got.values()} == {_DTYPE_CODES[cfg.export.dtype]}
+        written = json.loads((out / "config.json").read_text())
+        assert written["model_type"] == json.loads((model_dir / "config.json").read_text())[
+            "model_type"]
+    if lora and mode in ("adapter", "both"):
+        adapter = adapter_dir_for(out, mode)
+        peft = json.loads((adapter / "adapter_config.json").read_text())
+        assert peft["peft_type"] == "LORA" and peft["r"] == cfg.lora.rank
+        keys = _safetensors_headers(adapter)
+        assert list(adapter.glob("adapter_model.safetensors"))
+        assert any(k.endswith("lora_A.weight") for k in keys)
+        assert any(k.endswith("lora_B.weight") for k in keys)
 
 
 def _shrink_mesh(mesh: dict) -> dict:
@@ -51,4 +99,4 @@ def test_shrunk_recipe_runs_two_steps(recipe, tmp_path, tiny_hf_model, data_toke
     assert result.steps == 2 and len(result.history) == 2
     assert all(h["loss"] > 0 for h in result.history)
     if cfg.export.enabled:
-        assert (tmp_path / "hf" / "config.json").is_file() or any((tmp_path).glob("hf*"))
+        _assert_exported(cfg, Path(raw["model"]["path"]))
