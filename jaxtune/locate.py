@@ -30,8 +30,9 @@ QUICKSTART_MODEL = "smollm2-135m-instruct"  # the folder scripts/make_smollm2.py
 _HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
 
 
-class CheckpointError(JaxtuneError, ValueError):
-    """The folder, its config.json or its safetensors cannot become the model; says why."""
+class ModelFolderError(JaxtuneError, ValueError):
+    """A Hugging Face model folder (its config.json or its safetensors) cannot become the model;
+    says why. (``jaxtune.checkpoint.CheckpointError`` is the other kind: a run's checkpoint.)"""
 
 
 def hub_offline() -> bool:
@@ -73,7 +74,7 @@ def _subject(key: str, text: str) -> str:
     return f"{key} is '{text}', which is" if key else f"'{text}' is"
 
 
-def _missing_folder(text: str, path: Path, key: str) -> CheckpointError:
+def _missing_folder(text: str, path: Path, key: str) -> ModelFolderError:
     full = path.absolute()
     shown = f"'{text}'" + (f" ({full})" if str(full) != text else "")
     msg = (f"{key} is {shown}: that folder does not exist." if key
@@ -85,10 +86,10 @@ def _missing_folder(text: str, path: Path, key: str) -> CheckpointError:
                 "builds it and then trains)")
         if built.absolute() != full:
             msg += f"; then pass --{key}={built}" if key else f"; then load {built}"
-        return CheckpointError(msg + ".")
+        return ModelFolderError(msg + ".")
     if not path.is_absolute():
         msg += f" Relative paths start at the working directory, {os.getcwd()}."
-    return CheckpointError(
+    return ModelFolderError(
         msg + f" Point {key or 'it'} at a Hugging Face model folder (config.json and "
         "*.safetensors) or at a hub id such as org/name.")
 
@@ -99,14 +100,14 @@ def resolve_model_dir(path_or_hub_id: str | os.PathLike, key: str = "") -> Path:
     ``key`` names the config field the value came from (``model.path``), for messages.
     Hub ids go through ``huggingface_hub.snapshot_download`` (config, safetensors and
     tokenizer files only), which respects ``HF_HUB_OFFLINE`` and the cache location.
-    Raises :class:`CheckpointError` naming the key and the fix.
+    Raises :class:`ModelFolderError` naming the key and the fix.
     """
     text = str(path_or_hub_id)
     path = Path(text).expanduser()
     if path.is_dir():
         return path
     if path.exists():
-        raise CheckpointError(
+        raise ModelFolderError(
             f"{_subject(key, text)} a file; give the folder that holds it "
             f"({path.absolute().parent}), with config.json and *.safetensors.")
     if looks_local(text):
@@ -120,36 +121,36 @@ def resolve_model_dir(path_or_hub_id: str | os.PathLike, key: str = "") -> Path:
                                       local_files_only=offline))
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as err:
         if offline:
-            raise CheckpointError(
+            raise ModelFolderError(
                 f"{_subject(key, text)} not a local folder, so it was taken for a Hugging Face "
                 "hub id; the hub is unreachable offline (HF_HUB_OFFLINE is set) and the model "
                 f"is not in the Hugging Face cache ({cache}). Download it once "
                 f"with network access (`hf download {text}`), point HF_HUB_CACHE at a cache "
                 "that has it, or give a local folder (./name for one in this directory)."
             ) from None
-        raise CheckpointError(
+        raise ModelFolderError(
             f"{_subject(key, text)} not a local folder and could not be fetched from the "
             f"Hugging Face hub into {cache}: {err}"
         ) from None
 
 
 def hf_config_file(model_dir: Path, key: str = "") -> Path:
-    """``model_dir/config.json``, or a CheckpointError saying the folder is not a model."""
+    """``model_dir/config.json``, or a ModelFolderError saying the folder is not a model."""
     file = model_dir / "config.json"
     if not file.is_file():
         named = f" ({key})" if key else ""
-        raise CheckpointError(
+        raise ModelFolderError(
             f"{model_dir}{named} has no config.json; a Hugging Face model folder needs "
             "config.json and *.safetensors (as save_pretrained writes them).")
     return file
 
 
 def read_hf_config(file: Path) -> dict[str, Any]:
-    """A ``config.json`` as a dict; CheckpointError when it is not JSON."""
+    """A ``config.json`` as a dict; ModelFolderError when it is not JSON."""
     try:
         return json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{file} is not valid JSON: {err}") from None
+        raise ModelFolderError(f"{file} is not valid JSON: {err}") from None
 
 
 def check_model_paths(cfg) -> tuple[Path | None, Path | None]:

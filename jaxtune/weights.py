@@ -6,7 +6,7 @@ Loading (:func:`from_pretrained`):
 2. ``config.json`` -> family config; the model is built abstractly (``nnx.eval_shape``);
 3. every safetensors header is matched against the family's HF table *before* any data is
    read: every key consumed, every parameter filled, every shape and dtype checked, and all
-   problems reported in one :class:`CheckpointError`;
+   problems reported in one :class:`ModelFolderError`;
 4. each parameter is created with ``jax.make_array_from_callback`` over its sharding; the
    callback reads only that device's block (``safe_open(...).get_slice``) and converts it to
    the requested dtype, so no host ever holds the whole model.
@@ -36,13 +36,13 @@ from safetensors import safe_open
 
 from jaxtune.dtypes import LOADABLE_CODES
 from jaxtune.errors import JaxtuneError
-from jaxtune.locate import CheckpointError, hf_config_file, read_hf_config, resolve_model_dir
+from jaxtune.locate import ModelFolderError, hf_config_file, read_hf_config, resolve_model_dir
 from jaxtune.models import Family, abstract_model, get_family, init_model
 from jaxtune.models.build import single_device_mesh
 from jaxtune.models.table import ParamTable, Transform
 from jaxtune.sharding import Rules, state_shardings
 
-__all__ = ["CheckpointError", "checkpoint_index", "from_pretrained", "init_model",
+__all__ = ["ModelFolderError", "checkpoint_index", "from_pretrained", "init_model",
            "load_hf_config", "resolve_model_dir"]
 
 SAFETENSORS_DTYPES = LOADABLE_CODES  # the safetensors codes a checkpoint may hold
@@ -74,9 +74,9 @@ class TensorInfo:
     shape: tuple[int, ...]
 
 
-def _pickle_error(model_dir: Path, files: list[Path]) -> CheckpointError:
+def _pickle_error(model_dir: Path, files: list[Path]) -> ModelFolderError:
     names = ", ".join(f.name for f in files[:5])
-    return CheckpointError(
+    return ModelFolderError(
         f"{model_dir} has only PyTorch pickle weights ({names}); jaxtune never unpickles "
         "files (loading a pickle can run arbitrary code). Convert the folder to safetensors "
         "once, e.g. in Python with transformers: "
@@ -93,7 +93,7 @@ def checkpoint_index(model_dir: Path) -> dict[str, TensorInfo]:
         files = sorted({model_dir / f for f in weight_map.values()})
         absent = [f.name for f in files if not f.is_file()]
         if absent:
-            raise CheckpointError(f"{index_file} lists shard files that are missing: {absent}.")
+            raise ModelFolderError(f"{index_file} lists shard files that are missing: {absent}.")
     else:
         weight_map = None
         files = sorted(model_dir.glob("*.safetensors"))
@@ -101,7 +101,7 @@ def checkpoint_index(model_dir: Path) -> dict[str, TensorInfo]:
         pickles = sorted(f for f in model_dir.iterdir() if f.suffix in _PICKLE_SUFFIXES)
         if pickles:
             raise _pickle_error(model_dir, pickles)
-        raise CheckpointError(f"{model_dir} has no *.safetensors weights.")
+        raise ModelFolderError(f"{model_dir} has no *.safetensors weights.")
     tensors: dict[str, TensorInfo] = {}
     problems: list[str] = []
     for file in files:
@@ -118,7 +118,7 @@ def checkpoint_index(model_dir: Path) -> dict[str, TensorInfo]:
         problems += [f"{INDEX_FILE} lists {k} in {v}, which lacks it"
                      for k, v in weight_map.items() if k not in tensors]
     if problems:
-        raise CheckpointError(f"{model_dir}: inconsistent safetensors files:\n  "
+        raise ModelFolderError(f"{model_dir}: inconsistent safetensors files:\n  "
                               + "\n  ".join(problems))
     return tensors
 
@@ -192,7 +192,7 @@ def plan_load(family: Family, cfg: Any, abstract_state: nnx.State,
             lines.append(f"  {title} ({len(items)}):")
             lines += [f"    {item}" for item in items]
         lines.append("  Check that config.json belongs to these weights, or fix the overrides.")
-        raise CheckpointError("\n".join(lines))
+        raise ModelFolderError("\n".join(lines))
     return plans
 
 

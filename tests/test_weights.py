@@ -18,7 +18,7 @@ import jaxtune
 from jaxtune.errors import JaxtuneError
 from jaxtune.export.tensors import iter_hf_tensors as to_hf_tensors
 from jaxtune.models.table import Transform
-from jaxtune.weights import CheckpointError, resolve_model_dir
+from jaxtune.weights import ModelFolderError, resolve_model_dir
 from tests.fixtures_models import hf_logits, make_tiny_hf_model
 
 TOL = 1e-4
@@ -136,7 +136,7 @@ def test_missing_keys_are_all_listed(tiny_hf_model, tmp_path):
         del t["model.norm.weight"]
 
     _rewrite(tiny_hf_model("llama"), tmp_path / "m", edit)
-    with pytest.raises(CheckpointError) as err:
+    with pytest.raises(ModelFolderError) as err:
         jaxtune.from_pretrained(tmp_path / "m", scan_layers=True)
     msg = str(err.value)
     assert "missing keys (2)" in msg
@@ -149,7 +149,7 @@ def test_unexpected_keys_are_all_listed(tiny_hf_model, tmp_path):
         t["model.extra.weight"] = np.zeros(3, np.float32)
 
     _rewrite(tiny_hf_model("llama"), tmp_path / "u", edit)
-    with pytest.raises(CheckpointError) as err:
+    with pytest.raises(ModelFolderError) as err:
         jaxtune.from_pretrained(tmp_path / "u")
     msg = str(err.value)
     assert "unexpected keys (2)" in msg
@@ -162,7 +162,7 @@ def test_wrong_shapes_are_all_listed(tiny_hf_model, tmp_path):
         t["model.embed_tokens.weight"] = np.zeros((390, 72), np.float32)
 
     _rewrite(tiny_hf_model("llama"), tmp_path / "s", edit)
-    with pytest.raises(CheckpointError) as err:
+    with pytest.raises(ModelFolderError) as err:
         jaxtune.from_pretrained(tmp_path / "s")
     msg = str(err.value)
     assert "wrong shapes (2)" in msg
@@ -179,7 +179,7 @@ def test_every_kind_of_problem_in_one_error(tiny_hf_model, tmp_path):
         t["model.layers.0.input_layernorm.weight"] = np.zeros(72, np.int32)
 
     _rewrite(tiny_hf_model("llama"), tmp_path / "all", edit)
-    with pytest.raises(CheckpointError) as err:
+    with pytest.raises(ModelFolderError) as err:
         jaxtune.from_pretrained(tmp_path / "all")
     msg = str(err.value)
     for part in ("4 problems", "missing keys (1)", "lm_head.weight", "unexpected keys (1)",
@@ -188,7 +188,7 @@ def test_every_kind_of_problem_in_one_error(tiny_hf_model, tmp_path):
 
 
 def test_overrides_apply_and_stay_strict(tiny_hf_model):
-    with pytest.raises(CheckpointError, match=r"unexpected keys \(9\)"):
+    with pytest.raises(ModelFolderError, match=r"unexpected keys \(9\)"):
         jaxtune.from_pretrained(tiny_hf_model("llama"), num_hidden_layers=2)
 
 
@@ -206,7 +206,7 @@ def test_pickle_only_folder_is_refused(tiny_hf_model, tmp_path):
     shutil.copy(tiny_hf_model("llama") / "config.json", folder)
     # Never opened: a pickle would run code on load. Its bytes do not matter.
     (folder / "pytorch_model.bin").write_bytes(b"not loaded")
-    with pytest.raises(CheckpointError) as err:
+    with pytest.raises(ModelFolderError) as err:
         jaxtune.from_pretrained(folder)
     msg = str(err.value)
     assert "pytorch_model.bin" in msg and "never unpickles" in msg and "safetensors" in msg
@@ -214,9 +214,9 @@ def test_pickle_only_folder_is_refused(tiny_hf_model, tmp_path):
 
 def test_missing_config_and_folder(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CheckpointError, match="no config.json"):
+    with pytest.raises(ModelFolderError, match="no config.json"):
         jaxtune.from_pretrained(tmp_path / "empty")
-    with pytest.raises(CheckpointError, match="does not exist"):
+    with pytest.raises(ModelFolderError, match="does not exist"):
         jaxtune.from_pretrained(str(tmp_path / "nope" / "deeper"))
 
 
@@ -240,7 +240,7 @@ def test_hub_id_resolves_from_cache_offline(tiny_hf_model, tmp_path, monkeypatch
 def test_hub_id_offline_without_cache_says_so(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(CheckpointError) as err:
+    with pytest.raises(ModelFolderError) as err:
         jaxtune.from_pretrained("jaxtune-test/not-cached")
     msg = str(err.value)
     assert "HF_HUB_OFFLINE" in msg and "not in the Hugging Face cache" in msg
