@@ -49,8 +49,11 @@ def test_splash_matches_reference_forward_and_grads(case):
     seg, window = opts.pop("segment_ids_BT", None), opts.pop("window", None)
     cot = jax.random.normal(jax.random.key(9), q.shape, jnp.float32)
 
-    def loss(fn):
-        return lambda q, k, v: jnp.sum(fn(q, k, v) * cot)
+    def out_and_grads(fn):  # one jitted program: interpret mode is slow op by op
+        def run(q, k, v):
+            out, vjp = jax.vjp(fn, q, k, v)
+            return out, vjp(cot)
+        return jax.jit(run)(q, k, v)
 
     def kernel(q, k, v):
         return splash_attention(q, k, v, segment_ids_BT=seg, window=window, interpret=True,
@@ -59,10 +62,10 @@ def test_splash_matches_reference_forward_and_grads(case):
     def ref(q, k, v):
         return reference_attention(q, k, v, segment_ids_BT=seg, window=window, **opts)
 
-    np.testing.assert_allclose(kernel(q, k, v), ref(q, k, v), atol=1e-4, rtol=1e-4)
-    got = jax.grad(loss(kernel), argnums=(0, 1, 2))(q, k, v)
-    want = jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v)
-    for name, g, w in zip("qkv", got, want, strict=True):
+    got, got_grads = out_and_grads(kernel)
+    want, want_grads = out_and_grads(ref)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    for name, g, w in zip("qkv", got_grads, want_grads, strict=True):
         np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4, err_msg=f"d{name}")
 
 
@@ -71,9 +74,10 @@ def test_reference_equals_the_models_xla_attention():
     q, k, v = _qkv(4, 2)
     seg = _packed_segments()
     for window in (None, 96):
-        want = dot_product_attention(q, k, v, segment_ids_BT=seg, window=window,
-                                     implementation="xla")
-        got = reference_attention(q, k, v, segment_ids_BT=seg, window=window)
+        want = jax.jit(lambda q, k, v, w=window: dot_product_attention(
+            q, k, v, segment_ids_BT=seg, window=w, implementation="xla"))(q, k, v)
+        got = jax.jit(lambda q, k, v, w=window: reference_attention(
+            q, k, v, segment_ids_BT=seg, window=w))(q, k, v)
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
@@ -81,8 +85,8 @@ def test_layers_dispatch_to_splash_and_match_xla():
     q, k, v = _qkv(2, 1)
     seg = _packed_segments()
     want = dot_product_attention(q, k, v, segment_ids_BT=seg, window=None, implementation="xla")
-    got = dot_product_attention(q, k, v, segment_ids_BT=seg, window=None,
-                                implementation="splash")
+    got = jax.jit(lambda q, k, v: dot_product_attention(
+        q, k, v, segment_ids_BT=seg, window=None, implementation="splash"))(q, k, v)
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
 

@@ -126,9 +126,11 @@ def _make_kernel(heads: int, seq_len: int, window: int | None, soft_cap: float |
     b = block
     blocks = sa.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b,
                            block_kv_dkv=b, block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
-    return sa.make_splash_mha(sa.MultiHeadMask([mask] * heads), block_sizes=blocks,
-                              head_shards=1, q_seq_shards=1, attn_logits_soft_cap=soft_cap,
-                              interpret=interpret)
+    # Concrete mask arrays even when first built under a trace: the kernel is cached.
+    with jax.ensure_compile_time_eval():
+        return sa.make_splash_mha(sa.MultiHeadMask([mask] * heads), block_sizes=blocks,
+                                  head_shards=1, q_seq_shards=1, attn_logits_soft_cap=soft_cap,
+                                  interpret=interpret)
 
 
 def _local_splash(q_BNTH, k_BKSH, v_BKSH, seg_BT, *, window, soft_cap, interpret, block):
