@@ -1,5 +1,6 @@
 """Shared pytest setup. Multi-device tests live in tests/multidevice and run in their own
-process (scripts/test.sh sets XLA_FLAGS for 8 fake CPU devices before JAX starts).
+process (scripts/test.sh sets XLA_FLAGS for 8 fake CPU devices before JAX starts); the
+compile-only TPU/GPU tier lives in tests/plan_compile (JAXTUNE_PLAN_COMPILE=1).
 
 Session-scoped fixtures live in tests/fixtures_<area>.py and are registered here by import,
 so each is built once per test session.
@@ -8,5 +9,8 @@ so each is built once per test session.
 import os
 
 collect_ignore = [] if os.environ.get("JAXTUNE_MULTIDEVICE") else ["multidevice"]
+# Compile-only TPU/GPU tests need the plan extra and minutes of compiler time: their own run.
+if not os.environ.get("JAXTUNE_PLAN_COMPILE"):
+    collect_ignore.append("plan_compile")
 from tests.fixtures_data import *  # noqa: F401,F403,E402
 from tests.fixtures_models import *  # noqa: F401,F403,E402

@@ -88,8 +88,10 @@ def step_flops(cfg, hf_config: dict, devices: list, platform: str, *, remat: str
     return (counts[0] + (layers - 1) * per_layer) * cfg.trainer.grad_accum_steps
 
 
-def make_plan(cfg, target: Target, *, compare: bool = False) -> PlanResult:
-    """Compile ``cfg``'s train step for ``target`` and report memory, FLOPs and the verdict."""
+def make_plan(cfg, target: Target, *, compare: bool = False, flops: bool = True) -> PlanResult:
+    """Compile ``cfg``'s train step for ``target`` and report memory, FLOPs and the verdict.
+
+    ``flops=False`` skips the two probe compiles that count FLOPs per step."""
     from jaxtune import metrics
     from jaxtune.plan import report
     from jaxtune.plan.build import build_train_step
@@ -118,9 +120,9 @@ def make_plan(cfg, target: Target, *, compare: bool = False) -> PlanResult:
     seconds = time.perf_counter() - tick
     tokens = cfg.trainer.global_batch_size * cfg.data.seq_len
     formula = metrics.flops_per_token(built.model_config, cfg.data.seq_len) * tokens
-    flops = step_flops(cfg, hf_config, devices, target.platform)
+    counted = step_flops(cfg, hf_config, devices, target.platform) if flops else None
     result = PlanResult(target, memory, built.attention, built.num_params, built.num_trainable,
-                        flops, formula, seconds, source)
+                        counted, formula, seconds, source)
     result.suggestions = report.suggestions(memory, cfg, target)
     if compare:
         counted = step_flops(cfg, hf_config, devices, target.platform, remat="none",
