@@ -121,6 +121,9 @@ def compile_only_devices(target: Target) -> list:
                 f"Planning for {target.name} needs the TPU compiler (libtpu), which is not "
                 f"installed. Install it with: {install_hint()}.")
         os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no GCE metadata server to ask
+        # libtpu takes a machine-wide lock for the chips it drives; compiling for a topology
+        # drives none, so several plans (or a plan beside a test run) may load it at once.
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
         kwargs = dict(chip_config_name=target.chip.chip_config, chips_per_host_bounds=(2, 2, 1),
                       wrap=(False, False, False))
         if target.slices > 1:
