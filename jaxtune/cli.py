@@ -1,4 +1,4 @@
-"""The ``jaxtune`` command: train, export, inspect-data, print-config, generate.
+"""The ``jaxtune`` command: train, export, inspect-data, print-config, generate, plan, launch.
 
 Each subcommand parses its own arguments and imports its (heavy) module only when run, so
 ``jaxtune --help`` and ``jaxtune print-config`` start instantly. User-fixable problems
@@ -79,6 +79,12 @@ def cmd_generate(argv: list[str]) -> int:
     return generate_main(argv)
 
 
+def cmd_plan(argv: list[str]) -> int:
+    from jaxtune.plan import plan_main
+
+    return plan_main(argv)
+
+
 def cmd_launch(argv: list[str]) -> int:
     from jaxtune.launch import launch_main
 
@@ -91,6 +97,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "inspect-data": (cmd_inspect_data, "show what the model trains on, trained tokens marked"),
     "print-config": (cmd_print_config, "print the resolved config of a recipe plus overrides"),
     "generate": (cmd_generate, "generate text from a model or run directory"),
+    "plan": (cmd_plan, "compile the train step for a TPU/GPU target: memory per chip, FLOPs"),
     "launch": (cmd_launch, "run training on a Cloud TPU slice: jaxtune launch tpu ..."),
 }
 

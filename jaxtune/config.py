@@ -44,7 +44,7 @@ class ModelConfig:
     compute_dtype: str = "float32"  # activation / matmul dtype: float32 | bfloat16 | float16
     scan_layers: bool = False  # stack layers on a 'layers' axis and run them with lax.scan
     remat: str = "none"  # activation checkpointing: none | full | dots_saveable | minimal
-    attention: str = "auto"  # attention kernel: auto | xla | cudnn
+    attention: str = "auto"  # attention kernel: auto | xla | cudnn | splash (TPU Pallas)
     overrides: dict[str, Any] = field(default_factory=dict)  # HF config fields to override
 
 
@@ -340,7 +340,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.compute_dtype": ("float32", "bfloat16", "float16"),
     "model.remat": ("none", "full", "dots_saveable", "minimal"),
-    "model.attention": ("auto", "xla", "cudnn"),
+    "model.attention": ("auto", "xla", "cudnn", "splash"),
     "lora.quantize_base": ("none", "int8", "nf4"),
     "data.format": ("text", "completion", "alpaca", "chat"),
     "data.truncation": ("truncate", "drop", "error", "split"),

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create (or reuse) the project's virtual environment and install jaxtune with an extra.
-# Usage: source scripts/setup_env.sh [extra]   (extra: test | quickstart; default test)
+# Usage: source scripts/setup_env.sh [extras]  (test | quickstart | test,plan; default test)
 # torch==2.13.0 (CPU) is installed first, so nothing later pulls a multi-GB CUDA build.
 set -euo pipefail
 extra="${1:-test}"

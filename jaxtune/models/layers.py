@@ -42,6 +42,7 @@ import numpy as np
 from flax import nnx, struct
 
 from jaxtune.errors import JaxtuneError
+from jaxtune.kernels import target_platform
 from jaxtune.sharding import constrain
 
 Initializer = Callable[..., jax.Array]
@@ -281,14 +282,19 @@ def apply_rope(x_BTNH: jax.Array, cos_BTh: jax.Array, sin_BTh: jax.Array) -> jax
 
 # --------------------------------------------------------------------------- attention
 
-ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 
 
 def resolve_attention_impl(choice: str, dtype: Any, head_dim: int) -> str:
-    """Pick the attention kernel: ``auto`` takes cuDNN flash attention where it applies."""
+    """Pick the attention kernel: ``auto`` takes splash on TPU, cuDNN flash where it applies.
+
+    The platform is the one being compiled for (``jaxtune.kernels.target_platform``)."""
     if choice not in ATTENTION_IMPLS:
         raise JaxtuneError(f"attention='{choice}' is not one of {', '.join(ATTENTION_IMPLS)}.")
-    on_gpu = jax.default_backend() == "gpu"
+    platform = target_platform()
+    if choice == "auto" and platform == "tpu":
+        return "splash"
+    on_gpu = platform == "gpu"
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     fits = head_dim % 8 == 0 and head_dim <= 128
     if choice == "cudnn" and not (on_gpu and half and fits):
@@ -364,6 +370,12 @@ def dot_product_attention(
     included), as transformers' sliding window does; a Python int is static (and reaches
     cuDNN's sliding window), an array (a per-layer window under scan) is applied in the mask.
     """
+    if implementation == "splash":  # Pallas TPU kernel; falls back to XLA where it cannot run
+        from jaxtune.kernels.splash import splash_attention
+
+        return splash_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=segment_ids_BT,
+                                window=window, fallback=functools.partial(
+                                    dot_product_attention, implementation="xla"))
     t, s = q_BTNH.shape[1], k_BSKH.shape[1]
     if implementation == "xla" and mask.aligned and t == s and t >= 2 * _CAUSAL_BLOCK:
         return _blocked_causal_attention(q_BTNH, k_BSKH, v_BSKH, mask, window)

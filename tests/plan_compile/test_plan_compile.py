@@ -1,0 +1,100 @@
+"""Compile-only tier: the real train step of a tiny model compiled for TPU and GPU targets with
+no accelerator (libtpu and the CUDA plugin from the plan extra). Run by scripts/test.sh in its
+own process with JAXTUNE_PLAN_COMPILE=1. Each test is one or two compiles of a 2-layer model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from jaxtune.config import load_config
+from jaxtune.plan import format_plan, make_plan
+from jaxtune.plan.build import build_train_step, lower
+from jaxtune.plan.devices import compile_only_devices
+from jaxtune.plan.targets import GIB, parse_target
+
+pytestmark = pytest.mark.tpu_compile
+
+TINY = {"model_type": "llama", "vocab_size": 512, "hidden_size": 256, "intermediate_size": 512,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 128, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "max_position_embeddings": 4096, "tie_word_embeddings": False}
+
+
+def _model_dir(tmp_path_factory, **changes) -> str:
+    folder = tmp_path_factory.mktemp("model")
+    (folder / "config.json").write_text(json.dumps({**TINY, **changes}))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return _model_dir(tmp_path_factory)
+
+
+def _cfg(path: str, *overrides: str):
+    return load_config(None, [f"--model.path={path}", "--model.dtype=float32",
+                              "--model.compute_dtype=bfloat16", "--model.scan_layers=true",
+                              "--model.remat=full", "--data.seq_len=256",
+                              "--trainer.global_batch_size=8", "--mesh.data=1",
+                              "--mesh.fsdp=-1", "--mesh.tensor=1", *overrides])
+
+
+def test_full_step_with_splash_for_v5e_2x4(tiny_dir):
+    """LoRA, scan, remat, FSDP over 8 chips, splash inside shard_map; memory analysis present."""
+    cfg = _cfg(tiny_dir, "--lora.rank=8", "--mesh.fsdp=4", "--mesh.tensor=2")
+    target = parse_target("v5e-8")
+    built = build_train_step(cfg, TINY, compile_only_devices(target), "tpu")
+    assert built.attention == "splash"
+    compiled = lower(built, "tpu").compile()
+    # The Mosaic kernel is in the program: compiled, not interpreted.
+    assert "tpu_custom_call" in compiled.as_text()
+    stats = compiled.memory_analysis()
+    assert stats.argument_size_in_bytes > 0 and stats.temp_size_in_bytes > 0
+
+
+def test_multi_host_v5p_topology_plans_and_fits(tiny_dir):
+    """v5p-64 is 32 chips on 8 hosts; the report's numbers come from the compiler."""
+    cfg = _cfg(tiny_dir, "--trainer.global_batch_size=32", "--model.attention=xla")
+    target = parse_target("v5p-64")
+    devices = compile_only_devices(target)
+    assert len(devices) == 32 and len({d.process_index for d in devices}) == 8
+    result = make_plan(cfg, target)
+    m = result.memory
+    assert result.fits and m.peak > 0 and m.compiler["argument_size_in_bytes"] > 0
+    # float32 params + 2 AdamW moments, FSDP over 32 chips (sizes divide evenly here).
+    assert m.opt_state == pytest.approx(2 * m.params, rel=0.01)
+    assert result.flops_per_step and result.flops_per_step > 0
+    text = format_plan(cfg, result)
+    assert "verdict: fits" in text and "v5p" in text
+
+
+def test_oversized_config_does_not_fit_on_tpu(tmp_path_factory):
+    """A 40-layer model of width 4096 in float32 on one v5e host: the compiler refuses it."""
+    big = _model_dir(tmp_path_factory, hidden_size=4096, intermediate_size=16384,
+                     num_hidden_layers=40, num_attention_heads=32, num_key_value_heads=8,
+                     vocab_size=32000)
+    cfg = _cfg(big, "--model.attention=xla", "--mesh.fsdp=1", "--mesh.data=-1")
+    result = make_plan(cfg, parse_target("v5e-8"), flops=False)
+    assert not result.fits
+    assert result.memory.peak > 16 * GIB
+    text = format_plan(cfg, result)
+    assert "DOES NOT FIT" in text and "try: mesh.fsdp: 8" in text
+
+
+def test_gpu_target_compiles_and_is_compared_with_hbm(tiny_dir, tmp_path_factory):
+    """8 x H100: cuDNN flash attention in bf16; the GPU compiler never refuses, so the plan
+    compares its memory analysis with the table's 80 GiB itself (both ways)."""
+    cfg = _cfg(tiny_dir, "--mesh.fsdp=8")
+    target = parse_target("8xh100")
+    result = make_plan(cfg, target, flops=False)
+    assert result.attention == "cudnn"
+    assert result.fits and 0 < result.memory.peak < 80 * GIB
+    big = _model_dir(tmp_path_factory, hidden_size=8192, intermediate_size=28672,
+                     num_hidden_layers=24, num_attention_heads=64, num_key_value_heads=8)
+    cfg = _cfg(big, "--mesh.fsdp=1", "--mesh.data=-1", "--model.attention=xla")
+    result = make_plan(cfg, target, flops=False)
+    assert not result.fits and not result.memory.oom_message
+    assert result.memory.peak > 80 * GIB
+    assert "DOES NOT FIT" in format_plan(cfg, result)
