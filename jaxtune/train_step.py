@@ -38,13 +38,14 @@ Batch = dict[str, jax.Array]
 LossFn = Callable[[nnx.Module, Batch], tuple[jax.Array, dict[str, jax.Array]]]
 
 
-def per_row_keys(batch: Batch, batch_axes) -> list[str]:
-    """The keys of ``batch`` split by rows (declared with a leading ``batch`` axis); every
-    other array must be a scalar shared by all rows."""
+def per_row_keys(batch: Batch, batch_axes, splitting: bool = True) -> list[str]:
+    """The keys of ``batch`` split by rows (declared with a leading ``batch`` axis). When the
+    batch is split into micro-batches, every other array must be a scalar shared by all rows:
+    an undeclared array would be handed whole to every micro-batch, so it is refused."""
     rows = [k for k, axes in batch_axes.items() if axes and axes[0] == "batch" and k in batch]
     undeclared = [k for k, v in batch.items()
                   if k not in batch_axes and getattr(v, "ndim", 0) > 0]
-    if undeclared:
+    if undeclared and splitting:
         raise JaxtuneError(
             f"The batch has keys {undeclared} that the objective does not declare; add them to "
             "its batch_axes with their logical axes (e.g. ('batch',) for a per-row value), so "
@@ -90,7 +91,7 @@ def train_step(
     params = state.params
     axes = batch_axes_of(loss_fn)
     batch = {k: constrain(v, axes[k]) if k in axes else v for k, v in batch.items()}
-    rows = per_row_keys(batch, axes)
+    rows = per_row_keys(batch, axes, splitting=grad_accum_steps > 1)
     batch["loss_denominator"] = jnp.asarray(denominator_of(loss_fn)(batch), jnp.float32)
     batch["step"] = state.step  # steps already taken, for losses that change over training
     rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))

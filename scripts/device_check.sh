@@ -24,7 +24,7 @@ device=$(tail -1 "$out_dir/device.txt")
 # 1. Kernel tests on the device: cuDNN attention (bf16) vs XLA on the model's own shapes.
 timeout 150 python - <<'EOF' > "$out_dir/kernels.txt" 2>&1
 import jax, jax.numpy as jnp, numpy as np
-from jaxtune.models.layers import dot_product_attention
+from jaxtune.models.layers import AttentionMask, dot_product_attention
 from jaxtune.kernels.splash import reference_attention
 k = jax.random.split(jax.random.key(0), 3)
 q = jax.random.normal(k[0], (2, 1024, 8, 128), jnp.bfloat16)
@@ -35,7 +35,8 @@ worst = 0.0
 for window in (None, 256):
     for impl in ("cudnn", "xla"):
         got = jax.jit(lambda q, k, v: dot_product_attention(
-            q, k, v, segment_ids_BT=seg, window=window, implementation=impl))(q, kk, v)
+            q, k, v, mask=AttentionMask.causal(jnp.broadcast_to(jnp.arange(1024), (2, 1024)), seg),
+            window=window, implementation=impl))(q, kk, v)
         want = reference_attention(q.astype(jnp.float32), kk.astype(jnp.float32),
                                    v.astype(jnp.float32), segment_ids_BT=seg, window=window)
         err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want)))

@@ -8,6 +8,7 @@ state, and the training tokenizer (chat template, EOS) against ``AutoTokenizer``
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -92,8 +93,15 @@ def test_save_pretrained_round_trip_is_exact(variant, tiny_hf_model, tmp_path):
         out = save_pretrained(model, tmp_path / f"scan{scan}")
         assert_same_tensors(model_dir, out)
         written = json.loads((out / "config.json").read_text())
+        original = json.loads((model_dir / "config.json").read_text())
+        # The original config.json key for key (no head_dim or other key added), dtype aside.
+        assert {k: v for k, v in written.items() if k != "dtype"} == \
+            {k: v for k, v in original.items() if k != "dtype"}
         family = get_family(written["model_type"])
-        assert family.config_cls.from_hf_config(written) == model.config
+        again = family.config_cls.from_hf_config(written)
+        assert dataclasses.replace(again, hf_source="") == \
+            dataclasses.replace(model.config, hf_source="")
+        assert again.to_hf_config() == written
         assert written["dtype"] == "float32"
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from jaxtune.kernels import compiling_for, target_platform
 from jaxtune.kernels.splash import reference_attention, splash_attention, unsupported_reason
-from jaxtune.models.layers import dot_product_attention, resolve_attention_impl
+from jaxtune.models.layers import AttentionMask, dot_product_attention, resolve_attention_impl
 
 T, H, BLOCK = 256, 64, 128
 
@@ -69,13 +69,19 @@ def test_splash_matches_reference_forward_and_grads(case):
         np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4, err_msg=f"d{name}")
 
 
+def _mask(q, seg):
+    """The model's training mask for a ``[B, T, ...]`` batch: positions 0..T-1, segments."""
+    b, t = q.shape[:2]
+    return AttentionMask.causal(jnp.broadcast_to(jnp.arange(t), (b, t)), seg)
+
+
 def test_reference_equals_the_models_xla_attention():
     """The reference is the model's semantics (causal, packing, window, GQA)."""
     q, k, v = _qkv(4, 2)
     seg = _packed_segments()
     for window in (None, 96):
         want = jax.jit(lambda q, k, v, w=window: dot_product_attention(
-            q, k, v, segment_ids_BT=seg, window=w, implementation="xla"))(q, k, v)
+            q, k, v, mask=_mask(q, seg), window=w, implementation="xla"))(q, k, v)
         got = jax.jit(lambda q, k, v, w=window: reference_attention(
             q, k, v, segment_ids_BT=seg, window=w))(q, k, v)
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
@@ -84,18 +90,21 @@ def test_reference_equals_the_models_xla_attention():
 def test_layers_dispatch_to_splash_and_match_xla():
     q, k, v = _qkv(2, 1)
     seg = _packed_segments()
-    want = dot_product_attention(q, k, v, segment_ids_BT=seg, window=None, implementation="xla")
+    want = dot_product_attention(
+            q, k, v, mask=_mask(q, seg), window=None, implementation="xla")
     got = jax.jit(lambda q, k, v: dot_product_attention(
-        q, k, v, segment_ids_BT=seg, window=None, implementation="splash"))(q, k, v)
+            q, k, v, mask=_mask(q, seg), window=None, implementation="splash"))(q, k, v)
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
 def test_unsupported_length_falls_back_to_xla_with_a_note(caplog):
     q, k, v = (x[:, :100] for x in _qkv(2, 2))
     with caplog.at_level(logging.WARNING, logger="jaxtune.kernels.splash"):
-        got = dot_product_attention(q, k, v, segment_ids_BT=None, window=None,
+        got = dot_product_attention(
+            q, k, v, mask=_mask(q, None), window=None,
                                     implementation="splash")
-    want = dot_product_attention(q, k, v, segment_ids_BT=None, window=None, implementation="xla")
+    want = dot_product_attention(
+            q, k, v, mask=_mask(q, None), window=None, implementation="xla")
     np.testing.assert_allclose(got, want, atol=1e-6)
     assert "sequence length 100 is not a multiple of 128" in caplog.text
     assert unsupported_reason(q, k, jnp.asarray([4, 8])) is not None  # array window

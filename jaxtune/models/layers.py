@@ -370,12 +370,16 @@ def dot_product_attention(
     included), as transformers' sliding window does; a Python int is static (and reaches
     cuDNN's sliding window), an array (a per-layer window under scan) is applied in the mask.
     """
-    if implementation == "splash":  # Pallas TPU kernel; falls back to XLA where it cannot run
+    if implementation == "splash" and mask.aligned:
+        # Pallas TPU kernel (index-causal with segment ids, which is this mask when queries
+        # are the keys); falls back to XLA where it cannot run.
         from jaxtune.kernels.splash import splash_attention
 
-        return splash_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=segment_ids_BT,
-                                window=window, fallback=functools.partial(
-                                    dot_product_attention, implementation="xla"))
+        def fallback(q, k, v, *, segment_ids_BT, window):
+            return dot_product_attention(q, k, v, mask=mask, window=window, implementation="xla")
+
+        return splash_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=mask.q_segment_ids_BT,
+                                window=window, fallback=fallback)
     t, s = q_BTNH.shape[1], k_BSKH.shape[1]
     if implementation == "xla" and mask.aligned and t == s and t >= 2 * _CAUSAL_BLOCK:
         return _blocked_causal_attention(q_BTNH, k_BSKH, v_BSKH, mask, window)
@@ -390,9 +394,9 @@ def dot_product_attention(
         return jax.nn.dot_product_attention(
             q_BTNH, k_BSKH, v_BSKH, mask=seg_mask, is_causal=True,
             local_window_size=local_window, implementation="cudnn")
+    # Everything else (decoding against a cache, short sequences) is XLA's, masked.
     return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask.allowed(window),
-                                        implementation="xla" if implementation == "cudnn"
-                                        else implementation)
+                                        implementation="xla")
 
 
 #: Query block of the XLA path. Causal attention over T tokens needs only the keys up to each
