@@ -33,10 +33,10 @@ def _read(file: Path) -> dict[str, Any]:
 def _from_cache(hub_id: str) -> Path | None:
     from huggingface_hub import try_to_load_from_cache
 
-    from jaxtune.weights import _hub_cache_dir
+    from jaxtune.locate import hub_cache_dir
 
     try:
-        found = try_to_load_from_cache(hub_id, "config.json", cache_dir=_hub_cache_dir())
+        found = try_to_load_from_cache(hub_id, "config.json", cache_dir=hub_cache_dir())
     except Exception:  # a malformed id or cache: treat as not cached
         return None
     return Path(found) if isinstance(found, str) and os.path.isfile(found) else None
