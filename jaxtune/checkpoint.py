@@ -121,6 +121,9 @@ class Checkpointer:
         )
         handlers = {"state": ocp.StandardCheckpointHandler(),
                     **{k: ocp.JsonCheckpointHandler() for k in ITEMS[1:]}}
+        absl, level = logging.getLogger("absl"), logging.getLogger("absl").level
+        if read_only:  # Orbax warns that a read-only manager is read-only
+            absl.setLevel(logging.ERROR)
         try:
             self._manager = ocp.CheckpointManager(self.directory, options=options,
                                                   item_handlers=handlers)
@@ -129,6 +132,8 @@ class Checkpointer:
                 f"Cannot open the checkpoint folder {self.directory}: {_short(e)}. Check "
                 "checkpoint.dir / run.output_dir (for gs:// paths see docs/checkpoints.md)."
             ) from e
+        finally:
+            absl.setLevel(level)
         if not read_only:
             self._drop_partial_steps()
             self._install_sigterm_handler()
