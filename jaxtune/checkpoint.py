@@ -25,6 +25,7 @@ and exits cleanly.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -633,9 +634,11 @@ def _allgather_json(obj: Any) -> list[Any]:
     return [json.loads(every[i, : int(sizes[i, 0])].tobytes()) for i in range(len(sizes))]
 
 
-@jax.jit
-def _finite_flags(leaves: list[jax.Array]) -> jax.Array:
-    return jnp.stack([jnp.isfinite(x).all() for x in leaves])
+@functools.cache
+def _finite_flags(out_sharding: jax.sharding.Sharding | None):
+    """Jitted ``[all finite?]`` per array; the result replicated, so every process reads it."""
+    return jax.jit(lambda leaves: jnp.stack([jnp.isfinite(x).all() for x in leaves]),
+                   out_shardings=out_sharding)
 
 
 def nonfinite_arrays(tree: Any) -> list[str]:
@@ -647,7 +650,11 @@ def nonfinite_arrays(tree: Any) -> list[str]:
               if jnp.issubdtype(getattr(x, "dtype", np.float32), jnp.inexact)]
     if not floats:
         return []
-    flags = np.asarray(_finite_flags([x for _, x in floats]))
+    arrays = [x for _, x in floats]
+    sharding = getattr(arrays[0], "sharding", None)
+    replicated = (jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+                  if isinstance(sharding, jax.sharding.NamedSharding) else None)
+    flags = np.asarray(_finite_flags(replicated)(arrays))
     return [n for (n, _), ok in zip(floats, flags, strict=True) if not ok]
 
 
