@@ -102,7 +102,6 @@ class Checkpointer:
                  read_only: bool = False):
         self.cfg = cfg
         self.mesh = mesh
-        c = cfg.checkpoint
         self.directory = checkpoint_dir(cfg)
         self.last_save_blocked_s = 0.0  # how long the last save() held up the caller
         self._last_saved: int | None = None
@@ -111,6 +110,19 @@ class Checkpointer:
         self._sync_point_usable = True
         self._prev_handler: Any = None
         self.read_only = read_only
+        absl, level = logging.getLogger("absl"), logging.getLogger("absl").level
+        if read_only:  # Orbax warns that a read-only manager will not save
+            absl.setLevel(logging.ERROR)
+        try:
+            self._manager = self._open_manager(read_only)
+        finally:
+            absl.setLevel(level)
+        if not read_only:
+            self._drop_partial_steps()
+            self._install_sigterm_handler()
+
+    def _open_manager(self, read_only: bool) -> ocp.CheckpointManager:
+        c = self.cfg.checkpoint
         options = ocp.CheckpointManagerOptions(
             max_to_keep=c.keep or None,
             keep_period=c.keep_every or None,
@@ -122,22 +134,13 @@ class Checkpointer:
         )
         handlers = {"state": ocp.StandardCheckpointHandler(),
                     **{k: ocp.JsonCheckpointHandler() for k in ITEMS[1:]}}
-        absl, level = logging.getLogger("absl"), logging.getLogger("absl").level
-        if read_only:  # Orbax warns that a read-only manager is read-only
-            absl.setLevel(logging.ERROR)
         try:
-            self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                                  item_handlers=handlers)
+            return ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
         except Exception as e:  # bad bucket, no permission, a file in the way...
             raise CheckpointError(
                 f"Cannot open the checkpoint folder {self.directory}: {_short(e)}. Check "
                 "checkpoint.dir / run.output_dir (for gs:// paths see docs/checkpoints.md)."
             ) from e
-        finally:
-            absl.setLevel(level)
-        if not read_only:
-            self._drop_partial_steps()
-            self._install_sigterm_handler()
 
     # ------------------------------------------------------------------ steps on disk
 

@@ -10,7 +10,9 @@ shuffling are on, on a tiny Llama at seq 32.
 
 The processes run ``jaxtune.cli`` through a small launcher that prints each step's loss and,
 after each step's checkpoint call, pauses briefly: the pause lets the test send its signal at
-a known step. The kill itself is a real ``kill -9``.
+a known step. At a step that saves nothing, the launcher first waits for the background write
+of the last save (which overlapped that step), so the checkpoints a test expects are on disk
+when it signals, whatever the machine's load. The kill itself is a real ``kill -9``.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ LAUNCHER = textwrap.dedent("""
 
     def paced_save(self, step, *args, **kwargs):
         out = save(self, step, *args, **kwargs)
+        if not out:  # a save of an earlier step has had this step to overlap; now it is done,
+            self.wait()  # so a signal sent on this line finds it on disk, however slow the disk
         print(f"E2E-STEP {step}", flush=True)
         time.sleep(pace)
         return out
