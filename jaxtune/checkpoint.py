@@ -445,7 +445,9 @@ class Checkpointer:
     def _set_data_state(self, step: int, saved: dict[str, Any], data_iter) -> None:
         if data_iter is None:
             return
-        states = saved["states"]
+        states = saved.get("states")
+        if not isinstance(states, list) or not states:
+            raise self._damaged(step, "data", ValueError("it holds no list of data positions"))
         n, me = jax.process_count(), jax.process_index()
         if len(states) == n:
             own = states[me]
