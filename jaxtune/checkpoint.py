@@ -25,16 +25,19 @@ and exits cleanly.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import os
+import re
 import signal
 import threading
 import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
@@ -89,12 +92,16 @@ class Checkpointer:
     ``Checkpointer(cfg, mesh)``; ``restore(state, data_iter)`` at the start of training,
     ``save(step, state, data_iter, force=False)`` at every step boundary (it decides whether
     the step is due), ``preemption_requested(step)`` after it, and ``close()`` at the end.
+
+    ``read_only=True`` opens the folder without creating, cleaning or deleting anything and
+    without a SIGTERM handler: :func:`check_resume` uses it to refuse a resume before a run
+    writes into its directory.
     """
 
-    def __init__(self, cfg: TrainConfig, mesh: jax.sharding.Mesh | None = None):
+    def __init__(self, cfg: TrainConfig, mesh: jax.sharding.Mesh | None = None, *,
+                 read_only: bool = False):
         self.cfg = cfg
         self.mesh = mesh
-        c = cfg.checkpoint
         self.directory = checkpoint_dir(cfg)
         self.last_save_blocked_s = 0.0  # how long the last save() held up the caller
         self._last_saved: int | None = None
@@ -102,25 +109,38 @@ class Checkpointer:
         self._preempted = False
         self._sync_point_usable = True
         self._prev_handler: Any = None
+        self.read_only = read_only
+        absl, level = logging.getLogger("absl"), logging.getLogger("absl").level
+        if read_only:  # Orbax warns that a read-only manager will not save
+            absl.setLevel(logging.ERROR)
+        try:
+            self._manager = self._open_manager(read_only)
+        finally:
+            absl.setLevel(level)
+        if not read_only:
+            self._drop_partial_steps()
+            self._install_sigterm_handler()
+
+    def _open_manager(self, read_only: bool) -> ocp.CheckpointManager:
+        c = self.cfg.checkpoint
         options = ocp.CheckpointManagerOptions(
             max_to_keep=c.keep or None,
             keep_period=c.keep_every or None,
-            enable_async_checkpointing=c.async_save,
-            cleanup_tmp_directories=True,  # a save cut off by a kill leaves only a tmp dir
-            create=True,
+            enable_async_checkpointing=c.async_save and not read_only,
+            # a save cut off by a kill leaves only a tmp dir
+            cleanup_tmp_directories=not read_only,
+            create=not read_only,
+            read_only=read_only,
         )
         handlers = {"state": ocp.StandardCheckpointHandler(),
                     **{k: ocp.JsonCheckpointHandler() for k in ITEMS[1:]}}
         try:
-            self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                                  item_handlers=handlers)
+            return ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
         except Exception as e:  # bad bucket, no permission, a file in the way...
             raise CheckpointError(
                 f"Cannot open the checkpoint folder {self.directory}: {_short(e)}. Check "
                 "checkpoint.dir / run.output_dir (for gs:// paths see docs/checkpoints.md)."
             ) from e
-        self._drop_partial_steps()
-        self._install_sigterm_handler()
 
     # ------------------------------------------------------------------ steps on disk
 
@@ -144,22 +164,35 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ save
 
+    def due(self, step: int, force: bool = False) -> bool:
+        """Whether :meth:`save` would save ``step`` (every ``save_every``, or ``force``)."""
+        every = self.cfg.checkpoint.save_every
+        return (force or (every > 0 and step % every == 0)) and step != self._last_saved
+
     def save(self, step: int, state, data_iter, force: bool = False) -> bool:
         """Save ``state`` as ``step`` when it is due (every ``save_every``) or ``force``.
 
         Returns whether a save started. Raises :class:`CheckpointError` if an earlier
-        background save failed or this one cannot start.
+        background save failed or this one cannot start, and refuses a state that holds a
+        NaN or Inf anywhere (nothing of that step is written), so every checkpoint on disk
+        can be resumed. The trainer checks the step's loss before calling this; the check
+        here also catches a state that overflowed while the loss still looked finite.
         """
         self._raise_pending_failure()
-        every = self.cfg.checkpoint.save_every
-        due = force or (every > 0 and step % every == 0)
-        if not due or step == self._last_saved:
+        if not self.due(step, force):
             return False
         tick = time.perf_counter()
+        items = self._state_items(state)
+        bad = nonfinite_arrays(items)
+        if bad:
+            raise CheckpointError(
+                f"The state of step {step} holds NaN or Inf in {_some(bad)}, so it was not "
+                f"saved. {self._left_note()} Try a lower optimizer.learning_rate, "
+                "optimizer.max_grad_norm > 0 or model.compute_dtype: float32."
+            )
         # Orbax waits for the previous save before starting one; waiting here first lets a
         # failure of that earlier save be reported under its own step.
         self.wait()
-        items = self._state_items(state)
         if self.cfg.checkpoint.async_save and jax.default_backend() == "cpu":
             # On CPU Orbax writes straight from the arrays' buffers, and the next train step,
             # which donates them, would wait for the whole write; a copy lets it run.
@@ -212,13 +245,23 @@ class Checkpointer:
         except Exception:  # the storage itself may be what broke
             left = []
         which = f"step {step}" if step is not None else "a checkpoint"
-        keep = (f"Complete checkpoints still in place: steps {left}; a restart resumes from "
-                f"step {left[-1]}." if left else "No complete checkpoint is in place yet.")
+        keep = self._left_note(left)
         return CheckpointError(
             f"Saving {which} to {self.directory} failed, so training stopped rather than go on "
             f"without checkpoints: {_short(err)}. {keep} Check free space and write access "
             "there (checkpoint.dir), then run the same command again."
         )
+
+    def _left_note(self, left: list[int] | None = None) -> str:
+        """Which complete checkpoints remain, and what a restart resumes."""
+        if left is None:
+            try:
+                self.wait()
+                left = self.complete_steps()
+            except Exception:  # the storage itself may be what broke
+                left = []
+        return (f"Complete checkpoints still in place: steps {left}; a restart resumes from "
+                f"step {left[-1]}." if left else "No complete checkpoint is in place yet.")
 
     def _state_items(self, state) -> dict[str, Any]:
         # Every array field of the state, by name (a new field is saved without an edit here),
@@ -242,13 +285,19 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ restore
 
-    def restore(self, state, data_iter):
-        """Resume per ``checkpoint.resume``: the restored TrainState, or None to start fresh.
+    def resume_step(self) -> int | None:
+        """The step ``checkpoint.resume`` picks (None: start fresh), checked without reading
+        an array or writing anything.
 
-        Arrays are read straight into the shardings of ``state`` (the current mesh). The
-        given state's restored arrays are freed first so peak memory stays at one copy; use
-        only the returned state afterwards. ``data_iter.set_state`` gets the saved position.
+        Raises :class:`CheckpointError` for a resume that :meth:`restore` would refuse on the
+        checkpoint's small items alone: a step that is not there, ``none`` into a folder that
+        holds checkpoints, a changed model/optimizer layout or LoRA base, or an unreadable
+        ``meta``/``config`` item.
         """
+        return self._pick()[0]
+
+    def _pick(self) -> tuple[int | None, list[int], dict[str, Any]]:
+        """(step to resume or None, the complete steps, that step's meta item)."""
         resume = str(self.cfg.checkpoint.resume)
         steps = self.complete_steps()
         if resume == "none":
@@ -259,10 +308,10 @@ class Checkpointer:
                     "(checkpoint.resume: auto), or start fresh in another run.output_dir or "
                     "checkpoint.dir (or delete that folder)."
                 )
-            return None
+            return None, steps, {}
         if resume == "auto":
             if not steps:
-                return None
+                return None, steps, {}
             step = steps[-1]
         else:
             step = int(resume)
@@ -271,24 +320,34 @@ class Checkpointer:
                     f"checkpoint.resume is {step}, but {self.directory} has no complete "
                     f"checkpoint of that step; complete steps: {steps or 'none'}."
                 )
-        info = self._manager.restore(step, args=ocp.args.Composite(
-            meta=ocp.args.JsonRestore(), config=ocp.args.JsonRestore()))
-        self._check_compatible(step, info["meta"], info["config"])
-        restored = self._restore_arrays(step, state, saved_frozen=info["meta"]["saved_frozen"])
-        data = self._manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))
-        self._set_data_state(step, data["data"], data_iter)
-        later = [s for s in steps if s > step]
-        if later:
-            log.warning("resuming from step %d: the later checkpoints %s belong to the run being "
-                        "replaced and are deleted", step, later)
-            for s in later:
-                self._manager.delete(s)
-        self._last_saved = step
-        log.info("restored checkpoint %s/%d", self.directory, step)
-        return restored
+        return step, steps, self._check_step(step)
 
-    def _restore_arrays(self, step: int, state, saved_frozen: bool):
-        current = state.array_fields()
+    def _check_step(self, step: int) -> dict[str, Any]:
+        """Read step's meta and config items, refuse an incompatible step; return the meta."""
+        meta = self._read_json(step, "meta")
+        self._check_compatible(step, meta, self._read_json(step, "config"))
+        return meta
+
+    def restore(self, state, data_iter):
+        """Resume per ``checkpoint.resume``: the restored TrainState, or None to start fresh.
+
+        Arrays are read straight into the shardings of ``state`` (the current mesh). The
+        given state's restored arrays are freed first so peak memory stays at one copy; use
+        only the returned state afterwards. ``data_iter.set_state`` gets the saved position.
+
+        A checkpoint holding NaN or Inf (one written before jaxtune refused to save such a
+        state) is never resumed: with ``resume: auto`` the latest finite checkpoint before it
+        is, with a warning naming both; an explicit step is refused. A damaged step (an item
+        that cannot be read) is refused naming the file and the earlier step to resume.
+        """
+        step, steps, meta = self._pick()
+        if step is None:
+            return None
+        candidates = [step]
+        if str(self.cfg.checkpoint.resume) == "auto":
+            candidates += [s for s in reversed(steps) if s < step]
+        saved_frozen = bool(meta.get("saved_frozen"))
+        current = state.array_fields()  # every array field of the state, by name
         if not saved_frozen:
             current.pop("frozen", None)
         self._check_shapes(step, current)
@@ -296,24 +355,98 @@ class Checkpointer:
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), current)
         for x in jax.tree.leaves(current):  # overwritten anyway: keep one copy in memory
             x.delete()
+        for i, chosen in enumerate(candidates):
+            if i:  # an earlier step, after a non-finite one: check it as the first was
+                meta = self._check_step(chosen)
+                if bool(meta.get("saved_frozen")) != saved_frozen:
+                    raise CheckpointError(
+                        f"Checkpoint {self.directory}/{chosen} was saved with a different "
+                        f"layout from step {candidates[0]}; resume it with "
+                        f"--checkpoint.resume={chosen} in a new process.")
+                self._check_shapes(chosen, target)
+            out = self._read_state(chosen, target)
+            bad = nonfinite_arrays(out)
+            if not bad:
+                break
+            for x in jax.tree.leaves(out):
+                x.delete()
+            earlier = [s for s in steps if s < chosen]
+            if chosen == candidates[-1]:
+                hint = (f"Resume an earlier one with --checkpoint.resume=<step> (complete "
+                        f"steps before it: {earlier})." if earlier else
+                        "No earlier complete checkpoint exists: start fresh with "
+                        "--checkpoint.resume=none in another run.output_dir.")
+                raise CheckpointError(
+                    f"Checkpoint {self.directory}/{chosen} holds NaN or Inf in {_some(bad)} "
+                    f"(the run had diverged), so it is not resumed. {hint}")
+            log.warning("checkpoint %s/%d holds NaN or Inf in %s (the run had diverged); "
+                        "trying the step before it, %d", self.directory, chosen, _some(bad),
+                        candidates[i + 1])
+        if chosen != step:
+            log.warning("resuming from step %d, the last checkpoint with finite values", chosen)
+        restored_step = int(jax.device_get(out["step"]))
+        if restored_step != chosen:
+            raise CheckpointError(
+                f"Checkpoint {self.directory}/{chosen} holds step {restored_step}.")
+        self._set_data_state(chosen, self._read_json(chosen, "data"), data_iter)
+        later = [s for s in steps if s > chosen]
+        if later:
+            log.warning("resuming from step %d: the later checkpoints %s belong to the run being "
+                        "replaced and are deleted", chosen, later)
+            for s in later:
+                self._manager.delete(s)
+        self._last_saved = chosen
+        log.info("restored checkpoint %s/%d", self.directory, chosen)
+        return state.replace(**out)
+
+    def _read_json(self, step: int, item: str) -> dict[str, Any]:
         try:
-            out = self._manager.restore(step, args=ocp.args.Composite(
+            value = self._manager.restore(step, args=ocp.args.Composite(
+                **{item: ocp.args.JsonRestore()}))[item]
+        except Exception as e:
+            raise self._damaged(step, item, e) from e
+        if not isinstance(value, dict):
+            raise self._damaged(step, item, ValueError(f"holds {type(value).__name__}, not an "
+                                                       "object"))
+        return value
+
+    def _read_state(self, step: int, target):
+        try:
+            return self._manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(target)))["state"]
         except Exception as e:
-            raise CheckpointError(
-                f"Reading checkpoint {self.directory}/{step} failed: {_short(e)}. Resume an "
-                "earlier step with checkpoint.resume: <step>, or start fresh with "
-                "checkpoint.resume: none in another run.output_dir."
-            ) from e
-        restored_step = int(jax.device_get(out["step"]))
-        if restored_step != step:
-            raise CheckpointError(f"Checkpoint {self.directory}/{step} holds step {restored_step}.")
-        return state.replace(**out)
+            raise self._damaged(step, "state", e) from e
+
+    def _damaged(self, step: int, item: str, err: BaseException) -> CheckpointError:
+        """One paragraph for an unreadable item: the step, the file, the earlier step to use."""
+        step_dir = f"{self.directory}/{step}"
+        where, reason = _describe_read_error(err, step_dir)
+        if not where:
+            json_err = isinstance(_root_cause(err), json.JSONDecodeError)
+            where = {"state": "state/_METADATA" if json_err else "state"}.get(
+                item, f"{item}/metadata")
+        try:
+            earlier = [s for s in self.complete_steps() if s < step]
+        except Exception:  # the storage itself may be what broke
+            earlier = []
+        if earlier:
+            hint = (f"The latest earlier complete checkpoint is step {earlier[-1]}: resume it "
+                    f"with --checkpoint.resume={earlier[-1]} (the checkpoints after it, this "
+                    "one included, are then deleted).")
+        else:
+            hint = ("No earlier complete checkpoint exists: start fresh with "
+                    "--checkpoint.resume=none in another run.output_dir (or move "
+                    f"{self.directory} away).")
+        return CheckpointError(
+            f"Checkpoint {step_dir} is damaged: reading {where} failed ({reason}), so it "
+            f"cannot be resumed. {hint}")
 
     def _set_data_state(self, step: int, saved: dict[str, Any], data_iter) -> None:
         if data_iter is None:
             return
-        states = saved["states"]
+        states = saved.get("states")
+        if not isinstance(states, list) or not states:
+            raise self._damaged(step, "data", ValueError("it holds no list of data positions"))
         n, me = jax.process_count(), jax.process_index()
         if len(states) == n:
             own = states[me]
@@ -371,7 +504,10 @@ class Checkpointer:
 
     def _check_shapes(self, step: int, current: dict[str, Any]) -> None:
         """Name every array whose path, shape or dtype differs from the checkpoint's."""
-        meta = self._manager.item_metadata(step)["state"]
+        try:
+            meta = self._manager.item_metadata(step)["state"]
+        except Exception as e:
+            raise self._damaged(step, "state", e) from e
         tree = getattr(meta, "tree", meta)
         saved = {m.name: (tuple(m.shape), str(m.dtype)) for m in jax.tree.leaves(tree)}
         names = jax.tree.leaves(ocp.tree.get_param_names(current, include_empty_nodes=False))
@@ -406,6 +542,11 @@ class Checkpointer:
                 self._sync_point_usable = False
         return self._preempted
 
+    @property
+    def preempted(self) -> bool:
+        """Whether a SIGTERM or preemption notice has been seen so far (no collective)."""
+        return self._preempted
+
     def _install_sigterm_handler(self) -> None:
         # With several processes JAX's coordination service owns SIGTERM and propagates it
         # through the preemption sync point; a Python handler would shadow it.
@@ -421,6 +562,18 @@ class Checkpointer:
     def _on_sigterm(self, signum, frame) -> None:
         self._preempted = True
         log.warning("SIGTERM received: saving at the next step boundary, then stopping")
+
+
+def check_resume(cfg: TrainConfig) -> int | None:
+    """The step a run of ``cfg`` will resume (None: a fresh start), found without creating,
+    cleaning or writing anything; raises :class:`CheckpointError` for a resume it must refuse
+    (see :meth:`Checkpointer.resume_step`). Call it before the run writes into its directory,
+    so that a refused resume leaves the directory as it was."""
+    ck = Checkpointer(cfg, read_only=True)
+    try:
+        return ck.resume_step()
+    finally:
+        ck.close()
 
 
 # --------------------------------------------------------------------------- helpers
@@ -483,6 +636,65 @@ def _allgather_json(obj: Any) -> list[Any]:
     buf[: raw.size] = raw
     every = np.asarray(multihost_utils.process_allgather(buf))
     return [json.loads(every[i, : int(sizes[i, 0])].tobytes()) for i in range(len(sizes))]
+
+
+@functools.cache
+def _finite_flags(out_sharding: jax.sharding.Sharding | None):
+    """Jitted ``[all finite?]`` per array; the result replicated, so every process reads it."""
+    return jax.jit(lambda leaves: jnp.stack([jnp.isfinite(x).all() for x in leaves]),
+                   out_shardings=out_sharding)
+
+
+def nonfinite_arrays(tree: Any) -> list[str]:
+    """Names (Orbax's dotted paths) of the floating-point arrays in ``tree`` holding a NaN or
+    Inf, in one reduction on the devices and one small read back (it waits for the arrays)."""
+    names = jax.tree.leaves(ocp.tree.get_param_names(tree, include_empty_nodes=False))
+    leaves = jax.tree.leaves(tree)
+    floats = [(n, x) for n, x in zip(names, leaves, strict=True)
+              if jnp.issubdtype(getattr(x, "dtype", np.float32), jnp.inexact)]
+    if not floats:
+        return []
+    arrays = [x for _, x in floats]
+    sharding = getattr(arrays[0], "sharding", None)
+    replicated = (jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+                  if isinstance(sharding, jax.sharding.NamedSharding) else None)
+    flags = np.asarray(_finite_flags(replicated)(arrays))
+    return [n for (n, _), ok in zip(floats, flags, strict=True) if not ok]
+
+
+def _some(names: list[str], limit: int = 4) -> str:
+    more = f" (and {len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    while err.__cause__ is not None and err.__cause__ is not err:
+        err = err.__cause__
+    return err
+
+
+def _describe_read_error(err: BaseException, step_dir: str) -> tuple[str, str]:
+    """(the file under ``step_dir`` that failed, or '' when the error names none; a short
+    reason). TensorStore errors name the file and the array, then dump their whole spec."""
+    cause = _root_cause(err)
+    if isinstance(cause, json.JSONDecodeError):
+        return "", f"not valid JSON, cut short or overwritten: {cause.msg} (character {cause.pos})"
+    text = str(err).split(" [tensorstore_spec=")[0]
+    quoted = re.findall(r"[\"']([^\"']+)[\"']", text)
+    prefix = step_dir.rstrip("/") + "/"
+    files = [q for q in quoted if q.startswith(prefix) and not q.endswith("/")]
+    where = max(files, key=len)[len(prefix):] if files else ""
+    arrays = [q.rsplit("/", 1)[0] for q in quoted
+              if q.endswith(("/.zarray", "/zarr.json")) and not q.startswith(prefix)]
+    if where and arrays:
+        where += f" (array {arrays[0]})"
+    code = re.match(r"([A-Z][A-Z_]+): ", text)
+    tail = text.rsplit('": ', 1)[-1] if '": ' in text else text
+    tail = tail.replace(prefix, "").strip()
+    reason = f"{code.group(1)}: {tail}" if code and not tail.startswith(code.group(1)) else tail
+    if not where and not code:
+        reason = f"{type(cause).__name__}: {tail}"
+    return where, reason if len(reason) <= 300 else reason[:297] + "..."
 
 
 def _short(err: BaseException, limit: int = 500) -> str:

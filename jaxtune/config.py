@@ -317,9 +317,21 @@ def dump_config(cfg: TrainConfig) -> str:
 
 
 def save_config(cfg: TrainConfig, path: str | os.PathLike) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        f.write(dump_config(cfg))
+    """Write the resolved config as YAML, atomically (a crash leaves the old file or the new
+    one, never half of one), and not at all when the file already says the same."""
+    text = dump_config(cfg)
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        with open(path) as f:
+            if f.read() == text:
+                return
+    except (FileNotFoundError, IsADirectoryError, UnicodeDecodeError):
+        pass
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def config_from_dict(raw: dict[str, Any]) -> TrainConfig:

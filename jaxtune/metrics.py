@@ -239,14 +239,16 @@ class MetricsWriter:
     """Writes each logged step to stdout, ``<run_dir>/metrics.jsonl``, TensorBoard events in
     ``<run_dir>/tensorboard`` and W&B, as ``cfg.logging`` enables them.
 
-    ``enabled`` defaults to ``jax.process_index() == 0``. With ``start_step`` (a resume), lines
-    and TensorBoard events after that step, left by the interrupted run, are dropped, so the
-    re-run steps are not logged twice. Every write is flushed: a crash loses at most the
-    current line.
+    ``enabled`` defaults to ``jax.process_index() == 0``. With ``start_step`` (the step a run
+    starts or resumes from), lines and TensorBoard events after that step, left by an
+    interrupted run, are dropped, so the re-run steps are not logged twice; ``start_step=0``
+    (no checkpoint was left) drops everything. ``relog_evals`` also drops the evaluation lines
+    at ``start_step``, for a run that evaluates there again. Every write is flushed: a crash
+    loses at most the current line.
     """
 
     def __init__(self, cfg: Any, run_dir: str, *, enabled: bool | None = None,
-                 start_step: int | None = None):
+                 start_step: int | None = None, relog_evals: bool = False):
         self.cfg = cfg
         self.logging = cfg.logging
         self.run_dir = run_dir
@@ -255,24 +257,26 @@ class MetricsWriter:
         if not self.enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
-        self._open_files(start_step)
+        self._open_files(start_step, relog_evals)
         if self.logging.wandb_project:
             self._wandb = _start_wandb(cfg, run_dir)
 
-    def _open_files(self, start_step: int | None) -> None:
+    def _open_files(self, start_step: int | None, relog_evals: bool = False) -> None:
         if self.logging.jsonl:
             path = os.path.join(self.run_dir, "metrics.jsonl")
             if start_step is not None:
-                _drop_lines_after(path, start_step)
+                _drop_lines_after(path, start_step, drop_evals_at_step=relog_evals)
             self._jsonl = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close)
         if self.logging.tensorboard:
             from tensorboardX import SummaryWriter
 
-            purge = None if start_step is None else start_step + 1
+            # Readers discard the events at or after the purge step written before it. At a
+            # step > 0 that step's training scalars stay (its eval point may then show twice).
+            purge = None if start_step is None else (0 if start_step == 0 else start_step + 1)
             self._tb = SummaryWriter(logdir=os.path.join(self.run_dir, "tensorboard"),
                                      purge_step=purge, flush_secs=30)
 
-    def resumed_at(self, step: int) -> None:
+    def resumed_at(self, step: int, relog_evals: bool = False) -> None:
         """The run continues from checkpoint ``step``: forget what was logged after it (the
         same as passing ``start_step`` to the constructor, for a writer made before restore)."""
         if not self.enabled:
@@ -281,7 +285,7 @@ class MetricsWriter:
             if sink is not None:
                 sink.close()
         self._jsonl = self._tb = None
-        self._open_files(step)
+        self._open_files(step, relog_evals)
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         """Log one step's metrics (floats, or jax/numpy scalars); a 'step' key is ignored."""
@@ -333,8 +337,9 @@ def _print(line: str) -> None:
     sys.stdout.flush()
 
 
-def _drop_lines_after(path: str, step: int) -> None:
-    """Keep only the lines of an existing metrics.jsonl whose step is <= ``step``."""
+def _drop_lines_after(path: str, step: int, drop_evals_at_step: bool = False) -> None:
+    """Keep only the lines of an existing metrics.jsonl whose step is <= ``step`` (none for
+    step 0), less the evaluation-only lines at ``step`` with ``drop_evals_at_step``."""
     if not os.path.exists(path):
         return
     with open(path, encoding="utf-8") as f:
@@ -342,10 +347,13 @@ def _drop_lines_after(path: str, step: int) -> None:
     kept = []
     for line in lines:
         try:
-            if int(json.loads(line)["step"]) <= step:
-                kept.append(line if line.endswith("\n") else line + "\n")
+            record = json.loads(line)
+            at = int(record["step"])
         except (ValueError, KeyError, TypeError):
             continue  # a line cut short by a crash
+        is_eval = all(k in ("step", "time") or k.startswith("eval_") for k in record)
+        if at < step or (at == step and step > 0 and not (drop_evals_at_step and is_eval)):
+            kept.append(line if line.endswith("\n") else line + "\n")
     if len(kept) != len(lines):
         tmp = path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:

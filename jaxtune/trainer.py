@@ -1,8 +1,11 @@
 """The training loop: it schedules steps, evaluation, logging and checkpoints, and does no maths.
 
 Step N is dispatched before step N-1's metrics are read, so the host never stalls the device.
-A non-finite loss stops the run naming the step and what to try. Everything the loop calls
-is built in :class:`Trainer.__init__` from the config, so tests can poke at the pieces.
+A non-finite loss stops the run naming the step and what to try, and a step is checkpointed
+only after its metrics were read back finite, so no checkpoint holds a diverged state.
+Everything the loop calls is built in :class:`Trainer.__init__` from the config, so tests can
+poke at the pieces; the run directory is written only once :meth:`Trainer.run` has accepted
+the resume (a refused one leaves it as it was).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class TrainResult:
     history: list[dict[str, float]]  # per-step metrics read back on the host
     evals: list[dict[str, float]]  # {'step', 'eval_loss', 'eval_perplexity'}
     state: Any  # the final TrainState
+    preempted: bool = False  # stopped by SIGTERM / a preemption notice (saved, not exported)
 
 
 class Trainer:
@@ -60,9 +64,12 @@ class Trainer:
         self.main = distributed.is_main_process()
         if not self.main:  # one log for the job (process 0's); the others report only trouble
             log.setLevel(max(log.getEffectiveLevel(), logging.WARNING))
-        if self.main:
-            os.makedirs(self.run_dir, exist_ok=True)
-            save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
+        if cfg.checkpoint.enabled:
+            from jaxtune.checkpoint import check_resume
+
+            # A resume that will be refused (a missing step, resume: none into a run that has
+            # checkpoints, a changed layout) fails here, before anything is loaded or written.
+            check_resume(cfg)
         self.mesh = make_mesh(cfg.mesh)
         self.rules = make_rules(cfg.mesh.rules)
         check_batch(cfg.trainer.global_batch_size, self.mesh, cfg.trainer.grad_accum_steps,
@@ -106,7 +113,7 @@ class Trainer:
             from jaxtune.checkpoint import Checkpointer
 
             self.checkpointer = Checkpointer(cfg, self.mesh)
-        self.writer = metrics.MetricsWriter(cfg, self.run_dir, enabled=self.main)
+        self.writer: metrics.MetricsWriter | None = None  # opened by run(), after the restore
         self.flops_per_token = metrics.flops_per_token(self.model_config, cfg.data.seq_len)
         self.peak_flops = metrics.device_peak_flops(jax.devices()[0], cfg.model.compute_dtype,
                                                     peak_tflops=cfg.logging.peak_tflops)
@@ -166,15 +173,15 @@ class Trainer:
     def run(self) -> TrainResult:
         t = self.cfg.trainer
         start = self._restore()
-        if start:
-            self.writer.resumed_at(start)  # steps after the checkpoint are logged afresh
+        evaluate_start = start == 0 or start == t.steps
+        self._open_run_dir(start, evaluate_start)
         history: list[dict[str, float]] = []
         evals: list[dict[str, float]] = []
         self._log_run_header(start)
-        if start == 0 or start == t.steps:
+        if evaluate_start:
             evals.append(self._eval_and_log(start))
 
-        compiled, pending, last = None, None, start
+        compiled, pending, last, preempted = None, None, start, False
         bar = self._progress(start)
         for step in range(start + 1, t.steps + 1):
             host_batch = next(self.train_iter)
@@ -187,26 +194,49 @@ class Trainer:
             if pending is not None:  # step N is queued; now read step N-1 back
                 history.append(self._finish_step(*pending, bar))
             pending = (step, step_metrics, float(np.count_nonzero(host_batch["segment_ids"])))
-            if t.eval_every and step % t.eval_every == 0 and step != t.steps:
+            evaluate = t.eval_every and step % t.eval_every == 0 and step != t.steps
+            # A step is saved only once its metrics are read back and finite (a NaN raises
+            # there). The save waits for the step anyway, to copy the state off the device.
+            if evaluate or self._save_due(step):
                 history.append(self._finish_step(*pending, bar))
                 pending = None
+            if evaluate:
                 evals.append(self._eval_and_log(step))
             self._save(step)
             last = step
             if self._preemption_requested(step):
+                preempted = True
                 break
         if pending is not None:
             history.append(self._finish_step(*pending, bar))
         if bar is not None:
             bar.close()
-        if last < t.steps:
+        if preempted:  # save first; the final evaluation is left to the run that finishes
             log.warning("preemption notice: saving step %d and stopping; run the same command "
-                        "to continue", last)
+                        "to continue%s", last,
+                        " (that run exports)" if self.cfg.export.enabled else "")
         elif t.steps > start:
             evals.append(self._eval_and_log(t.steps))
         self._save(last, force=True)
         self.close()
-        return TrainResult(self.run_dir, last, history, [e for e in evals if e], self.state)
+        # A SIGTERM after the last step boundary (during the final evaluation or save) still
+        # makes this a preempted run: the machine is going away, so no export starts.
+        preempted = preempted or (self.checkpointer is not None and self.checkpointer.preempted)
+        return TrainResult(self.run_dir, last, history, [e for e in evals if e], self.state,
+                           preempted=preempted)
+
+    def _open_run_dir(self, start: int, evaluate_start: bool) -> None:
+        """Write config.yaml and open the metrics, now that the resume is accepted.
+
+        Whatever an interrupted run logged after step ``start`` is dropped (from step 0, all
+        of it: that run left no checkpoint), and so is an evaluation at ``start`` when this
+        run evaluates there again, so no step appears twice.
+        """
+        if self.main:
+            os.makedirs(self.run_dir, exist_ok=True)
+            save_config(self.cfg, os.path.join(self.run_dir, "config.yaml"))
+        self.writer = self._metrics.MetricsWriter(self.cfg, self.run_dir, enabled=self.main,
+                                                  start_step=start, relog_evals=evaluate_start)
 
     def _finish_step(self, step: int, step_metrics, tokens: float, bar) -> dict[str, float]:
         """Read one step's metrics back (blocking on that step only), check, log."""
@@ -218,7 +248,7 @@ class Trainer:
                 f"Loss is {values['loss']} (grad norm {values.get('grad_norm')}) at step {step}. "
                 "Try a lower optimizer.learning_rate, more optimizer.warmup_steps, "
                 "optimizer.max_grad_norm > 0, or model.compute_dtype: float32; check the data "
-                f"with 'jaxtune inspect-data'. The last checkpoint before step {step} is intact."
+                f"with 'jaxtune inspect-data'. {self._diverged_resume_note(step)}"
             )
         values.update(self._throughput(elapsed, tokens))
         values.update(self._metrics.memory_stats())
@@ -262,6 +292,26 @@ class Trainer:
         log.info("resumed from step %d", step)
         return step
 
+    def _save_due(self, step: int) -> bool:
+        return self.checkpointer is not None and self.checkpointer.due(step)
+
+    def _diverged_resume_note(self, step: int) -> str:
+        """Which checkpoint a run continues from after a divergence at ``step``."""
+        if self.checkpointer is None:
+            return "Checkpoints are off (checkpoint.enabled), so a new run starts at step 0."
+        try:
+            self.checkpointer.wait()  # saves in flight are of earlier, finite steps
+            steps = self.checkpointer.complete_steps()
+        except JaxtuneError:
+            steps = []
+        if not steps:
+            return (f"No checkpoint was saved before step {step}, so the next run starts at "
+                    "step 0.")
+        return (f"Nothing of step {step} was saved; the last checkpoint, step {steps[-1]}, holds "
+                "the state from before the divergence: change a setting above and run the "
+                "same command to resume from it (checkpoint.resume: auto picks it; or "
+                f"--checkpoint.resume={steps[-1]}).")
+
     def _save(self, step: int, force: bool = False) -> None:
         if self.checkpointer is not None:
             self.checkpointer.save(step, self.state, self.train_iter, force=force)
@@ -273,7 +323,8 @@ class Trainer:
     def close(self) -> None:
         if self.checkpointer is not None:
             self.checkpointer.close()
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
 
     # ------------------------------------------------------------------ reporting
 
@@ -302,7 +353,15 @@ class Trainer:
 
 
 def train(cfg: TrainConfig) -> TrainResult:
-    """Run the whole training job described by ``cfg`` and return what happened."""
+    """Run the whole training job described by ``cfg`` and return what happened.
+
+    With ``export.enabled`` the run that reaches ``trainer.steps`` exports its final
+    checkpoint (to ``export.out_dir``, default ``<output_dir>/hf``). A preempted run (SIGTERM
+    or a preemption notice, even one that arrives after the last step) saves and exits 0
+    without exporting, so the export folder never receives a half-trained model and the run
+    that resumes and finishes finds it as the user left it. An export folder that is not
+    empty is never overwritten: the export refuses (exit 2 from the CLI), the checkpoints stay.
+    """
     logging.basicConfig(level=getattr(logging, cfg.logging.level, logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Orbax and datasets narrate every save and load at INFO; keep their warnings only.
@@ -321,7 +380,10 @@ def train(cfg: TrainConfig) -> TrainResult:
         distributed.fail_fast(e)
         trainer.close()
         raise
-    if cfg.export.enabled:
+    if cfg.export.enabled and result.preempted:
+        log.warning("not exporting: the run was preempted at step %d of %d; the run that "
+                    "finishes exports", result.steps, cfg.trainer.steps)
+    elif cfg.export.enabled:
         if distributed.is_main_process():
             from jaxtune.export import export_run
 

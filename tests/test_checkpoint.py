@@ -428,3 +428,164 @@ def test_relative_output_dir_saves_and_resumes(tmp_path, mesh, step_fn, monkeypa
     assert (tmp_path / "runs/relative/checkpoints/2").is_dir()
     state = Checkpointer(cfg, mesh).restore(toy_state(mesh), ToyData())
     assert int(state.step) == 2
+
+
+# --------------------------------------------------------------------------- failure paths
+
+
+def with_nan(state, name: str = "w"):
+    """``state`` with one NaN in parameter ``name`` (a diverged state)."""
+    def poison(path, x):
+        hit = jax.tree_util.keystr(path).startswith(f"['{name}']")
+        return x.at[(0,) * x.ndim].set(jnp.nan) if hit else x
+
+    return state.replace(params=jax.tree_util.tree_map_with_path(poison, state.params))
+
+
+def test_a_non_finite_state_is_never_saved(tmp_path, mesh, step_fn):
+    cfg = make_cfg(tmp_path, save_every=1)
+    ck = Checkpointer(cfg, mesh)
+    state, data = toy_state(mesh), ToyData()
+    state, _ = run_steps(step_fn, state, data, mesh, 1, 2, ck)
+    bad = with_nan(state)
+    with pytest.raises(CheckpointError, match=r"step 3 holds NaN or Inf in params\.w.*not saved"
+                       r".*steps \[1, 2\]; a restart resumes from step 2"):
+        ck.save(3, bad.replace(step=bad.step + 1), data)
+    ck.close()
+    assert sorted(os.listdir(ckpt_dir(cfg))) == ["1", "2"]  # nothing of step 3, not even tmp
+
+
+def test_resume_auto_skips_a_non_finite_checkpoint_and_says_so(tmp_path, mesh, step_fn,
+                                                              monkeypatch, caplog):
+    """A NaN checkpoint (as older versions could write) is never resumed."""
+    from jaxtune import checkpoint
+
+    cfg = make_cfg(tmp_path, save_every=2, keep=0)
+    ck = Checkpointer(cfg, mesh)
+    state, data = toy_state(mesh), ToyData()
+    state, _ = run_steps(step_fn, state, data, mesh, 1, 4, ck)
+    good = host(state.params)
+    with monkeypatch.context() as m:  # write diverged steps 6 and 8 past the save-time check
+        m.setattr(checkpoint, "nonfinite_arrays", lambda tree: [])
+        bad = with_nan(state, "b")
+        for step in (6, 8):
+            data.pos = step
+            ck.save(step, bad.replace(step=bad.step * 0 + step), data)
+    ck.close()
+
+    with pytest.raises(CheckpointError, match=r"/8 holds NaN or Inf in params\.b.*not resumed"
+                       r".*--checkpoint\.resume=<step>.*\[2, 4, 6\]"):
+        Checkpointer(make_cfg(tmp_path, resume="8"), mesh).restore(toy_state(mesh), ToyData())
+    assert Checkpointer(cfg, mesh).complete_steps() == [2, 4, 6, 8]  # the refusal deleted none
+
+    data = ToyData()
+    with caplog.at_level("WARNING", logger="jaxtune"):
+        ck = Checkpointer(cfg, mesh)
+        restored = ck.restore(toy_state(mesh), data)
+    assert int(restored.step) == 4 and data.pos == 4
+    for got, want in zip(host(restored.params), good, strict=True):
+        np.testing.assert_array_equal(got, want)
+    text = caplog.text
+    assert "/8 holds NaN or Inf" in text and "/6 holds NaN or Inf" in text, text
+    assert "resuming from step 4, the last checkpoint with finite values" in text, text
+    assert ck.complete_steps() == [2, 4]  # the diverged ones are gone, auto can't pick them
+    ck.close()
+
+
+def _truncate(path: str, size: int = 10) -> None:
+    with open(path, "r+") as f:
+        f.truncate(size)
+
+
+def _array_files(step_dir: str) -> list[str]:
+    """The OCDBT data files that hold the arrays (``state/d/*``)."""
+    d = os.path.join(step_dir, "state", "d")
+    return [os.path.join(d, f) for f in sorted(os.listdir(d))]
+
+
+DAMAGE = {  # what is damaged -> (how, the file the message must name)
+    "meta json": (lambda s: _truncate(os.path.join(s, "meta", "metadata")), "meta/metadata"),
+    "config json": (lambda s: _truncate(os.path.join(s, "config", "metadata")),
+                    "config/metadata"),
+    "data json": (lambda s: _truncate(os.path.join(s, "data", "metadata")), "data/metadata"),
+    "state metadata": (lambda s: _truncate(os.path.join(s, "state", "_METADATA")),
+                       "state/_METADATA"),
+    "meta missing": (lambda s: os.remove(os.path.join(s, "meta", "metadata")),
+                     "meta/metadata"),
+    "array file truncated": (lambda s: [_truncate(f, 100) for f in _array_files(s)],
+                             "state/d/"),
+    "array file missing": (lambda s: [os.remove(f) for f in _array_files(s)], "state/d/"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_checkpoint_is_refused_naming_the_step_the_file_and_the_way_back(
+        tmp_path, mesh, step_fn, damage):
+    cfg = make_cfg(tmp_path, save_every=2)
+    ck = Checkpointer(cfg, mesh)
+    run_steps(step_fn, toy_state(mesh), ToyData(), mesh, 1, 4, ck)
+    ck.close()
+    how, file = DAMAGE[damage]
+    step_dir = os.path.join(ckpt_dir(cfg), "4")
+    how(step_dir)
+    with pytest.raises(CheckpointError) as err:
+        Checkpointer(cfg, mesh).restore(toy_state(mesh), ToyData())
+    msg = str(err.value)
+    assert msg.startswith(f"Checkpoint {step_dir} is damaged: reading {file}"), msg
+    assert "earlier complete checkpoint is step 2: resume it with --checkpoint.resume=2" in msg
+    assert "tensorstore_spec" not in msg and "\n" not in msg and len(msg) < 700, msg
+    # The suggested override works, and replaces the damaged step.
+    data = ToyData()
+    state = Checkpointer(make_cfg(tmp_path, resume="2"), mesh).restore(toy_state(mesh), data)
+    assert int(state.step) == 2 and data.pos == 2
+
+
+def test_a_damaged_only_checkpoint_says_there_is_no_earlier_one(tmp_path, mesh, step_fn):
+    cfg = make_cfg(tmp_path, save_every=2)
+    ck = Checkpointer(cfg, mesh)
+    run_steps(step_fn, toy_state(mesh), ToyData(), mesh, 1, 2, ck)
+    ck.close()
+    _truncate(os.path.join(ckpt_dir(cfg), "2", "meta", "metadata"))
+    with pytest.raises(CheckpointError, match=r"meta/metadata failed \(not valid JSON.*No "
+                       r"earlier complete checkpoint exists: start fresh"):
+        Checkpointer(cfg, mesh).restore(toy_state(mesh), ToyData())
+
+
+def tree_digest(root) -> dict[str, str]:
+    """{relative path: sha256} of every file under ``root``, and every folder (as 'dir')."""
+    import hashlib
+
+    out = {}
+    for d, dirs, files in os.walk(root):
+        for name in dirs:
+            out[os.path.relpath(os.path.join(d, name), root)] = "dir"
+        for name in files:
+            with open(os.path.join(d, name), "rb") as f:
+                out[os.path.relpath(os.path.join(d, name), root)] = hashlib.sha256(
+                    f.read()).hexdigest()
+    return out
+
+
+def test_check_resume_refuses_without_touching_the_folder(tmp_path, mesh, step_fn):
+    from jaxtune.checkpoint import check_resume
+
+    cfg = make_cfg(tmp_path, save_every=2)
+    ck = Checkpointer(cfg, mesh)
+    run_steps(step_fn, toy_state(mesh), ToyData(), mesh, 1, 4, ck)
+    ck.close()
+    # What a normal start would clean up: a cut-off save and a partial step.
+    os.makedirs(os.path.join(ckpt_dir(cfg), "6.orbax-checkpoint-tmp-1", "state"))
+    os.makedirs(os.path.join(ckpt_dir(cfg), "5", "state"))
+    before = tree_digest(tmp_path)
+    assert check_resume(cfg) == 4
+    with pytest.raises(CheckpointError, match="no complete checkpoint of that step"):
+        check_resume(make_cfg(tmp_path, resume="999"))
+    with pytest.raises(CheckpointError, match="resume is none"):
+        check_resume(make_cfg(tmp_path, resume="none"))
+    changed = make_cfg(tmp_path)
+    changed.lora.rank = 4
+    with pytest.raises(CheckpointError, match="lora.rank: 0 -> 4"):
+        check_resume(changed)
+    assert tree_digest(tmp_path) == before
+    assert check_resume(make_cfg(tmp_path / "elsewhere")) is None
+    assert not (tmp_path / "elsewhere").exists()

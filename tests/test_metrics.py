@@ -95,6 +95,57 @@ def test_resume_drops_lines_after_the_checkpoint(tmp_path):
         (1, 1.0), (2, 2.0), (3, 30.0)]
 
 
+def test_a_restart_without_checkpoint_keeps_no_old_lines(tmp_path):
+    """A run that left no checkpoint restarts at step 0: none of its lines or events stay."""
+    cfg = make_cfg(stdout=False)
+    with MetricsWriter(cfg, str(tmp_path), enabled=True, start_step=0, relog_evals=True) as w:
+        w.write(0, {"eval_loss": 9.0})
+        for step in (1, 2):
+            w.write(step, {"loss": float(step)})
+    # Event files are named by the second they were opened in: keep the first run's apart.
+    (first,) = os.listdir(tmp_path / "tensorboard")
+    os.rename(tmp_path / "tensorboard" / first, tmp_path / "tensorboard" / "events.out.tfevents.1")
+    with MetricsWriter(cfg, str(tmp_path), enabled=True, start_step=0, relog_evals=True) as w:
+        w.write(0, {"eval_loss": 8.0})
+        w.write(1, {"loss": 10.0})
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(x["step"], x.get("loss", x.get("eval_loss"))) for x in lines] == [(0, 8.0), (1, 10.0)]
+    # TensorBoard, read as TensorBoard does: a session start at step S drops what came before
+    # at steps >= S. Only the second run's scalars remain.
+    assert purged_scalars(tmp_path / "tensorboard") == [(0, "eval_loss", 8.0), (1, "loss", 10.0)]
+
+
+def test_rerun_of_a_finished_run_relogs_its_final_evaluation_once(tmp_path):
+    cfg = make_cfg(stdout=False, tensorboard=False)
+    with MetricsWriter(cfg, str(tmp_path), enabled=True) as w:
+        w.write(0, {"eval_loss": 3.0})
+        w.write(1, {"loss": 2.0})
+        w.write(2, {"loss": 1.0})
+        w.write(2, {"eval_loss": 1.5, "eval_perplexity": 4.5})
+    with MetricsWriter(cfg, str(tmp_path), enabled=True, start_step=2, relog_evals=True) as w:
+        w.write(2, {"eval_loss": 1.5, "eval_perplexity": 4.5})
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(x["step"], "loss" in x) for x in lines] == [(0, False), (1, True), (2, True),
+                                                         (2, False)]
+
+
+def purged_scalars(folder) -> list[tuple[int, str, float]]:
+    """Scalars of every event file, oldest first, with TensorBoard's purge on session start."""
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+    kept: list[tuple[int, str, float]] = []
+    for name in sorted(os.listdir(folder)):
+        data, pos = (folder / name).read_bytes(), 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            e = Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            if e.HasField("session_log") and e.session_log.status == SessionLog.START:
+                kept = [x for x in kept if x[0] < e.step]
+            kept += [(e.step, v.tag, v.simple_value) for v in e.summary.value]
+    return kept
+
+
 def test_disabled_writer_writes_nothing(tmp_path):
     w = MetricsWriter(make_cfg(), str(tmp_path / "run"), enabled=False)
     w.write(1, {"loss": 1.0})

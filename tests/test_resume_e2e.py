@@ -4,7 +4,9 @@ Run A trains 12 steps straight. Run B saves every 4 steps, is killed with SIGKIL
 6 and restarted with the same command; it must reach step 12 with the losses of steps 5-12
 and the final state (parameters, optimizer state, RNG, step) bitwise equal to A's. Run C gets
 SIGTERM after step 5: it must save that step and exit 0, and its restart must again end
-bitwise equal to A. Packing and shuffling are on, on a tiny Llama at seq 32.
+bitwise equal to A. A and C export at the end (``export.enabled``): the preempted C writes no
+export, and the C that finishes exports files byte for byte equal to A's. Packing and
+shuffling are on, on a tiny Llama at seq 32.
 
 The processes run ``jaxtune.cli`` through a small launcher that prints each step's loss and,
 after the checkpoint call of the step the test stops at (``E2E_STOP_AT``), waits for the
@@ -30,6 +32,7 @@ from tests.fixtures_data import chat_rows, write_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 12
+EXPORT = "--export.enabled=true"
 
 LAUNCHER = textwrap.dedent("""
     import os, sys
@@ -76,7 +79,7 @@ def recipe(tmp_path_factory, tiny_hf_model, data_tokenizers):
     return root, str(path)
 
 
-def launch(recipe_path: str, run_dir: str, *, stop_after: int | None = None,
+def launch(recipe_path: str, run_dir: str, *overrides: str, stop_after: int | None = None,
            sig: int = signal.SIGKILL) -> tuple[int, dict[int, float], str]:
     """Run ``jaxtune train``; send ``sig`` while it is held after step ``stop_after``.
 
@@ -84,7 +87,8 @@ def launch(recipe_path: str, run_dir: str, *, stop_after: int | None = None,
     """
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "E2E_STOP_AT": str(stop_after or 0),
            "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    cmd = [sys.executable, "-c", LAUNCHER, "train", recipe_path, f"--run.output_dir={run_dir}"]
+    cmd = [sys.executable, "-c", LAUNCHER, "train", recipe_path, f"--run.output_dir={run_dir}",
+           *overrides]
     stdin = subprocess.PIPE if stop_after is not None else subprocess.DEVNULL
     proc = subprocess.Popen(cmd, stdin=stdin, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
@@ -126,8 +130,9 @@ def final_state(run_dir: str, step: int = STEPS) -> list[np.ndarray]:
 def run_a(recipe):
     root, path = recipe
     run_dir = str(root / "a")
-    rc, losses, out = launch(path, run_dir)
+    rc, losses, out = launch(path, run_dir, EXPORT)
     assert rc == 0, out[-3000:]
+    assert os.path.isfile(os.path.join(run_dir, "hf", "model.safetensors")), out[-3000:]
     assert sorted(losses) == list(range(1, STEPS + 1)), out[-3000:]
     return losses, final_state(run_dir)
 
@@ -155,17 +160,33 @@ def test_sigkill_after_step_6_then_restart_matches_straight_run(recipe, run_a):
     assert_same_end(run_dir, second, run_a)
 
 
-def test_sigterm_saves_the_step_reached_and_exits_0(recipe, run_a):
+def read_folder(folder: str) -> dict[str, bytes]:
+    out = {}
+    for d, _, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(d, name), "rb") as f:
+                out[os.path.relpath(os.path.join(d, name), folder)] = f.read()
+    return out
+
+
+def test_sigterm_saves_the_step_reached_exits_0_and_the_finished_run_exports(recipe, run_a):
     root, path = recipe
     run_dir = str(root / "c")
-    rc, first, out = launch(path, run_dir, stop_after=5, sig=signal.SIGTERM)
+    hf = os.path.join(run_dir, "hf")
+    rc, first, out = launch(path, run_dir, EXPORT, stop_after=5, sig=signal.SIGTERM)
     assert rc == 0, out[-3000:]
     assert max(first) == 5, out[-3000:]  # stopped at the boundary where SIGTERM arrived
     assert "5" in os.listdir(os.path.join(run_dir, "checkpoints"))
-    rc, second, out = launch(path, run_dir)
+    assert not os.path.exists(hf), os.listdir(hf)  # a preempted run never exports
+    assert "not exporting: the run was preempted at step 5 of 12" in out, out[-3000:]
+    rc, second, out = launch(path, run_dir, EXPORT)
     assert rc == 0, out[-3000:]
     assert min(second) == 6, out[-3000:]
     assert_same_end(run_dir, second, run_a)
+    got, want = read_folder(hf), read_folder(os.path.join(root / "a", "hf"))
+    assert sorted(got) == sorted(want) and "model.safetensors" in got
+    for name in want:
+        assert got[name] == want[name], name
 
 
 def test_lora_int8_run_saves_adapters_only_and_resumes_exactly(recipe, monkeypatch):
