@@ -490,7 +490,7 @@ def merge(model: nnx.Module, *, base: nnx.Module | None = None, dtype: Any = Non
 
     The sum is taken in float32 and cast once (to ``dtype``, default the kernel's dtype before
     any quantisation). Quantised kernels are dequantised, so the result is a plain model
-    (``modules_to_save`` parameters become plain Params again) that ``to_hf_tensors`` exports.
+    (``modules_to_save`` parameters become plain Params again) that a full export writes.
     ``base``: the unquantised base model (same layout, no adapters), e.g. reloaded with
     ``from_pretrained`` in float32; every frozen parameter is then taken from it, and the
     adapters are added to its kernels (USERS.md: merge from the unquantised base).

@@ -1,11 +1,12 @@
 """From model parameters to the HF tensors of an export, through the family's table in reverse.
 
-A :class:`ParamSource` is one jaxtune parameter (stacked over layers or not) and a way to
-read it: from a model in memory, or from an Orbax checkpoint on disk (``run_dir.py``).
+A :class:`ParamSource` is one jaxtune parameter (stacked over layers and/or experts or not) and
+a way to read it: from a model in memory, or from an Orbax checkpoint on disk (``run_dir.py``).
 :func:`hf_groups` maps every source to its HF keys with the same table the loader uses
-(``jaxtune.models.<family>.hf``), so import and export cannot drift, and returns
-:class:`~jaxtune.export.safetensors_out.TensorGroup` s that read lazily: a stacked parameter
-is read a block of layers at a time and written as one HF tensor per layer.
+(``jaxtune.models.table.ParamTable`` over the family's rules), so import and export cannot
+drift, and returns :class:`~jaxtune.export.safetensors_out.TensorGroup` s that read lazily: a
+stacked parameter is read a block of its first axis at a time and written as one HF tensor per
+stacked slice (layer, expert).
 """
 
 from __future__ import annotations
@@ -31,9 +32,9 @@ from jaxtune.sharding import host_array
 class ParamSource:
     """One jaxtune parameter: path, full shape, stored dtype and a reader.
 
-    ``read(lo, hi)`` returns layers ``[lo, hi)`` of a stacked parameter, or the whole
-    parameter when it is not stacked (then ``lo, hi = 0, 1``). ``block`` is how many layers
-    one read should cover (a stacked array's chunk along the layers axis).
+    ``read(lo, hi)`` returns ``[lo, hi)`` of the first axis when ``stacked`` (any parameter
+    with one can be read that way), or the whole parameter (then ``lo, hi = 0, 1``).
+    ``block`` is how much of the first axis one read should cover (the stored chunk).
     """
 
     path: str

@@ -1,7 +1,7 @@
 """HF <-> jaxtune parameter table for the Llama family (llama, mistral, qwen2, qwen3).
 
-Drives both loading (``jaxtune.weights.from_pretrained``) and export
-(``jaxtune.weights.to_hf_tensors``). Names map 1:1; only layouts change (see
+Drives both loading (``jaxtune.weights.from_pretrained``) and export (``jaxtune.export``),
+through ``jaxtune.models.table.ParamTable``. Names map 1:1; only layouts change (see
 ``jaxtune.models.layers`` for the kernel layouts and ``jaxtune.models.table`` for transforms).
 """
 
