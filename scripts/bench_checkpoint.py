@@ -31,9 +31,9 @@ def build(args):
     from flax import nnx
 
     from jaxtune.config import TrainConfig
-    from jaxtune.loss import make_loss_fn
     from jaxtune.mesh import make_mesh
     from jaxtune.models.llama.model import LlamaConfig
+    from jaxtune.objectives import make_loss_fn
     from jaxtune.optim import make_optimizer
     from jaxtune.sharding import batch_sharding, make_rules
     from jaxtune.train_state import create_train_state

@@ -52,10 +52,10 @@ def run_one(name: str, batch: int, seq: int, steps: int, remat: str) -> dict:
 
     from jaxtune.config import LoraConfig, MeshConfig, OptimizerConfig, TrainerConfig
     from jaxtune.lora import apply_lora
-    from jaxtune.loss import make_loss_fn
     from jaxtune.mesh import make_mesh
     from jaxtune.models import init_model
     from jaxtune.models.llama import LlamaConfig
+    from jaxtune.objectives import make_loss_fn
     from jaxtune.optim import make_optimizer
     from jaxtune.sharding import batch_sharding, make_rules
     from jaxtune.train_state import count_params, create_train_state, tree_bytes

@@ -69,10 +69,10 @@ class JaxRunner:
         import numpy as np
 
         from jaxtune.config import MeshConfig, OptimizerConfig, TrainerConfig
-        from jaxtune.loss import make_loss_fn
         from jaxtune.mesh import make_mesh
         from jaxtune.models.build import init_model
         from jaxtune.models.llama.model import LlamaConfig
+        from jaxtune.objectives import make_loss_fn
         from jaxtune.optim import make_optimizer
         from jaxtune.sharding import make_rules
         from jaxtune.train_state import create_train_state

@@ -42,11 +42,17 @@ def _dtype(name: str) -> Any:
     return jnp.dtype(name)
 
 
-def abstract_batch(rows: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
-    """The packed batch the data loader produces (``jaxtune.data.packing``), as shapes."""
-    ints = jax.ShapeDtypeStruct((rows, seq_len), jnp.int32)
+def abstract_batch(rows: int, seq_len: int, mesh=None,
+                   rules=None) -> dict[str, jax.ShapeDtypeStruct]:
+    """The packed batch the data loader produces (``jaxtune.data.packing``), as shapes, placed
+    as ``jaxtune.data.to_global_batch`` places it (rows split by the ``batch`` rule) when a
+    mesh is given: the jitted step keeps the shardings its batch comes with."""
+    from jaxtune.sharding import batch_sharding
+
+    sharding = None if mesh is None else batch_sharding(mesh, rules)
+    ints = jax.ShapeDtypeStruct((rows, seq_len), jnp.int32, sharding=sharding)
     return {"input_ids": ints, "targets": ints, "segment_ids": ints, "positions": ints,
-            "loss_mask": jax.ShapeDtypeStruct((rows, seq_len), jnp.float32)}
+            "loss_mask": jax.ShapeDtypeStruct((rows, seq_len), jnp.float32, sharding=sharding)}
 
 
 def build_train_step(cfg: TrainConfig, hf_config: dict[str, Any], devices: list,
@@ -58,6 +64,7 @@ def build_train_step(cfg: TrainConfig, hf_config: dict[str, Any], devices: list,
     from jaxtune.models import get_family
     from jaxtune.models.build import single_device_mesh
     from jaxtune.models.layers import resolve_attention_impl
+    from jaxtune.objectives import make_objective
     from jaxtune.sharding import make_rules
     from jaxtune.train_step import jit_train_step, train_step
 
@@ -91,7 +98,7 @@ def build_train_step(cfg: TrainConfig, hf_config: dict[str, Any], devices: list,
         step=jax.ShapeDtypeStruct((), jnp.int32), params=params, frozen=frozen,
         opt_state=jax.eval_shape(optimizer.init, params),
         rng=jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))), graphdef=graphdef)
-    loss_fn = loss.make_loss_fn(cfg.trainer)
+    loss_fn = make_objective(cfg.trainer)
     if cfg.lora.rank > 0 and cfg.lora.dropout > 0:
         loss_fn = with_dropout(loss_fn)
     step_fn = loss.load_callable(cfg.trainer.train_step) if cfg.trainer.train_step \
@@ -100,7 +107,8 @@ def build_train_step(cfg: TrainConfig, hf_config: dict[str, Any], devices: list,
                             grad_accum_steps=cfg.trainer.grad_accum_steps,
                             schedule=optim.make_schedule(cfg.optimizer, cfg.trainer.steps))
     return BuiltStep(jitted, state, abstract_batch(cfg.trainer.global_batch_size,
-                                                   cfg.data.seq_len), mesh, model_config,
+                                                   cfg.data.seq_len, mesh, rules), mesh,
+                     model_config,
                      attention, count_params(params) + count_params(frozen),
                      count_params(params))
 
