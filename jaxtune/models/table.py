@@ -3,7 +3,7 @@
 A family's table is a list of :class:`Rule`. A rule's ``pattern`` matches HF checkpoint keys
 (named groups such as ``(?P<i>\\d+)`` capture the layer); ``target`` is the jaxtune parameter
 path, formatted with those groups; ``transform`` names the layout change. The same rules run
-backwards for export (:meth:`Rule.hf_key`), so import and export cannot drift.
+backwards for export (:meth:`ParamTable.entries`), so import and export cannot drift.
 
 Stacked axes. A placeholder in a rule's pattern names which leading axis of the parameter it
 indexes (:data:`STACK_AXES`): ``{i}`` is ``layers``, ``{j}`` is ``experts``. Targets are written
@@ -116,16 +116,6 @@ class Rule:
     def match(self, hf_key: str) -> re.Match | None:
         return re.fullmatch(self.pattern, hf_key)
 
-    def target_path(self, m: re.Match) -> str | None:
-        return None if self.target is None else self.target.format(**m.groupdict())
-
-    def match_target(self, path: str) -> re.Match | None:
-        """Match an unstacked jaxtune parameter path against ``target`` (for export)."""
-        return None if self.target is None else _match_template(self, self.target, path)
-
-    def hf_key(self, m: re.Match) -> str:
-        """The HF key for a target-path match: the pattern with its groups filled in."""
-        return _fill_pattern(self.pattern, m.groupdict())
 
 
 #: Placeholder name -> the logical axis it stacks (the parameter's leading axes, in this order).
