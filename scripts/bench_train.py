@@ -1,12 +1,16 @@
 """Training throughput: jaxtune vs a plain transformers + PyTorch loop, side by side.
 
 Two Llama-shaped models with untied embeddings, random tokens, AdamW, f32 (bf16 compute on a
-GPU). Both frameworks run in this process, alternating rounds after a warm-up, so machine noise
-hits both alike. Prints tokens/s for each, their ratio, and jaxtune's MFU against a matmul peak
-measured in the same run (CPU) or the device's bf16 peak (GPU/TPU).
+GPU). Both frameworks run in this process, in alternating rounds after a warm-up (the order
+flips every round), so machine noise hits both alike. Per framework it prints the median and
+the min-max tokens/s over the rounds; then the ratio of the medians and the median of the
+per-round paired ratios (jaxtune's round r over torch's round r). The ``ratio S:`` / ``ratio M:``
+lines are the median paired ratio: one slow round on either side moves it least. The header
+names the CPU's vector extensions and the matmul peak measured in the same run, against which
+both frameworks' MFU is given.
 
     python scripts/bench_train.py                 # S and M, as recorded in docs/benchmarks.md
-    python scripts/bench_train.py --sizes S --rounds 2 --steps 3   # quick look
+    python scripts/bench_train.py --sizes S --rounds 3 --steps 2   # quick look
 """
 
 from __future__ import annotations
@@ -119,8 +123,8 @@ def timed(runner, steps: int) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--sizes", default="S,M")
-    p.add_argument("--rounds", type=int, default=3, help="alternating timed rounds per framework")
-    p.add_argument("--steps", type=int, default=5, help="steps per timed round")
+    p.add_argument("--rounds", type=int, default=7, help="alternating timed rounds per framework")
+    p.add_argument("--steps", type=int, default=3, help="steps per timed round")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2, help="PyTorch intra-op threads (CPU)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
@@ -128,6 +132,7 @@ def main() -> None:
 
     import jax
 
+    from jaxtune.hardware import describe_machine
     from jaxtune.metrics import device_peak_flops, flops_per_token, measure_matmul_peak
 
     platform = jax.devices()[0].platform
@@ -136,35 +141,47 @@ def main() -> None:
         peak, peak_src = measure_matmul_peak(), "measured f32 matmul"
     else:
         peak, peak_src = device_peak_flops(jax.devices()[0], compute_dtype), "device bf16 peak"
-    print(f"platform {platform} ({jax.devices()[0].device_kind}), {jax.device_count()} devices, "
-          f"compute {compute_dtype}, peak {peak / 1e9:.0f} GFLOP/s ({peak_src})")
+    print(f"machine {describe_machine()}")
+    print(f"platform {platform}, {jax.device_count()} devices, compute {compute_dtype}, "
+          f"peak {peak / 1e9:.0f} GFLOP/s ({peak_src}); {args.rounds} rounds x {args.steps} "
+          "steps per framework")
     rows = []
     for name in args.sizes.split(","):
         size = SIZES[name]
         tokens = size["batch"] * size["seq_len"]
         jx = JaxRunner(size, compute_dtype)
         th = None if args.no_torch or platform != "cpu" else TorchRunner(size, args.threads)
-        for r in filter(None, (jx, th)):
+        runners = [r for r in (jx, th) if r is not None]
+        for r in runners:
             timed(r, args.warmup)
-        jt, tt = [], []
-        for _ in range(args.rounds):
-            jt.append(timed(jx, args.steps))
-            if th is not None:
-                tt.append(timed(th, args.steps))
-        j_tps = tokens / statistics.median(jt)
-        t_tps = tokens / statistics.median(tt) if tt else float("nan")
+        rates: dict[int, list[float]] = {id(r): [] for r in runners}
+        for i in range(args.rounds):
+            for r in runners if i % 2 == 0 else runners[::-1]:  # flip the order each round
+                rates[id(r)].append(tokens / timed(r, args.steps))
         fpt = flops_per_token(jx.model_config, size["seq_len"])
-        mfu = j_tps * fpt / (peak * jax.device_count()) if peak else float("nan")
-        t_mfu = t_tps * fpt / peak if peak else float("nan")
-        rows.append((name, j_tps, t_tps, mfu, t_mfu))
-        del jx, th
-    print(f"\n{'size':<5}{'jaxtune tok/s':>15}{'torch tok/s':>13}{'jaxtune MFU':>13}"
-          f"{'torch MFU':>11}")
-    for name, j, t, m, tm in rows:
-        print(f"{name:<5}{j:>15.0f}{t:>13.0f}{m:>13.1%}{tm:>11.1%}")
-    for name, j, t, *_ in rows:
-        print(f"ratio {name}: {j / t:.2f}")
+        rows.append((name, rates[id(jx)], rates[id(th)] if th is not None else [], fpt))
+        del jx, th, runners
 
+    def mfu(tps: float, fpt: float) -> float:
+        return tps * fpt / (peak * jax.device_count()) if peak else float("nan")
+
+    print(f"\n{'size':<5}{'framework':<10}{'median tok/s':>13}{'min-max tok/s':>17}{'MFU':>7}")
+    for name, jt, tt, fpt in rows:
+        for label, series in (("jaxtune", jt), ("torch", tt)):
+            if series:
+                med = statistics.median(series)
+                spread = f"{min(series):,.0f}-{max(series):,.0f}"
+                print(f"{name:<5}{label:<10}{med:>13,.0f}{spread:>17}{mfu(med, fpt):>7.1%}")
+    for name, jt, tt, _ in rows:
+        if not tt:
+            continue
+        paired = [j / t for j, t in zip(jt, tt, strict=True)]
+        print(f"{name}: ratio of medians {statistics.median(jt) / statistics.median(tt):.2f}, "
+              f"paired ratios {min(paired):.2f}-{max(paired):.2f}")
+    for name, jt, tt, _ in rows:
+        if tt:
+            paired = [j / t for j, t in zip(jt, tt, strict=True)]
+            print(f"ratio {name}: {statistics.median(paired):.2f}")
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
