@@ -124,7 +124,7 @@ def _batch_shards(batch_size: int) -> int:
     if axes is None:
         return 1
     axes = (axes,) if isinstance(axes, str) else axes
-    return math.prod(mesh.shape[a] for a in axes)
+    return math.prod(mesh.shape.get(a, 1) for a in axes)
 
 
 def chunked_token_terms(

@@ -119,10 +119,11 @@ class SparseMoeBlock(nnx.Module):
         act = ACTIVATIONS[self.activation]
         out_ND = get_dispatch(self.dispatch)(self.experts, x_ND, idx_NK, top_NK, act,
                                              weights_f32=self.weights_f32)
+        out_BTD = out_ND.reshape(b, t, d)
         if self.shared_expert is not None:
-            shared_ND = self.shared_expert(x_ND)
-            out_ND = out_ND + jax.nn.sigmoid(self.shared_expert_gate(x_ND)) * shared_ND
-        return out_ND.reshape(b, t, d), _add_stats(stats, logits_NE, probs_NE, idx_NK,
+            shared_BTD = self.shared_expert(x_BTD)
+            out_BTD = out_BTD + jax.nn.sigmoid(self.shared_expert_gate(x_BTD)) * shared_BTD
+        return out_BTD, _add_stats(stats, logits_NE, probs_NE, idx_NK,
                                                    mask_BT.reshape(-1))
 
 
