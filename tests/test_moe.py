@@ -162,3 +162,53 @@ def _with_dispatch(cfg, dispatch):
     from jaxtune.models.moe.model import MoeForCausalLM
 
     return nnx.eval_shape(lambda: MoeForCausalLM(cfg, dispatch=dispatch, rngs=nnx.Rngs(0)))
+
+
+@pytest.mark.parametrize("variant,targets,scan", [
+    ("mixtral", ["w1", "w2", "w3", "q_proj", "o_proj"], False),
+    ("qwen2_moe", ["gate_proj", "up_proj", "down_proj", "v_proj"], True),
+])
+def test_lora_on_experts_merged_export_matches_adapter(variant, targets, scan, moe_hf_model,
+                                                       tmp_path):
+    """LoRA on expert projections and attention, targeted by HF names; the merged export, run
+    in transformers, gives the adapter-applied model's logits."""
+    from jaxtune.config import LoraConfig
+    from jaxtune.lora import LoraParam, apply_lora
+
+    model_dir = moe_hf_model(variant)
+    for scan in (scan,):
+        base = from_pretrained(model_dir, scan_layers=scan)
+        model, _ = apply_lora(base, LoraConfig(rank=3, alpha=6.0, targets=targets))
+        # B starts at zero: draw it so the adapters change the output.
+        state = nnx.state(model, LoraParam)
+        leaves, treedef = jax.tree.flatten(state)
+        keys = jax.random.split(jax.random.key(1), len(leaves))
+        nnx.update(model, jax.tree.unflatten(treedef, [
+            jax.random.normal(k, v.shape) * 0.3 for k, v in zip(keys, leaves, strict=True)]))
+        experts = (model.model.layers.block_sparse_moe.experts if scan and variant == "mixtral"
+                   else model.model.layers[0].block_sparse_moe.experts if variant == "mixtral"
+                   else model.model.layers.mlp.experts if scan
+                   else model.model.layers[0].mlp.experts)
+        assert experts.gate_proj.lora is not None and experts.down_proj.lora is not None
+        adapted = np.asarray(nnx.jit(lambda m: m(jnp.asarray(IDS)))(model))
+        plain = np.asarray(nnx.jit(lambda m: m(jnp.asarray(IDS)))(base))
+        assert np.abs(adapted - plain).max() > 1e-2  # the expert adapters really act
+        out = save_pretrained(model, tmp_path / f"merged{scan}")
+        import torch
+
+        with torch.no_grad():
+            merged = hf_model(out)(torch.as_tensor(IDS)).logits.numpy()
+        np.testing.assert_allclose(merged, adapted, atol=1e-4, rtol=0)
+
+
+def test_peft_export_of_expert_adapters_is_refused(moe_hf_model, tmp_path):
+    """transformers 5 keeps experts fused (no per-expert Linear for peft to wrap): an adapter
+    on experts is exported merged, and asking for a PEFT folder says so."""
+    from jaxtune.config import LoraConfig
+    from jaxtune.errors import JaxtuneError
+    from jaxtune.lora import apply_lora
+
+    model, _ = apply_lora(from_pretrained(moe_hf_model("qwen3_moe")),
+                          LoraConfig(rank=2, targets=["gate_proj"]))
+    with pytest.raises(JaxtuneError, match="merged"):
+        save_pretrained(model, tmp_path / "adapter", lora="adapter")
