@@ -176,29 +176,28 @@ def test_lora_on_experts_merged_export_matches_adapter(variant, targets, scan, m
     from jaxtune.lora import LoraParam, apply_lora
 
     model_dir = moe_hf_model(variant)
-    for scan in (scan,):
-        base = from_pretrained(model_dir, scan_layers=scan)
-        model, _ = apply_lora(base, LoraConfig(rank=3, alpha=6.0, targets=targets))
-        # B starts at zero: draw it so the adapters change the output.
-        state = nnx.state(model, LoraParam)
-        leaves, treedef = jax.tree.flatten(state)
-        keys = jax.random.split(jax.random.key(1), len(leaves))
-        nnx.update(model, jax.tree.unflatten(treedef, [
-            jax.random.normal(k, v.shape) * 0.3 for k, v in zip(keys, leaves, strict=True)]))
-        experts = (model.model.layers.block_sparse_moe.experts if scan and variant == "mixtral"
-                   else model.model.layers[0].block_sparse_moe.experts if variant == "mixtral"
-                   else model.model.layers.mlp.experts if scan
-                   else model.model.layers[0].mlp.experts)
-        assert experts.gate_proj.lora is not None and experts.down_proj.lora is not None
-        adapted = np.asarray(nnx.jit(lambda m: m(jnp.asarray(IDS)))(model))
-        plain = np.asarray(nnx.jit(lambda m: m(jnp.asarray(IDS)))(base))
-        assert np.abs(adapted - plain).max() > 1e-2  # the expert adapters really act
-        out = save_pretrained(model, tmp_path / f"merged{scan}")
-        import torch
+    base = from_pretrained(model_dir, scan_layers=scan)
+    model, _ = apply_lora(base, LoraConfig(rank=3, alpha=6.0, targets=targets))
+    # B starts at zero: draw it so the adapters change the output.
+    state = nnx.state(model, LoraParam)
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    nnx.update(model, jax.tree.unflatten(treedef, [
+        jax.random.normal(k, v.shape) * 0.3 for k, v in zip(keys, leaves, strict=True)]))
+    experts = (model.model.layers.block_sparse_moe.experts if scan and variant == "mixtral"
+               else model.model.layers[0].block_sparse_moe.experts if variant == "mixtral"
+               else model.model.layers.mlp.experts if scan
+               else model.model.layers[0].mlp.experts)
+    assert experts.gate_proj.lora is not None and experts.down_proj.lora is not None
+    adapted = np.asarray(nnx.jit(lambda m: m(jnp.asarray(IDS)))(model))
+    plain = np.asarray(nnx.jit(lambda m: m(jnp.asarray(IDS)))(base))
+    assert np.abs(adapted - plain).max() > 1e-2  # the expert adapters really act
+    out = save_pretrained(model, tmp_path / f"merged{scan}")
+    import torch
 
-        with torch.no_grad():
-            merged = hf_model(out)(torch.as_tensor(IDS)).logits.numpy()
-        np.testing.assert_allclose(merged, adapted, atol=1e-4, rtol=0)
+    with torch.no_grad():
+        merged = hf_model(out)(torch.as_tensor(IDS)).logits.numpy()
+    np.testing.assert_allclose(merged, adapted, atol=1e-4, rtol=0)
 
 
 def test_peft_export_of_expert_adapters_is_refused(moe_hf_model, tmp_path):
