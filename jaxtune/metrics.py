@@ -228,6 +228,9 @@ def _scalar(value: Any) -> float | int | str | None:
 def format_line(step: int, metrics: dict[str, Any]) -> str:
     """``step 12 | loss 2.3456 | lr 1.00e-04 | ...``: known metrics first, in a fixed order."""
     parts = [f"step {step}"]
+    # Grouped per-item metrics ("expert_fraction/07": one per MoE expert) go to the files and
+    # TensorBoard / W&B only; a stdout line stays readable.
+    metrics = {k: v for k, v in metrics.items() if "/" not in k}
     keys = [k for k in _STDOUT if k in metrics] + sorted(k for k in metrics if k not in _STDOUT)
     for key in keys:
         value = metrics[key]

@@ -44,7 +44,7 @@ class TorchRunner:
         torch.set_num_threads(threads)
         self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).train()
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
-        self.ids = torch.as_tensor(ids)
+        self.ids = torch.as_tensor(ids).long()
         self.impl = getattr(self.model.config, "_experts_implementation", None) or "default"
 
     def step(self) -> float:

@@ -66,8 +66,10 @@ def test_logits_and_router_loss_match_transformers(variant, moe_hf_model):
         np.testing.assert_allclose(float(aux_padded["metrics"]["router_aux_loss"]),
                                    float(padded.aux_loss), atol=1e-5, rtol=0)
         fractions = [float(v) for k, v in aux_padded["metrics"].items()
-                     if k.startswith("expert_fraction_")]
+                     if k.startswith("expert_fraction/")]
         assert len(fractions) == 5 and abs(sum(fractions) - 1.0) < 1e-6
+        assert float(aux_padded["metrics"]["expert_load_max"]) == pytest.approx(
+            5 * max(fractions))
 
 
 @nnx.jit
@@ -211,3 +213,19 @@ def test_peft_export_of_expert_adapters_is_refused(moe_hf_model, tmp_path):
                           LoraConfig(rank=2, targets=["gate_proj"]))
     with pytest.raises(JaxtuneError, match="merged"):
         save_pretrained(model, tmp_path / "adapter", lora="adapter")
+
+
+def test_router_loss_under_accumulation_is_the_micro_batch_mean(moe_hf_model):
+    """With 2 micro-batches the step's router loss is the mean of each micro-batch's own."""
+    from tests.train_helpers import make_stepper, put, synthetic_batch
+
+    model_dir = moe_hf_model("qwen3_moe_mixed")
+    batch = synthetic_batch(4, 9, 67)
+    model = from_pretrained(model_dir)
+    expected = np.mean([float(model.hidden_states_and_aux(
+        jnp.asarray(batch["input_ids"][m::2]), jnp.asarray(batch["positions"][m::2]),
+        jnp.asarray(batch["segment_ids"][m::2]))[1]["metrics"]["router_aux_loss"])
+        for m in range(2)])
+    state, fn, mesh = make_stepper(model_dir, grad_accum_steps=2)
+    _, metrics = fn(state, put(batch, mesh))
+    np.testing.assert_allclose(float(metrics["router_aux_loss"]), expected, rtol=1e-5)

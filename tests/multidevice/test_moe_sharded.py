@@ -67,3 +67,34 @@ def test_expert_parallel_equals_single_device(model_dir, reference, sizes, split
     if sizes[2] > 1:  # the experts really are split over the expert axis
         kernel = state.params["model"]["layers"]["mlp"]["experts"]["gate_proj"]["kernel"]
         assert "expert" in str(kernel.get_value().sharding.spec)
+
+
+def test_expert_parallel_lora_logits_equal_single_device(model_dir):
+    """LoRA adapters on the experts travel into the expert-parallel shard_map."""
+    import jax.numpy as jnp
+
+    from jaxtune.config import LoraConfig
+    from jaxtune.lora import LoraParam, apply_lora
+    from jaxtune.sharding import activation_rules
+
+    ids = jnp.asarray(synthetic_batch(8, 12, 67)["input_ids"])
+    out = []
+    for sizes, split in (((1, 1, 1, 1), False), ((1, 2, 4, 1), True)):
+        data, fsdp, expert, tensor = sizes
+        mesh = make_mesh(MeshConfig(data=data, fsdp=fsdp, tensor=tensor, expert=expert),
+                         jax.devices()[:data * fsdp * expert * tensor])
+        rules = make_rules({"batch": ["data", "fsdp", "expert"]} if split else None)
+        model, _ = apply_lora(from_pretrained(model_dir, mesh=mesh, rules=rules),
+                              LoraConfig(rank=2, targets=["gate_proj", "down_proj"]),
+                              mesh=mesh, rules=rules)
+        leaves, treedef = jax.tree.flatten(nnx.state(model, LoraParam))
+        nnx.update(model, jax.tree.unflatten(treedef, [
+            jnp.full(v.shape, 0.1 * (i + 1)) for i, v in enumerate(leaves)]))
+
+        @nnx.jit
+        def forward(m, mesh=mesh, rules=rules):
+            with activation_rules(mesh, rules):
+                return m(ids)
+
+        out.append(np.asarray(forward(model)))
+    np.testing.assert_allclose(out[1], out[0], atol=1e-5, rtol=1e-5)

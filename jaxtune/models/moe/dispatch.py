@@ -40,12 +40,10 @@ def _kernel(linear: Any, dtype: Any) -> jax.Array:
     return kernel[...].astype(dtype)
 
 
-def grouped_linear(linear: Any, x_MI: jax.Array, group_sizes_E: jax.Array,
-                   kernel_EIO: jax.Array | None = None) -> jax.Array:
+def grouped_linear(linear: Any, x_MI: jax.Array, group_sizes_E: jax.Array) -> jax.Array:
     """``x . kernel[e]`` for each row's expert ``e`` (rows sorted by expert, ``group_sizes``
     rows each), plus the LoRA update when the Linear has an adapter."""
-    w_EIO = _kernel(linear, x_MI.dtype) if kernel_EIO is None else kernel_EIO
-    y_MO = jax.lax.ragged_dot(x_MI, w_EIO, group_sizes_E)
+    y_MO = jax.lax.ragged_dot(x_MI, _kernel(linear, x_MI.dtype), group_sizes_E)
     if linear.lora is not None:
         y_MO = linear.lora.add_grouped(y_MO, x_MI, group_sizes_E)
     return y_MO

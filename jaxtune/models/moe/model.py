@@ -271,7 +271,9 @@ class MoeForCausalLM(nnx.Module):
         metrics = {"router_aux_loss": losses["aux_loss"], "router_z_loss": losses["z_loss"]}
         fractions = losses["expert_fraction"]
         width = len(str(cfg.num_experts - 1))
-        metrics.update({f"expert_fraction_{j:0{width}d}": fractions[j]
+        # The busiest expert's share times E: 1 when balanced, E when one expert takes all.
+        metrics["expert_load_max"] = jnp.max(fractions) * cfg.num_experts
+        metrics.update({f"expert_fraction/{j:0{width}d}": fractions[j]
                         for j in range(cfg.num_experts)})
         return hidden_BTD, {"loss": loss, "metrics": metrics}
 
