@@ -3,10 +3,13 @@
 Axis letters: N tokens, K chosen experts per token, M = N*K token-expert pairs, E experts,
 D embed, F expert MLP width, X devices on the ``expert`` mesh axis.
 
-:func:`routed_experts` is the default path: the ``M`` pairs are sorted by expert so each
-expert's rows are contiguous, the three projections run as ``jax.lax.ragged_dot`` grouped
-matmuls (one call for all experts, no per-expert loop and no capacity: no token is dropped),
-and each row's output, scaled by its routing weight, is added back to its token.
+:func:`routed_experts` (``ragged``) is the default path on GPU and TPU: the ``M`` pairs are
+sorted by expert so each expert's rows are contiguous, the three projections run as
+``jax.lax.ragged_dot`` grouped matmuls (one call for all experts, no per-expert loop and no
+capacity: no token is dropped), and each row's output, scaled by its routing weight, is added
+back to its token. On CPU, where XLA's ``ragged_dot`` is slower than computing every expert
+densely, the same sorted rows run as fixed-size tiles in a scan (:func:`tiled_experts`);
+``grouped`` picks between the two.
 
 Expert parallelism (:func:`expert_parallel`, used when the ``experts`` logical axis is sharded
 over the ``expert`` mesh axis): inside ``shard_map`` each device holds ``E/X`` experts. The
@@ -93,6 +96,67 @@ def routed_experts(experts: Any, x_ND: jax.Array, idx_NK: jax.Array, weights_NK:
     return _combine(y_MD, order_M, weights_NK, n, x_ND.dtype, weights_f32)
 
 
+def tiled_experts(experts: Any, x_ND: jax.Array, idx_NK: jax.Array, weights_NK: jax.Array,
+                  act, *, weights_f32: bool) -> jax.Array:
+    """:func:`routed_experts` with the grouped matmul as a scan over fixed-size row tiles.
+
+    XLA's CPU ``ragged_dot`` is slower than computing every expert on every token (measured:
+    0.50 s vs 0.30 s dense and 0.008 s as equal blocks, 4096 rows, 16 experts, 256 x 256), so
+    on CPU the sorted rows are laid out with each expert's group padded to a multiple of a tile
+    of ``t`` rows (at most ``ceil(M/t) + E`` tiles, a static bound: nothing is dropped), and a
+    scan runs each tile through its one expert's whole MLP (LoRA included). Padding rows are
+    zeros and give zeros.
+    """
+    n, k = idx_NK.shape
+    e = experts.num_experts
+    projs = (experts.gate_proj, experts.up_proj, experts.down_proj)
+    if any(p.lora is not None and p.lora.dropout > 0 for p in projs):
+        return routed_experts(experts, x_ND, idx_NK, weights_NK, act, weights_f32=weights_f32)
+    m = n * k
+    t = int(min(128, max(8, 1 << max(0, (-(-m // e) - 1).bit_length()))))
+    tiles = -(-m // t) + e
+    order_M, sizes_E = _sort_pairs(idx_NK, e)
+    padded_E = -(-sizes_E // t) * t
+    start_E = jnp.cumsum(sizes_E) - sizes_E
+    pstart_E = jnp.cumsum(padded_E) - padded_E
+    expert_M = jnp.repeat(jnp.arange(e), sizes_E, total_repeat_length=m)
+    slot_M = pstart_E[expert_M] + jnp.arange(m) - start_E[expert_M]
+    x_MD = x_ND[order_M // k]
+    x_PD = jnp.zeros((tiles * t, x_ND.shape[1]), x_ND.dtype).at[slot_M].set(x_MD)
+    ends_E = jnp.cumsum(padded_E)
+    tile_expert = jnp.minimum(jnp.searchsorted(ends_E, jnp.arange(tiles) * t, side="right"),
+                              e - 1)
+    kernels = [_kernel(p, x_ND.dtype) for p in projs]
+    adapters = [p.lora.grouped_arrays() if p.lora is not None else None for p in projs]
+
+    def proj(i, x_tI, j):
+        y = x_tI @ kernels[i][j]
+        if adapters[i] is not None:
+            a, b, scale = adapters[i]
+            h = (x_tI @ a[j].astype(x_tI.dtype)) * jnp.asarray(scale, x_tI.dtype)
+            y = y + (h @ b[j].astype(x_tI.dtype)).astype(y.dtype)
+        return y
+
+    def body(_, xs):
+        x_tD, j = xs
+        return None, proj(2, act(proj(0, x_tD, j)) * proj(1, x_tD, j), j)
+
+    _, y_TtD = jax.lax.scan(body, None, (x_PD.reshape(tiles, t, -1), tile_expert))
+    y_MD = y_TtD.reshape(tiles * t, -1)[slot_M]
+    return _combine(y_MD, order_M, weights_NK, n, x_ND.dtype, weights_f32)
+
+
+def grouped_experts(experts: Any, x_ND, idx_NK, weights_NK, act, *, weights_f32: bool):
+    """The default dispatch: ``ragged_dot`` (GPU, TPU, expert parallelism), row tiles on CPU
+    (see :func:`tiled_experts`)."""
+    from jaxtune.kernels import target_platform
+
+    current = current_mesh_rules()
+    parallel = current is not None and _expert_axis_size(current, experts) > 1
+    fn = tiled_experts if target_platform() == "cpu" and not parallel else routed_experts
+    return fn(experts, x_ND, idx_NK, weights_NK, act, weights_f32=weights_f32)
+
+
 def _expert_axis_size(current, experts) -> int:
     mesh, rules = current
     spec = logical_to_spec(("experts",), rules, mesh, (experts.num_experts,))
@@ -166,7 +230,8 @@ def naive_experts(experts: Any, x_ND: jax.Array, idx_NK: jax.Array, weights_NK: 
     return out
 
 
-DISPATCH = {"grouped": routed_experts, "naive": naive_experts}
+DISPATCH = {"grouped": grouped_experts, "ragged": routed_experts, "tiled": tiled_experts,
+            "naive": naive_experts}
 
 
 def get_dispatch(name: str):
@@ -176,5 +241,5 @@ def get_dispatch(name: str):
         raise JaxtuneError(f"MoE dispatch '{name}' is not one of {sorted(DISPATCH)}.") from None
 
 
-__all__ = ["expert_ffn", "expert_parallel", "get_dispatch", "grouped_linear", "naive_experts",
-           "routed_experts"]
+__all__ = ["expert_ffn", "expert_parallel", "get_dispatch", "grouped_experts", "grouped_linear",
+           "naive_experts", "routed_experts", "tiled_experts"]
