@@ -114,8 +114,8 @@ def test_router_z_loss_is_optional_and_reported(moe_hf_model):
     model_dir = moe_hf_model("qwen2_moe")
     base = from_pretrained(model_dir)
     z = from_pretrained(model_dir, router_z_loss_coef=0.5)
-    _, aux0 = base.hidden_states_and_aux(jnp.asarray(IDS))
-    _, aux1 = z.hidden_states_and_aux(jnp.asarray(IDS))
+    run = nnx.jit(lambda m: m.hidden_states_and_aux(jnp.asarray(IDS))[1])
+    aux0, aux1 = run(base), run(z)
     assert float(aux0["metrics"]["router_z_loss"]) > 0
     np.testing.assert_allclose(float(aux1["loss"] - aux0["loss"]),
                                0.5 * float(aux0["metrics"]["router_z_loss"]), rtol=1e-5)
@@ -170,7 +170,6 @@ def _with_dispatch(cfg, dispatch):
 
 
 @pytest.mark.parametrize("variant,targets,scan", [
-    ("mixtral", ["w1", "w2", "w3", "q_proj", "o_proj"], False),
     ("qwen2_moe", ["gate_proj", "up_proj", "down_proj", "v_proj"], True),
 ])
 def test_lora_on_experts_merged_export_matches_adapter(variant, targets, scan, moe_hf_model,
