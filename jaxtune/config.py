@@ -119,6 +119,7 @@ class MeshConfig:
     data: int = -1  # data-parallel axis size; -1 takes the remaining devices
     fsdp: int = 1  # fully-sharded data-parallel axis size
     tensor: int = 1  # tensor-parallel axis size (kept within a host)
+    expert: int = 1  # expert-parallel axis size (MoE experts shard over it; 1: no such axis)
     dcn_data: int = 1  # data parallelism across slices / nodes (multi-slice TPU)
     rules: dict[str, list[str]] = field(default_factory=dict)  # logical axis -> mesh axes overrides
 
@@ -419,6 +420,8 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"'{key}' must be a positive size or -1, got {v}.")
     if cfg.mesh.dcn_data < 1:
         raise ConfigError(f"'mesh.dcn_data' must be >= 1, got {cfg.mesh.dcn_data}.")
+    if cfg.mesh.expert < 1:
+        raise ConfigError(f"'mesh.expert' must be >= 1, got {cfg.mesh.expert}.")
     resume = cfg.checkpoint.resume
     if resume not in ("auto", "none") and not str(resume).isdigit():
         raise ConfigError(

@@ -167,6 +167,32 @@ class LoraAdapter(nnx.Module):
                                 preferred_element_type=y.dtype)
         return y + u.astype(y.dtype)
 
+    def add_grouped(self, y_MO: jax.Array, x_MI: jax.Array,
+                    group_sizes_E: jax.Array) -> jax.Array:
+        """:meth:`add` for a Linear with a leading ``experts`` axis applied as a grouped matmul
+        (rows of ``x`` sorted by expert, ``group_sizes`` rows each; see ``jax.lax.ragged_dot``).
+        """
+        if self.merged or getattr(_disabled, "value", False):
+            return y_MO
+        key = getattr(_dropout_context, "key", None)
+        if self.dropout > 0.0 and key is not None:  # one mask per row, the layer's salt
+            key = jax.random.fold_in(key, jnp.min(self.salt[...]))
+            keep = jax.random.bernoulli(key, 1.0 - self.dropout, x_MI.shape)
+            x_MI = jnp.where(keep, x_MI / (1.0 - self.dropout), 0).astype(x_MI.dtype)
+        u = grouped_lora_update(x_MI, self.lora_a[...], self.lora_b[...], self.scale,
+                                group_sizes_E)
+        return y_MO + u.astype(y_MO.dtype)
+
+    def grouped_arrays(self) -> tuple[jax.Array, jax.Array, float] | None:
+        """``(A [E, I, r], B [E, r, O], scale)`` for a grouped matmul elsewhere (expert
+        parallelism inside shard_map), or None when the adapter is merged or disabled."""
+        if self.merged or getattr(_disabled, "value", False):
+            return None
+        if self.dropout > 0.0 and getattr(_dropout_context, "key", None) is not None:
+            raise ConfigError("lora.dropout on expert projections is not supported with "
+                              "expert parallelism (mesh.expert > 1); set lora.dropout: 0.")
+        return self.lora_a[...], self.lora_b[...], self.scale
+
     def _drop(self, x: jax.Array) -> jax.Array:
         key = getattr(_dropout_context, "key", None)
         if self.dropout == 0.0 or key is None:
@@ -181,6 +207,14 @@ class LoraAdapter(nnx.Module):
         b = self.lora_b[...].astype(jnp.float32)
         return lora_delta(a, b, self.scale, a.ndim - self.num_in - 1,
                           functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST))
+
+
+def grouped_lora_update(x_MI: jax.Array, a_EIr: jax.Array, b_ErO: jax.Array, scale: float,
+                        group_sizes_E: jax.Array) -> jax.Array:
+    """``scale * (x . A[e]) . B[e]`` for each row's expert ``e`` by two grouped matmuls."""
+    h = jax.lax.ragged_dot(x_MI, a_EIr.astype(x_MI.dtype), group_sizes_E)
+    h = h * jnp.asarray(scale, h.dtype)
+    return jax.lax.ragged_dot(h, b_ErO.astype(x_MI.dtype), group_sizes_E)
 
 
 def lora_delta(a: Any, b: Any, scale: float, depth: int, matmul: Callable = np.matmul) -> Any:

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 
 from jaxtune import sharding
 from jaxtune.errors import JaxtuneError
+from jaxtune.models.family import hidden_states_and_aux
 
 Batch = dict[str, jax.Array]
 LossFn = Callable[[Any, Batch], tuple[jax.Array, dict[str, jax.Array]]]
@@ -87,10 +88,28 @@ def _finish(total: jax.Array, nll_sum: jax.Array, z_sum: jax.Array, batch: Batch
 
 
 def _inputs(model: Any, batch: Batch):
-    hidden_BTD = model.hidden_states(batch["input_ids"], batch["positions"], batch["segment_ids"])
+    hidden_BTD, model_aux = hidden_states_and_aux(model, batch["input_ids"], batch["positions"],
+                                                  batch["segment_ids"])
     targets_BT = batch["targets"].astype(jnp.int32)
     mask_BT = batch["loss_mask"].astype(jnp.float32)
-    return hidden_BTD, targets_BT, mask_BT
+    return hidden_BTD, targets_BT, mask_BT, model_aux
+
+
+def add_model_aux(loss: jax.Array, aux: dict[str, jax.Array], model_aux: dict[str, Any] | None,
+                  batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Add a model's own auxiliary loss (``jaxtune.models.family.hidden_states_and_aux``) to an
+    objective's ``(loss, aux)``, with its metrics in ``aux``; every objective calls this.
+
+    The auxiliary loss is a mean over this micro-batch's tokens (a load-balancing loss is not a
+    sum over tokens, so it cannot share the token denominator): each micro-batch contributes
+    ``1 / batch["micro_batches"]`` of it, so the step's value is the mean over micro-batches
+    (with one micro-batch: the loss on the whole global batch).
+    """
+    if model_aux is None:
+        return loss, aux
+    share = 1.0 / jnp.asarray(batch.get("micro_batches", 1), jnp.float32)
+    aux = {**aux, **{k: v * share for k, v in model_aux.get("metrics", {}).items()}}
+    return loss + model_aux["loss"] * share, aux
 
 
 def _batch_shards(batch_size: int) -> int:
@@ -105,7 +124,7 @@ def _batch_shards(batch_size: int) -> int:
     if axes is None:
         return 1
     axes = (axes,) if isinstance(axes, str) else axes
-    return math.prod(mesh.shape[a] for a in axes)
+    return math.prod(mesh.shape.get(a, 1) for a in axes)
 
 
 def chunked_token_terms(
@@ -250,20 +269,21 @@ def cross_entropy_loss(
     ``loss_denominator`` in the batch it divides by this batch's own trained-token count.
     ``chunk_size`` is the number of tokens each device projects to the vocabulary at a time.
     """
-    hidden_BTD, targets_BT, mask_BT = _inputs(model, batch)
+    hidden_BTD, targets_BT, mask_BT, model_aux = _inputs(model, batch)
     total, nll_sum, z_sum = chunked_token_terms(
         model.unembed, hidden_BTD, targets_BT, mask_BT, chunk_size=chunk_size, z_loss=z_loss
     )
-    return _finish(total, nll_sum, z_sum, batch, z_loss)
+    return add_model_aux(*_finish(total, nll_sum, z_sum, batch, z_loss), model_aux, batch)
 
 
 def full_logits_cross_entropy_loss(
     model: Any, batch: Batch, *, z_loss: float = 0.0
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The same loss from the whole ``[B, T, V]`` logits at once: the reference for tests."""
-    hidden_BTD, targets_BT, mask_BT = _inputs(model, batch)
+    hidden_BTD, targets_BT, mask_BT, model_aux = _inputs(model, batch)
     nll_sum, z_sum = _token_terms(model.unembed(hidden_BTD), targets_BT, mask_BT)
-    return _finish(nll_sum + z_loss * z_sum, nll_sum, z_sum, batch, z_loss)
+    return add_model_aux(*_finish(nll_sum + z_loss * z_sum, nll_sum, z_sum, batch, z_loss),
+                         model_aux, batch)
 
 
 def load_callable(path: str) -> Any:

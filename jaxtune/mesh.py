@@ -3,6 +3,9 @@
 Devices are laid out so that ``tensor`` (the innermost, most communication-heavy axis) stays
 within a host, ``fsdp`` next, and ``data`` outermost (it may span hosts or slices). Every error
 says what was asked, what the machine has, and which layouts would fit instead.
+
+With ``mesh.expert > 1`` the mesh gains an ``expert`` axis between ``fsdp`` and ``tensor``
+(MoE experts shard over it, see ``jaxtune.sharding.DEFAULT_RULES``); with 1 it has none.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from jaxtune.errors import JaxtuneError
 from jaxtune.sharding import Rules, batch_axis_size, batch_mesh_axes
 
 AXES = ("data", "fsdp", "tensor")
+EXPERT_AXES = ("data", "fsdp", "expert", "tensor")  # with mesh.expert > 1
 
 
 class MeshError(JaxtuneError, ValueError):
@@ -46,7 +50,14 @@ def _fits_hint(n: int) -> str:
 
 
 def resolve_axis_sizes(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
-    """Turn the configured sizes (one may be -1) into concrete sizes using all devices."""
+    """Turn the configured sizes (one may be -1) into concrete sizes using all devices
+    (``mesh.expert`` devices form each expert group; the three sizes fill the rest)."""
+    expert = getattr(cfg, "expert", 1)
+    if expert > 1:
+        if num_devices % expert:
+            raise MeshError(f"mesh.expert={expert} does not divide the {num_devices} "
+                            "available devices; pick a divisor.")
+        num_devices //= expert
     sizes = [cfg.data * cfg.dcn_data if cfg.data > 0 else -1, cfg.fsdp, cfg.tensor]
     asked = f"mesh (data={cfg.data}, fsdp={cfg.fsdp}, tensor={cfg.tensor}"
     asked += f", dcn_data={cfg.dcn_data})" if cfg.dcn_data > 1 else ")"
@@ -86,13 +97,21 @@ def make_mesh(cfg: MeshConfig | None = None, devices: Sequence[jax.Device] | Non
                 f"{cfg.dcn_data}, but it is {data}. Set mesh.data to the data-parallel size "
                 "within one slice (often 1) and mesh.dcn_data to the number of slices."
             )
-        grid = _hybrid_grid((data // cfg.dcn_data, fsdp, tensor), cfg.dcn_data, devices)
+        grid = _hybrid_grid(_with_expert((data // cfg.dcn_data, fsdp, tensor), cfg),
+                            cfg.dcn_data, devices)
     else:
-        grid = _ici_grid((data, fsdp, tensor), devices)
+        grid = _ici_grid(_with_expert((data, fsdp, tensor), cfg), devices)
     return _mesh(grid)
 
 
-def _ici_grid(shape: tuple[int, int, int], devices: Sequence[jax.Device]) -> np.ndarray:
+def _with_expert(shape: tuple[int, int, int], cfg: MeshConfig) -> tuple[int, ...]:
+    """(data, fsdp, expert, tensor) when mesh.expert > 1, else (data, fsdp, tensor): a model
+    without experts never sees an expert axis."""
+    expert = getattr(cfg, "expert", 1)
+    return shape if expert == 1 else (shape[0], shape[1], expert, shape[2])
+
+
+def _ici_grid(shape: tuple[int, ...], devices: Sequence[jax.Device]) -> np.ndarray:
     """Devices of one slice (or host group) arranged as ``shape``, topology-aware on TPU."""
     try:
         return mesh_utils.create_device_mesh(shape, devices)
@@ -103,7 +122,7 @@ def _ici_grid(shape: tuple[int, int, int], devices: Sequence[jax.Device]) -> np.
         return np.asarray(ordered).reshape(shape)
 
 
-def _hybrid_grid(ici: tuple[int, int, int], dcn: int,
+def _hybrid_grid(ici: tuple[int, ...], dcn: int,
                  devices: Sequence[jax.Device]) -> np.ndarray:
     """``dcn`` granules (TPU slices, else hosts) stacked along ``data``, each laid out as ``ici``.
 
@@ -113,7 +132,8 @@ def _hybrid_grid(ici: tuple[int, int, int], dcn: int,
     """
     slices = {getattr(d, "slice_index", None) for d in devices}
     if None not in slices and len(slices) == dcn:
-        return mesh_utils.create_hybrid_device_mesh(ici, (dcn, 1, 1), devices)
+        return mesh_utils.create_hybrid_device_mesh(ici, (dcn,) + (1,) * (len(ici) - 1),
+                                                    devices)
     by_process: dict[int, list[jax.Device]] = {}
     for d in sorted(devices, key=lambda d: (d.process_index, d.id)):
         by_process.setdefault(d.process_index, []).append(d)
@@ -134,11 +154,12 @@ def _hybrid_grid(ici: tuple[int, int, int], dcn: int,
 
 
 def _mesh(grid: np.ndarray) -> Mesh:
+    axes = AXES if grid.ndim == 3 else EXPERT_AXES
     # The jit-with-shardings style needs Auto axes; newer JAX defaults to Explicit in make_mesh.
     axis_type = getattr(jax.sharding, "AxisType", None)
     if axis_type is not None:
-        return Mesh(grid, AXES, axis_types=(axis_type.Auto,) * len(AXES))
-    return Mesh(grid, AXES)
+        return Mesh(grid, axes, axis_types=(axis_type.Auto,) * len(axes))
+    return Mesh(grid, axes)
 
 
 def check_batch(global_batch_size: int, mesh: Mesh, grad_accum_steps: int = 1,
@@ -154,7 +175,7 @@ def check_batch(global_batch_size: int, mesh: Mesh, grad_accum_steps: int = 1,
     raise MeshError(
         f"The micro-batch of {micro} rows (trainer.global_batch_size={global_batch_size} / "
         f"grad_accum_steps={grad_accum_steps}) does not divide over {' x '.join(axes)} = "
-        f"{' x '.join(str(mesh.shape[a]) for a in axes)} = {ways} devices. Use "
+        f"{' x '.join(str(mesh.shape.get(a, 1)) for a in axes)} = {ways} devices. Use "
         f"trainer.global_batch_size in {good}, or a mesh whose {' x '.join(axes)} divides "
         f"{micro}."
     )

@@ -41,6 +41,9 @@ def flops_per_token(model_config: Any, seq_len: int) -> float:
     (causal masking is not subtracted). L layers, D hidden, H query heads, K kv heads,
     Q head dim, F MLP width, V vocab, T sequence length.
 
+    For a mixture of experts ``N`` counts active parameters per token: the config's
+    ``active_mlp_params()`` (top-k experts, shared expert, router) replaces ``3 * L * D * F``.
+
     LoRA runs skip the weight gradients of frozen matrices, so this overstates their work by
     up to 1.5x (4N instead of 6N); it is still the number MFU is conventionally quoted in.
     """
@@ -49,8 +52,11 @@ def flops_per_token(model_config: Any, seq_len: int) -> float:
     heads, kv_heads = c.num_attention_heads, c.num_key_value_heads
     head_dim = getattr(c, "head_dim", None) or d // heads
     attention = d * head_dim * (2 * heads + 2 * kv_heads)
-    mlp = 3 * d * c.intermediate_size
-    n = layers * (attention + mlp) + d * c.vocab_size
+    # A mixture of experts says what one token meets (its top-k experts, shared expert and
+    # router, dense layers) through ``active_mlp_params()``: the total would overstate MFU.
+    active = getattr(c, "active_mlp_params", None)
+    mlp_total = active() if callable(active) else layers * 3 * d * c.intermediate_size
+    n = layers * attention + mlp_total + d * c.vocab_size
     return float(6 * n + 12 * layers * heads * head_dim * seq_len)
 
 
@@ -222,6 +228,9 @@ def _scalar(value: Any) -> float | int | str | None:
 def format_line(step: int, metrics: dict[str, Any]) -> str:
     """``step 12 | loss 2.3456 | lr 1.00e-04 | ...``: known metrics first, in a fixed order."""
     parts = [f"step {step}"]
+    # Grouped per-item metrics ("expert_fraction/07": one per MoE expert) go to the files and
+    # TensorBoard / W&B only; a stdout line stays readable.
+    metrics = {k: v for k, v in metrics.items() if "/" not in k}
     keys = [k for k in _STDOUT if k in metrics] + sorted(k for k in metrics if k not in _STDOUT)
     for key in keys:
         value = metrics[key]

@@ -34,7 +34,10 @@ DEFAULT_RULES: Rules = {
     "mlp": ("tensor",),
     "vocab": ("tensor",),
     "layers": (),
-    "experts": (),
+    # MoE experts over the expert axis (a mesh has it only with mesh.expert > 1). Tokens stay
+    # split over data x fsdp only, so with an expert axis they are replicated over it; add
+    # "expert" to "batch" (mesh.rules) to split them too (see jaxtune/models/moe/dispatch.py).
+    "experts": ("expert",),
     "lora_rank": (),
 }
 
@@ -51,10 +54,10 @@ def make_rules(overrides: Mapping[str, Sequence[str] | str | None] | None = None
             rules[name] = tuple(axes)
     for name, axes in rules.items():
         for axis in axes:
-            if axis not in ("data", "fsdp", "tensor"):
+            if axis not in ("data", "fsdp", "expert", "tensor"):
                 raise ValueError(
                     f"Sharding rule '{name}: {list(axes)}' names mesh axis '{axis}'; "
-                    "mesh axes are data, fsdp and tensor."
+                    "mesh axes are data, fsdp, expert and tensor."
                 )
     return rules
 
@@ -77,8 +80,8 @@ def logical_to_spec(
     spec: list[Any] = []
     for dim, name in enumerate(names):
         axes = [a for a in rules.get(name, ()) if a not in used] if name else []
-        if mesh is not None:
-            axes = [a for a in axes if mesh.shape[a] > 1]
+        if mesh is not None:  # axes the mesh lacks (expert without mesh.expert) or of size 1
+            axes = [a for a in axes if mesh.shape.get(a, 1) > 1]
             if shape is not None:
                 kept, size = [], shape[dim]
                 for a in axes:
@@ -142,12 +145,19 @@ def batch_mesh_axes(rules: Rules | None = None) -> tuple[str, ...]:
 
 def batch_axis_size(mesh: Mesh, rules: Rules | None = None) -> int:
     """How many ways the batch dimension is split on ``mesh`` under ``rules``."""
-    return math.prod(mesh.shape[a] for a in batch_mesh_axes(rules))
+    return math.prod(mesh.shape.get(a, 1) for a in batch_mesh_axes(rules))
 
 
 def batch_sharding(mesh: Mesh, rules: Rules | None = None, ndim: int = 2) -> NamedSharding:
     """Sharding of a ``[batch, seq, ...]`` input array: batch split, the rest replicated."""
-    return NamedSharding(mesh, logical_to_spec(("batch",) + ("seq",) * (ndim - 1), rules))
+    return NamedSharding(mesh, logical_to_spec(("batch",) + ("seq",) * (ndim - 1),
+                                               present_rules(rules, mesh)))
+
+
+def present_rules(rules: Rules | None, mesh: Mesh) -> Rules:
+    """``rules`` without the mesh axes ``mesh`` lacks (``expert`` when mesh.expert is 1)."""
+    rules = DEFAULT_RULES if rules is None else rules
+    return {k: tuple(a for a in v if a in mesh.shape) for k, v in rules.items()}
 
 
 # --------------------------------------------------------------------------- activations

@@ -94,6 +94,8 @@ def train_step(
     rows = per_row_keys(batch, axes, splitting=grad_accum_steps > 1)
     batch["loss_denominator"] = jnp.asarray(denominator_of(loss_fn)(batch), jnp.float32)
     batch["step"] = state.step  # steps already taken, for losses that change over training
+    # A model's own auxiliary loss is a per-micro-batch mean (jaxtune.loss.add_model_aux).
+    batch["micro_batches"] = jnp.asarray(grad_accum_steps, jnp.int32)
     rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
 
     if grad_accum_steps == 1:

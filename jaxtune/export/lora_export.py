@@ -36,7 +36,7 @@ from jaxtune.export.tensors import ParamSource, hf_groups, model_sources, natura
 from jaxtune.export.writer import read_generation_config, reference_model, write_hf_export
 from jaxtune.lora import SavedParam, lora_delta, lora_scale, peft_layout
 from jaxtune.models.family import family_of, family_table
-from jaxtune.models.table import ParamTable
+from jaxtune.models.table import STACK_AXES, ParamTable
 from jaxtune.sharding import host_array
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -167,7 +167,20 @@ def _hf_modules(table: ParamTable, kernel_path: str, shape: tuple[int, ...]) -> 
     names = table.hf_module_names(kernel_path, shape)
     if names is None:
         raise ExportError(f"No Hugging Face module for {kernel_path}.")
+    entries = table.entries(kernel_path, shape) or []
+    if any(f"(?P<{_EXPERTS_GROUP}>" in e.rule.pattern for e in entries[:1]):
+        # transformers 5 holds experts fused in 3-D parameters (peft reaches them only through
+        # target_parameters, with another layout); per-expert lora_A/B would name modules that
+        # do not exist there.
+        raise ExportError(
+            f"LoRA adapters on MoE expert projections ({names[0]} ...) cannot be written as a "
+            "PEFT adapter: transformers keeps experts fused, with no per-expert module for peft "
+            "to load them into. Export them merged (save_pretrained lora='merged', jaxtune "
+            "export --lora merged), or target only attention and dense layers.")
     return names
+
+
+_EXPERTS_GROUP = next(g for g, axis in STACK_AXES.items() if axis == "experts")
 
 
 class _Reader:

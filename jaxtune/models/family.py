@@ -69,6 +69,8 @@ class CausalLM(Protocol):
     final-norm hidden states ``[B, T, D]`` in the compute dtype; ``unembed(hidden_D)`` returns
     float32 logits ``[..., V]``; calling the model is ``unembed(hidden_states(...))``. The
     chunked loss calls the two halves separately so full logits are never materialised.
+    Optional: ``hidden_states_and_aux`` (see :func:`hidden_states_and_aux`), for a model with
+    an auxiliary loss of its own.
     """
 
     config: Any
@@ -80,6 +82,24 @@ class CausalLM(Protocol):
 
     def __call__(self, input_ids_BT: jax.Array, positions_BT: jax.Array | None = None,
                  segment_ids_BT: jax.Array | None = None) -> jax.Array: ...
+
+
+def hidden_states_and_aux(model: Any, input_ids_BT: jax.Array,
+                          positions_BT: jax.Array | None = None,
+                          segment_ids_BT: jax.Array | None = None
+                          ) -> tuple[jax.Array, dict[str, Any] | None]:
+    """Hidden states and the model's auxiliary output, for losses (an optional protocol method).
+
+    A model whose forward pass has a training loss of its own (an MoE router's load-balancing
+    loss) implements ``hidden_states_and_aux(input_ids_BT, positions_BT, segment_ids_BT) ->
+    (hidden_BTD, {"loss": scalar, "metrics": {name: scalar}})``: ``loss`` is already weighted
+    and is added to the objective's loss (``jaxtune.loss.add_model_aux``), ``metrics`` are
+    reported. Any other model gives ``(hidden_states(...), None)``.
+    """
+    method = getattr(model, "hidden_states_and_aux", None)
+    if method is None:
+        return model.hidden_states(input_ids_BT, positions_BT, segment_ids_BT), None
+    return method(input_ids_BT, positions_BT, segment_ids_BT)
 
 
 #: The constructor keywords every family's model accepts.
