@@ -1,0 +1,52 @@
+"""Tiny random Gemma checkpoints (gemma, gemma2, gemma3_text) made by transformers.
+
+Same recipe as :mod:`tests.fixtures_models` (odd sizes, weights re-drawn for O(1) logits), with
+the Gemma switches set so each bites at this size: soft-caps small enough to change logits
+(2 on attention, 5 on the output), a query_pre_attn_scalar different from the head dim, sliding
+windows shorter than the test sequence, distinct local / global RoPE bases on Gemma 3.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.fixtures_models import make_tiny_hf_model
+
+_S, _F = "sliding_attention", "full_attention"
+_G3_LAYERS = dict(num_hidden_layers=4, layer_types=[_S, _S, _F, _S], sliding_window=4,
+                  head_dim=16, query_pre_attn_scalar=20)
+
+#: name -> (model_type, config overrides).
+GEMMA_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "gemma": ("gemma", dict(head_dim=12, num_key_value_heads=1, attention_bias=True,
+                            rope_parameters={"rope_type": "default", "rope_theta": 500.0})),
+    "gemma2": ("gemma2", dict(head_dim=16, query_pre_attn_scalar=20, sliding_window=5,
+                              attn_logit_softcapping=2.0, final_logit_softcapping=5.0)),
+    "gemma2_nocap": ("gemma2", dict(head_dim=12, query_pre_attn_scalar=12, sliding_window=5,
+                                    attn_logit_softcapping=None, final_logit_softcapping=None,
+                                    tie_word_embeddings=False)),
+    "gemma3": ("gemma3_text", dict(**_G3_LAYERS, rope_parameters={
+        _F: {"rope_type": "default", "rope_theta": 1000.0},
+        _S: {"rope_type": "default", "rope_theta": 10.0}})),
+    "gemma3_scaled": ("gemma3_text", dict(**_G3_LAYERS, rope_parameters={
+        _F: {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000.0},
+        _S: {"rope_type": "default", "rope_theta": 10.0}})),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma_model(tmp_path_factory):
+    """``tiny_gemma_model(name)`` -> folder of the :data:`GEMMA_VARIANTS` entry, built once."""
+    built: dict[str, Path] = {}
+    root = tmp_path_factory.mktemp("tiny_gemma_models")
+
+    def get(name: str) -> Path:
+        if name not in built:
+            model_type, overrides = GEMMA_VARIANTS[name]
+            built[name] = make_tiny_hf_model(model_type, root / name, **overrides)
+        return built[name]
+
+    return get
