@@ -3,7 +3,8 @@
 Same recipe as :mod:`tests.fixtures_models` (odd sizes, weights re-drawn for O(1) logits), with
 the Gemma switches set so each bites at this size: soft-caps small enough to change logits
 (2 on attention, 5 on the output), a query_pre_attn_scalar different from the head dim, sliding
-windows shorter than the test sequence, distinct local / global RoPE bases on Gemma 3.
+windows shorter than the test sequence, distinct local / global RoPE bases on Gemma 3. The
+vocabulary (401) holds the Gemma chat-template tokenizer of tests/fixtures_chat_templates.py.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import pytest
 from tests.fixtures_models import make_tiny_hf_model
 
 _S, _F = "sliding_attention", "full_attention"
+VOCAB = 401
 _G3_LAYERS = dict(num_hidden_layers=4, layer_types=[_S, _S, _F, _S], sliding_window=4,
                   head_dim=16, query_pre_attn_scalar=20)
 
@@ -46,7 +48,19 @@ def tiny_gemma_model(tmp_path_factory):
     def get(name: str) -> Path:
         if name not in built:
             model_type, overrides = GEMMA_VARIANTS[name]
-            built[name] = make_tiny_hf_model(model_type, root / name, **overrides)
+            built[name] = make_tiny_hf_model(model_type, root / name, vocab_size=VOCAB,
+                                             **overrides)
         return built[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def gemma_tokenizer(tmp_path_factory) -> str:
+    """Folder of a tokenizer with Gemma 3's chat template (``<end_of_turn>`` ends a turn)."""
+    from tests.fixtures_chat_templates import build_template_tokenizer
+    from tests.fixtures_data import _train_bpe
+
+    path = tmp_path_factory.mktemp("gemma_tokenizer")
+    build_template_tokenizer("gemma", _train_bpe()).save_pretrained(path)
+    return str(path)

@@ -383,12 +383,16 @@ class GemmaModel(nnx.Module):
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype,
                             plus_one=True)
 
-    def __call__(self, input_ids_BT, positions_BT, segment_ids_BT) -> jax.Array:
-        cfg = self.config
+    def embed(self, input_ids_BT: jax.Array) -> jax.Array:
+        """Scaled embeddings ``[B, T, D]`` in the compute dtype."""
         x_BTD = self.embed_tokens(input_ids_BT, self.compute_dtype)
         # transformers rounds sqrt(hidden) to the activations' dtype before multiplying.
-        x_BTD = x_BTD * jnp.asarray(math.sqrt(cfg.hidden_size), dtype=x_BTD.dtype)
-        x_BTD = constrain(x_BTD, ("batch", "seq", "embed"))
+        x_BTD = x_BTD * jnp.asarray(math.sqrt(self.config.hidden_size), dtype=x_BTD.dtype)
+        return constrain(x_BTD, ("batch", "seq", "embed"))
+
+    def __call__(self, input_ids_BT, positions_BT, segment_ids_BT) -> jax.Array:
+        cfg = self.config
+        x_BTD = self.embed(input_ids_BT)
         tables = [rope_cos_sin(positions_BT, r, cfg.head_dim, x_BTD.dtype)
                   for r in (cfg.rope_local or cfg.rope, cfg.rope)]
         cos_RBTh = jnp.stack([c for c, _ in tables])
