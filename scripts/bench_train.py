@@ -1,16 +1,19 @@
 """Training throughput: jaxtune vs a plain transformers + PyTorch loop, side by side.
 
 Two Llama-shaped models with untied embeddings, random tokens, AdamW, f32 (bf16 compute on a
-GPU). Both frameworks run in this process, in alternating rounds after a warm-up (the order
-flips every round), so machine noise hits both alike. Per framework it prints the median and
-the min-max tokens/s over the rounds; then the ratio of the medians and the median of the
-per-round paired ratios (jaxtune's round r over torch's round r). The ``ratio S:`` / ``ratio M:``
-lines are the median paired ratio: one slow round on either side moves it least. The header
-names the CPU's vector extensions and the matmul peak measured in the same run, against which
-both frameworks' MFU is given.
+GPU); ``--family gemma3`` gives the same sizes Gemma 3's architecture (tied embeddings, q/k
+norms, sandwich norms, GeGLU, 5 local layers with a 128-token window : 1 global). Both
+frameworks run in this process, in alternating rounds after a warm-up (the order flips every
+round), so machine noise hits both alike. Per framework it prints the median and the min-max
+tokens/s over the rounds; then the ratio of the medians and the median of the per-round paired
+ratios (jaxtune's round r over torch's round r). The ``ratio S:`` / ``ratio M:`` lines are the
+median paired ratio: one slow round on either side moves it least. The header names the CPU's
+vector extensions and the matmul peak measured in the same run, against which both
+frameworks' MFU is given.
 
     python scripts/bench_train.py                 # S and M, as recorded in docs/benchmarks.md
     python scripts/bench_train.py --sizes S --rounds 3 --steps 2   # quick look
+    python scripts/bench_train.py --family gemma3   # Gemma3ForCausalLM vs jaxtune's gemma
 """
 
 from __future__ import annotations
@@ -28,7 +31,23 @@ SIZES = {
 }
 
 
-def hf_config(size: dict):
+FAMILIES = ("llama", "gemma3")
+
+
+def hf_config(size: dict, family: str = "llama"):
+    if family == "gemma3":
+        from transformers import Gemma3TextConfig
+
+        heads = size["num_attention_heads"]
+        return Gemma3TextConfig(
+            hidden_size=size["hidden_size"], num_hidden_layers=size["num_hidden_layers"],
+            num_attention_heads=heads, num_key_value_heads=heads,
+            head_dim=size["hidden_size"] // heads,
+            query_pre_attn_scalar=size["hidden_size"] // heads,
+            intermediate_size=size["intermediate_size"], vocab_size=size["vocab_size"],
+            max_position_embeddings=size["seq_len"], sliding_window=128,
+            sliding_window_pattern=6,
+        )
     from transformers import LlamaConfig
 
     return LlamaConfig(
@@ -41,16 +60,18 @@ def hf_config(size: dict):
 
 
 class TorchRunner:
-    """The reference: transformers' LlamaForCausalLM, sdpa attention, torch.optim.AdamW."""
+    """The reference: transformers' LlamaForCausalLM (or Gemma3ForCausalLM), sdpa attention,
+    torch.optim.AdamW."""
 
-    def __init__(self, size: dict, threads: int):
+    def __init__(self, size: dict, threads: int, family: str = "llama"):
         import torch
-        from transformers import LlamaForCausalLM
+        from transformers import AutoModelForCausalLM
 
         torch.manual_seed(0)
         torch.set_num_threads(threads)
         self.torch = torch
-        self.model = LlamaForCausalLM._from_config(hf_config(size), attn_implementation="sdpa")
+        self.model = AutoModelForCausalLM.from_config(hf_config(size, family),
+                                                      attn_implementation="sdpa")
         self.model.train()
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         g = torch.Generator().manual_seed(0)
@@ -68,14 +89,14 @@ class TorchRunner:
 class JaxRunner:
     """jaxtune's own pieces: init_model, TrainState, the jitted train step, chunked CE."""
 
-    def __init__(self, size: dict, compute_dtype: str):
+    def __init__(self, size: dict, compute_dtype: str, family: str = "llama"):
         import jax
         import numpy as np
 
         from jaxtune.config import MeshConfig, OptimizerConfig, TrainerConfig
         from jaxtune.mesh import make_mesh
+        from jaxtune.models import get_family
         from jaxtune.models.build import init_model
-        from jaxtune.models.llama.model import LlamaConfig
         from jaxtune.objectives import make_loss_fn
         from jaxtune.optim import make_optimizer
         from jaxtune.sharding import make_rules
@@ -85,7 +106,8 @@ class JaxRunner:
         self.jax = jax
         mesh = make_mesh(MeshConfig(data=-1))
         rules = make_rules()
-        cfg = LlamaConfig.from_hf_config(hf_config(size).to_dict())
+        hf = hf_config(size, family).to_dict()
+        cfg = get_family(hf["model_type"]).config_cls.from_hf_config(hf)
         model = init_model(cfg, mesh=mesh, rules=rules, seed=0, param_dtype="float32",
                            compute_dtype=compute_dtype)
         self.model_config = model.config
@@ -128,6 +150,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2, help="PyTorch intra-op threads (CPU)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+    p.add_argument("--family", default="llama", choices=FAMILIES,
+                   help="architecture of both models (default: Llama)")
     args = p.parse_args()
 
     import jax
@@ -149,8 +173,9 @@ def main() -> None:
     for name in args.sizes.split(","):
         size = SIZES[name]
         tokens = size["batch"] * size["seq_len"]
-        jx = JaxRunner(size, compute_dtype)
-        th = None if args.no_torch or platform != "cpu" else TorchRunner(size, args.threads)
+        jx = JaxRunner(size, compute_dtype, args.family)
+        th = None if args.no_torch or platform != "cpu" else TorchRunner(size, args.threads,
+                                                                          args.family)
         runners = [r for r in (jx, th) if r is not None]
         for r in runners:
             timed(r, args.warmup)

@@ -50,7 +50,8 @@ TINY_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 _CONFIG_CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
-                   "qwen3": "Qwen3Config"}
+                   "qwen3": "Qwen3Config", "gemma": "GemmaConfig", "gemma2": "Gemma2Config",
+                   "gemma3_text": "Gemma3TextConfig"}
 
 
 def _redraw(model: Any, seed: int) -> None:

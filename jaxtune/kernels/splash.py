@@ -171,7 +171,8 @@ def splash_attention(
     spec = None
     if reason is None and current is not None:
         spec, reason = _specs(q_BTNH, k_BSKH, *current)
-    if reason is not None and attn_logits_soft_cap is None and fallback is not None:
+    # The fallback computes the same function (soft cap and scale included: the caller's).
+    if reason is not None and fallback is not None:
         _note(reason)
         return fallback(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=segment_ids_BT, window=window)
     if reason is not None:

@@ -131,16 +131,25 @@ class Embed(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    """RMS normalisation over the last axis, computed in float32 as transformers does."""
+    """RMS normalisation over the last axis, computed in float32 as transformers does.
+
+    ``plus_one`` is Gemma's form: the weight is stored as an offset from 1 (zeros at init),
+    ``(1 + w)`` is taken in float32 and the result is rounded to the input dtype only after
+    the multiply (Llama rounds before it).
+    """
 
     def __init__(self, dim: int, *, eps: float, axis_name: str = "embed",
-                 param_dtype: Any = jnp.float32):
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=(axis_name,))
+                 param_dtype: Any = jnp.float32, plus_one: bool = False):
+        init = jnp.zeros if plus_one else jnp.ones
+        self.scale = nnx.Param(init((dim,), param_dtype), logical_axes=(axis_name,))
         self.eps = eps
+        self.plus_one = plus_one
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.plus_one:
+            return (normed * (1.0 + self.scale[...].astype(jnp.float32))).astype(x.dtype)
         # transformers rounds to the input dtype before multiplying by the weight.
         return normed.astype(x.dtype) * self.scale[...].astype(x.dtype)
 
@@ -285,10 +294,13 @@ def apply_rope(x_BTNH: jax.Array, cos_BTh: jax.Array, sin_BTh: jax.Array) -> jax
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 
 
-def resolve_attention_impl(choice: str, dtype: Any, head_dim: int) -> str:
+def resolve_attention_impl(choice: str, dtype: Any, head_dim: int, *,
+                           softcap: bool = False) -> str:
     """Pick the attention kernel: ``auto`` takes splash on TPU, cuDNN flash where it applies.
 
-    The platform is the one being compiled for (``jaxtune.kernels.target_platform``)."""
+    The platform is the one being compiled for (``jaxtune.kernels.target_platform``).
+    ``softcap``: the model soft-caps attention logits, which cuDNN's fused kernel cannot do;
+    ``auto`` then takes XLA (with a one-line note) and an explicit ``cudnn`` is an error."""
     if choice not in ATTENTION_IMPLS:
         raise JaxtuneError(f"attention='{choice}' is not one of {', '.join(ATTENTION_IMPLS)}.")
     platform = target_platform()
@@ -304,9 +316,24 @@ def resolve_attention_impl(choice: str, dtype: Any, head_dim: int) -> str:
             else f"it needs a head dim that is a multiple of 8 and <= 128, not {head_dim}"
         raise JaxtuneError(f"model.attention: cudnn cannot be used: {why}. Use attention: auto "
                            "(cuDNN where it applies, XLA elsewhere).")
+    if choice == "cudnn" and softcap:
+        raise JaxtuneError("model.attention: cudnn cannot be used: this model soft-caps its "
+                           "attention logits, which cuDNN's fused kernel cannot do. Use "
+                           "attention: auto or xla.")
     if choice != "auto":
         return choice
+    if on_gpu and half and fits and softcap:
+        _softcap_note()
+        return "xla"
     return "cudnn" if on_gpu and half and fits else "xla"
+
+
+@functools.lru_cache(maxsize=1)
+def _softcap_note() -> None:
+    import logging
+
+    logging.getLogger(__name__).warning(
+        "attention: auto uses XLA attention, not cuDNN: cuDNN cannot soft-cap attention logits.")
 
 
 @struct.dataclass
@@ -363,26 +390,35 @@ def dot_product_attention(
     mask: AttentionMask,
     window: int | jax.Array | None,
     implementation: str,
+    softcap: float | None = None,
+    scale: float | None = None,
 ) -> jax.Array:
     """Grouped-query attention of queries ``T`` over keys ``S`` as ``mask`` allows.
 
     ``window``: a query attends to keys less than ``window`` positions before it (itself
     included), as transformers' sliding window does; a Python int is static (and reaches
     cuDNN's sliding window), an array (a per-layer window under scan) is applied in the mask.
+    ``scale`` multiplies the logits (default ``1/sqrt(H)``); ``softcap`` then maps them to
+    ``softcap * tanh(logits / softcap)`` before the mask (Gemma 2), on every path.
     """
     if implementation == "splash" and mask.aligned:
         # Pallas TPU kernel (index-causal with segment ids, which is this mask when queries
-        # are the keys); falls back to XLA where it cannot run.
+        # are the keys; it soft-caps itself); falls back to XLA where it cannot run.
         from jaxtune.kernels.splash import splash_attention
 
         def fallback(q, k, v, *, segment_ids_BT, window):
-            return dot_product_attention(q, k, v, mask=mask, window=window, implementation="xla")
+            return dot_product_attention(q, k, v, mask=mask, window=window, implementation="xla",
+                                         softcap=softcap, scale=scale)
 
         return splash_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=mask.q_segment_ids_BT,
-                                window=window, fallback=fallback)
+                                window=window, fallback=fallback, attn_logits_soft_cap=softcap,
+                                scale=scale)
     t, s = q_BTNH.shape[1], k_BSKH.shape[1]
     if implementation == "xla" and mask.aligned and t == s and t >= 2 * _CAUSAL_BLOCK:
-        return _blocked_causal_attention(q_BTNH, k_BSKH, v_BSKH, mask, window)
+        return _blocked_causal_attention(q_BTNH, k_BSKH, v_BSKH, mask, window, softcap, scale)
+    if implementation == "cudnn" and softcap is not None:
+        raise JaxtuneError("cuDNN attention cannot soft-cap attention logits; use attention: "
+                           "auto or xla.")
     if implementation == "cudnn" and mask.aligned:
         # cuDNN's fused causal kernel: index-causal with a static window, segments as a mask.
         seg = mask.q_segment_ids_BT
@@ -393,10 +429,32 @@ def dot_product_attention(
                 window)
         return jax.nn.dot_product_attention(
             q_BTNH, k_BSKH, v_BSKH, mask=seg_mask, is_causal=True,
-            local_window_size=local_window, implementation="cudnn")
+            local_window_size=local_window, implementation="cudnn", scale=scale)
     # Everything else (decoding against a cache, short sequences) is XLA's, masked.
-    return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask.allowed(window),
-                                        implementation="xla")
+    return _masked_attention(q_BTNH, k_BSKH, v_BSKH, mask.allowed(window), softcap, scale)
+
+
+def _masked_attention(q_BTNH, k_BSKH, v_BSKH, allowed_B1TS, softcap, scale):
+    """XLA attention under a boolean mask; soft-capped logits are computed by einsum, since
+    ``jax.nn.dot_product_attention`` cannot soft-cap."""
+    if softcap is None:
+        return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=allowed_B1TS,
+                                            scale=scale, implementation="xla")
+    b, t, n, h = q_BTNH.shape
+    kv = k_BSKH.shape[2]
+    scale = h ** -0.5 if scale is None else scale
+    q_BTKGH = q_BTNH.reshape(b, t, kv, n // kv, h)
+    # As transformers' eager attention: q.k in the compute dtype, scaled, capped, masked,
+    # softmax in float32, probabilities back in the compute dtype.
+    logits_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH) * jnp.asarray(
+        scale, q_BTNH.dtype)
+    logits_BKGTS = logits_BKGTS.astype(jnp.float32)
+    logits_BKGTS = softcap * jnp.tanh(logits_BKGTS / softcap)
+    logits_BKGTS = jnp.where(allowed_B1TS[:, :, None], logits_BKGTS,
+                             jnp.finfo(jnp.float32).min)
+    probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKH.dtype)
+    out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH)
+    return out_BTKGH.reshape(b, t, n, h)
 
 
 #: Query block of the XLA path. Causal attention over T tokens needs only the keys up to each
@@ -406,7 +464,8 @@ def dot_product_attention(
 _CAUSAL_BLOCK = 128
 
 
-def _blocked_causal_attention(q_BTNH, k_BSKH, v_BSKH, mask: AttentionMask, window):
+def _blocked_causal_attention(q_BTNH, k_BSKH, v_BSKH, mask: AttentionMask, window,
+                              softcap=None, scale=None):
     """Causal attention computed per query block against the keys that block can see."""
     t = q_BTNH.shape[1]
     block = max(_CAUSAL_BLOCK, -(-t // 8))
@@ -417,14 +476,17 @@ def _blocked_causal_attention(q_BTNH, k_BSKH, v_BSKH, mask: AttentionMask, windo
         if isinstance(window, int):  # keys before the window of the block's first query
             first = max(0, (start - window + 1) // block * block)
         allowed = mask.allowed(window, slice(start, end), slice(first, end))
-        outs.append(jax.nn.dot_product_attention(
-            q_BTNH[:, start:end], k_BSKH[:, first:end], v_BSKH[:, first:end], mask=allowed,
-            implementation="xla"))
+        outs.append(_masked_attention(q_BTNH[:, start:end], k_BSKH[:, first:end],
+                                      v_BSKH[:, first:end], allowed, softcap, scale))
     return jnp.concatenate(outs, axis=1)
 
 
 class Attention(nnx.Module):
-    """Self-attention with grouped KV heads, RoPE, optional q/k/v/o biases and q/k RMSNorm."""
+    """Self-attention with grouped KV heads, RoPE, optional q/k/v/o biases and q/k RMSNorm.
+
+    ``qk_norm_plus_one`` makes the q/k norms Gemma's ``(1 + w)`` RMSNorm; ``scale`` and
+    ``softcap`` are passed to :func:`dot_product_attention` (defaults: ``1/sqrt(H)``, none).
+    """
 
     def __init__(
         self,
@@ -436,6 +498,9 @@ class Attention(nnx.Module):
         qkv_bias: bool = False,
         out_bias: bool = False,
         qk_norm_eps: float | None = None,
+        qk_norm_plus_one: bool = False,
+        scale: float | None = None,
+        softcap: float | None = None,
         implementation: str = "xla",
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
@@ -451,14 +516,16 @@ class Attention(nnx.Module):
         self.o_proj = Linear((num_heads, head_dim), (dim,), in_axes=("heads", "head_dim"),
                              out_axes=("embed",), use_bias=out_bias, param_dtype=param_dtype,
                              rngs=rngs)
-        if qk_norm_eps is not None:  # Qwen3: RMSNorm over each head before RoPE
+        if qk_norm_eps is not None:  # Qwen3, Gemma 3: RMSNorm over each head before RoPE
             self.q_norm = RMSNorm(head_dim, eps=qk_norm_eps, axis_name="head_dim",
-                                  param_dtype=param_dtype)
+                                  param_dtype=param_dtype, plus_one=qk_norm_plus_one)
             self.k_norm = RMSNorm(head_dim, eps=qk_norm_eps, axis_name="head_dim",
-                                  param_dtype=param_dtype)
+                                  param_dtype=param_dtype, plus_one=qk_norm_plus_one)
         else:
             self.q_norm = self.k_norm = None
         self.implementation = implementation
+        self.scale = scale
+        self.softcap = softcap
 
     def __call__(self, x_BTD: jax.Array, cos_BTh: jax.Array, sin_BTh: jax.Array,
                  mask: AttentionMask, window: int | jax.Array | None) -> jax.Array:
@@ -472,7 +539,8 @@ class Attention(nnx.Module):
         k_BTKH = constrain(apply_rope(k_BTKH, cos_BTh, sin_BTh),
                            ("batch", "seq", "kv_heads", "head_dim"))
         out_BTNH = dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask, window=window,
-                                         implementation=self.implementation)
+                                         implementation=self.implementation,
+                                         softcap=self.softcap, scale=self.scale)
         return self.o_proj(out_BTNH)
 
 

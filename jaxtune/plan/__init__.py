@@ -88,6 +88,16 @@ def step_flops(cfg, hf_config: dict, devices: list, platform: str, *, remat: str
     return (counts[0] + (layers - 1) * per_layer) * cfg.trainer.grad_accum_steps
 
 
+def _model_hf_config(hf_config: dict) -> dict:
+    """The config.json of the model jaxtune builds from ``hf_config``, as its family writes it:
+    the same dict for most models; a multimodal config's language model (Gemma 3), flat, so
+    the probes' ``num_hidden_layers`` reaches it."""
+    from jaxtune.models import get_family
+
+    family = get_family(hf_config.get("model_type"))
+    return family.config_cls.from_hf_config(hf_config).to_hf_config()
+
+
 def make_plan(cfg, target: Target, *, compare: bool = False, flops: bool = True) -> PlanResult:
     """Compile ``cfg``'s train step for ``target`` and report memory, FLOPs and the verdict.
 
@@ -101,7 +111,7 @@ def make_plan(cfg, target: Target, *, compare: bool = False, flops: bool = True)
     from jaxtune.train_state import train_state_shardings, tree_bytes
 
     hf_config, source = find_hf_config(cfg.model.path)
-    hf_config = {**hf_config, **cfg.model.overrides}
+    hf_config = {**_model_hf_config(hf_config), **cfg.model.overrides}
     devices = compile_only_devices(target)
     built = build_train_step(cfg, hf_config, devices, target.platform)
     shardings = train_state_shardings(built.state, built.mesh, make_rules(cfg.mesh.rules))

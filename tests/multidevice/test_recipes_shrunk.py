@@ -77,13 +77,17 @@ def _shrink_mesh(mesh: dict) -> dict:
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
-def test_shrunk_recipe_runs_two_steps(recipe, tmp_path, tiny_hf_model, data_tokenizers):
+def test_shrunk_recipe_runs_two_steps(recipe, tmp_path, tiny_hf_model, data_tokenizers,
+                                      tiny_gemma_model, gemma_tokenizer):
     raw = config_to_dict(load_config(recipe))
     rows = write_jsonl(tmp_path / "chats.jsonl", chat_rows(24, seed=4))
     accum = min(raw["trainer"]["grad_accum_steps"], 2)
     raw["run"]["output_dir"] = str(tmp_path / "run")
-    raw["model"].update(path=str(tiny_hf_model(_tiny_variant(raw["model"]["path"]))),
-                        tokenizer=data_tokenizers["chatml"])
+    if "gemma" in raw["model"]["path"].lower():  # its own family and chat template
+        raw["model"].update(path=str(tiny_gemma_model("gemma3")), tokenizer=gemma_tokenizer)
+    else:
+        raw["model"].update(path=str(tiny_hf_model(_tiny_variant(raw["model"]["path"]))),
+                            tokenizer=data_tokenizers["chatml"])
     if raw["model"]["attention"] == "cudnn":  # a GPU recipe: CPU test devices take XLA's kernel
         raw["model"]["attention"] = "auto"
     raw["data"].update(sources=[{"path": rows}], eval_sources=[{"path": rows}], seq_len=32,
