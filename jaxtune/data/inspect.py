@@ -46,6 +46,10 @@ def inspect_data(cfg, n: int = 3, color: bool | None = None) -> dict[str, Any]:
     use_color = _use_color(color)
     tokenizer = load_tokenizer(cfg)
     check_vocab_fits(tokenizer, cfg)
+    if cfg.data.format == "preference":
+        from jaxtune.data.preference import inspect_pairs
+
+        return inspect_pairs(cfg, tokenizer, n, use_color)
     data = prepare(cfg, tokenizer, "train")
     marker = f"{_GREEN}green{_RESET}" if use_color else "[[in double brackets]]"
     print(f"Trained tokens (loss targets) are shown {marker}.\n")

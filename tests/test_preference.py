@@ -1,0 +1,324 @@
+"""Preference tuning: DPO / ORPO / SimPO against TRL on the same weights and tokens, the pair
+data format, accumulation, the LoRA reference, precomputed reference log-probs, bad rows."""
+
+from __future__ import annotations
+
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxtune.config import PreferenceConfig, TrainerConfig
+from jaxtune.data.errors import BadRowError
+from jaxtune.objectives import make_objective, reference_available
+from jaxtune.preference import dpo_loss, orpo_loss, sequence_logps, simpo_loss
+from jaxtune.weights import from_pretrained
+
+torch = pytest.importorskip("torch")
+trl = pytest.importorskip("trl")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _torch_inputs(setup):
+    """TRL's padded batch ([chosen rows; rejected rows]) holding exactly our tokens."""
+    from jaxtune.data.preference import pair_tokens
+
+    data = setup["data"]
+    seqs = [pair_tokens(data, d, side) for side in ("chosen", "rejected")
+            for d in range(len(data.docs))]
+    n = max(len(t) for t, _ in seqs)
+    ids = np.zeros((len(seqs), n), np.int64)
+    attn = np.zeros((len(seqs), n), np.int64)
+    comp = np.zeros((len(seqs), n), np.int64)
+    for i, (t, tr) in enumerate(seqs):
+        ids[i, :len(t)], attn[i, :len(t)], comp[i, :len(t)] = t, 1, tr
+    return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(attn),
+            "completion_mask": torch.tensor(comp)}
+
+
+def _hf_model(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+def _torch_grads(model) -> dict[str, np.ndarray]:
+    """A few gradients in jaxtune's layout (lm_head, embedding, a q and a down projection)."""
+    p = dict(model.named_parameters())
+    g = {k: v.grad.detach().numpy() for k, v in p.items() if v.grad is not None}
+    return {
+        "lm_head": g["lm_head.weight"].T,
+        "embed": g["model.embed_tokens.weight"],
+        "q_proj": g["model.layers.0.self_attn.q_proj.weight"].T.reshape(72, 6, 12),
+        "down_proj": g["model.layers.1.mlp.down_proj.weight"].T,
+    }
+
+
+def _jax_grads(grads) -> dict[str, np.ndarray]:
+    flat = {tuple(k): np.asarray(v.get_value()) for k, v in nnx.to_flat_state(grads)}
+    return {
+        "lm_head": flat[("lm_head", "kernel")],
+        "embed": flat[("model", "embed_tokens", "embedding")],
+        "q_proj": flat[("model", "layers", 0, "self_attn", "q_proj", "kernel")],
+        "down_proj": flat[("model", "layers", 1, "mlp", "down_proj", "kernel")],
+    }
+
+
+def _value_and_grad(model, loss_fn, batch, reference=None):
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def f(p):
+        return loss_fn(nnx.merge(graphdef, p, rest), batch)
+
+    with reference_available(reference):
+        (loss, aux), grads = jax.value_and_grad(f, has_aux=True)(params)
+    return float(loss), jax.device_get(aux), _jax_grads(grads)
+
+
+def _close(ours, theirs, what):
+    for k in theirs:
+        np.testing.assert_allclose(ours[k], theirs[k], rtol=1e-5, atol=1e-5,
+                                   err_msg=f"{what}: {k}")
+
+
+@pytest.fixture(scope="module")
+def models(preference_setup):
+    return (from_pretrained(preference_setup["policy"]),
+            from_pretrained(preference_setup["reference"]))
+
+
+@pytest.fixture(scope="module")
+def jbatch(preference_setup):
+    return {k: jnp.asarray(v) for k, v in preference_setup["batch"].items()}
+
+
+@pytest.fixture(scope="module")
+def dpo_trainer(preference_setup, tmp_path_factory):
+    """TRL's DPOTrainer on the same weights (policy and a distinct reference)."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    ds = Dataset.from_list([{"prompt": "a", "chosen": " b", "rejected": " c"}] * 2)
+    args = DPOConfig(output_dir=str(tmp_path_factory.mktemp("trl")), report_to=[],
+                     use_cpu=True, bf16=False, beta=0.1, per_device_train_batch_size=2)
+    return DPOTrainer(model=_hf_model(preference_setup["policy"]),
+                      ref_model=_hf_model(preference_setup["reference"]), args=args,
+                      train_dataset=ds, processing_class=preference_setup["tokenizer"])
+
+
+# --------------------------------------------------------------------------- vs TRL
+
+
+@pytest.mark.parametrize("loss_type,smoothing", [("sigmoid", 0.0), ("ipo", 0.0),
+                                                 ("hinge", 0.0), ("robust", 0.2)])
+def test_dpo_matches_trl(preference_setup, models, jbatch, dpo_trainer, loss_type, smoothing):
+    policy, reference = models
+    tr = dpo_trainer
+    tr.loss_types, tr.loss_weights, tr.label_smoothing = [loss_type], [1.0], smoothing
+    tr.model.zero_grad()
+    mode = "train" if tr.model.training else "eval"
+    tr._metrics[mode].clear()
+    theirs = tr._compute_loss(tr.model, _torch_inputs(preference_setup), False)
+    theirs.backward()
+    loss, aux, grads = _value_and_grad(
+        policy, lambda m, b: dpo_loss(m, b, beta=0.1, loss_type=loss_type,
+                                      label_smoothing=smoothing, chunk_size=48),
+        jbatch, reference=reference)
+    assert abs(float(theirs.detach()) - 0.6931) > 1e-3  # the reference really differs from the policy
+    np.testing.assert_allclose(loss, float(theirs.detach()), rtol=1e-5, atol=1e-5)
+    _close(grads, _torch_grads(tr.model), f"dpo {loss_type}")
+    m = tr._metrics[mode]
+    for ours, key in [("rewards/chosen", "rewards/chosen"), ("rewards/margin", "rewards/margins"),
+                      ("rewards/accuracy", "rewards/accuracies"),
+                      ("logps/chosen", "logps/chosen"), ("logps/rejected", "logps/rejected")]:
+        np.testing.assert_allclose(aux[ours], m[key][-1], rtol=1e-5, atol=1e-5, err_msg=ours)
+
+
+def _trl_logps(model, inputs, average: bool):
+    """TRL ORPO/CPO ``get_batch_logps`` of chosen and rejected from the HF logits."""
+    from trl.experimental.orpo.orpo_trainer import ORPOTrainer
+
+    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+    labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+    logps = ORPOTrainer.get_batch_logps(logits, labels, average_log_prob=average)
+    return logps.chunk(2)
+
+
+def test_orpo_matches_trl(preference_setup, models, jbatch):
+    from trl.experimental.orpo.orpo_trainer import ORPOTrainer
+
+    model = _hf_model(preference_setup["policy"])
+    inputs = _torch_inputs(preference_setup)
+    chosen, rejected = _trl_logps(model, inputs, average=True)
+    fake = types.SimpleNamespace(beta=0.25, accelerator=types.SimpleNamespace(device="cpu"))
+    losses, *_ = ORPOTrainer.odds_ratio_loss(fake, chosen, rejected)
+    theirs = (-chosen).mean() - losses.mean()  # NLL on the chosen completion, as the paper
+    theirs.backward()
+    loss, aux, grads = _value_and_grad(
+        models[0], lambda m, b: orpo_loss(m, b, beta=0.25, chunk_size=48), jbatch)
+    np.testing.assert_allclose(loss, float(theirs.detach()), rtol=1e-5, atol=1e-5)
+    _close(grads, _torch_grads(model), "orpo")
+    # the summed log-probs, as TRL's DPO concatenated forward computes them
+    sums_c, sums_r = _trl_logps(model, inputs, average=False)
+    ours, _ = sequence_logps(models[0], jbatch, chunk_size=48)
+    np.testing.assert_allclose(np.asarray(ours[:, 0]), sums_c.detach().numpy(), rtol=1e-5,
+                               atol=1e-5)
+    np.testing.assert_allclose(np.asarray(ours[:, 1]), sums_r.detach().numpy(), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_simpo_matches_trl_cpo(preference_setup, models, jbatch):
+    from trl.experimental.cpo.cpo_trainer import CPOTrainer
+
+    model = _hf_model(preference_setup["policy"])
+    chosen, rejected = _trl_logps(model, _torch_inputs(preference_setup), average=True)
+    fake = types.SimpleNamespace(beta=2.0, simpo_gamma=0.7, label_smoothing=0.1,
+                                 loss_type="simpo", alpha=0.0,
+                                 accelerator=types.SimpleNamespace(device="cpu"))
+    losses, *_ = CPOTrainer.cpo_loss(fake, chosen, rejected)
+    losses.mean().backward()
+    loss, _, grads = _value_and_grad(
+        models[0], lambda m, b: simpo_loss(m, b, beta=2.0, gamma=0.7, label_smoothing=0.1,
+                                           chunk_size=48), jbatch)
+    np.testing.assert_allclose(loss, float(losses.mean().detach()), rtol=1e-5, atol=1e-5)
+    _close(grads, _torch_grads(model), "simpo")
+
+
+# --------------------------------------------------------------------------- seams
+
+
+def _dpo_objective(**pref):
+    return make_objective(TrainerConfig(objective="dpo", loss_chunk_size=48,
+                                        preference=PreferenceConfig(**pref)))
+
+
+def test_accumulation_invariance(preference_setup):
+    from tests.train_helpers import make_stepper, params_numpy, put
+
+    out = {}
+    for accum in (1, 4):
+        state, fn, mesh = make_stepper(preference_setup["policy"], grad_accum_steps=accum,
+                                       loss_fn=_dpo_objective(), optimizer="sgd", lr=1.0,
+                                       keep_reference=True)
+        before = params_numpy(state)
+        # one step makes the policy differ from its reference, the second step measures
+        for _ in range(2):
+            state, metrics = fn(state, put(preference_setup["batch"], mesh))
+            after = params_numpy(state)
+            grads = {k: before[k] - after[k] for k in before}
+            before = after
+        out[accum] = (jax.device_get(metrics), grads)
+    (m1, g1), (m4, g4) = out[1], out[4]
+    assert abs(float(m1["loss"]) - np.log(2)) > 1e-4
+    for k in ("loss", "rewards/chosen", "rewards/accuracy", "logps/rejected"):
+        np.testing.assert_allclose(m4[k], m1[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    for k in g1:
+        np.testing.assert_allclose(g4[k], g1[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+def test_lora_reference_is_the_base_exactly(preference_setup, jbatch):
+    from jaxtune.config import LoraConfig
+    from jaxtune.lora import apply_lora
+    from jaxtune.objectives import reference_model
+
+    base = from_pretrained(preference_setup["policy"])
+    want, _ = sequence_logps(base, jbatch, 48)
+    model, trainable = apply_lora(from_pretrained(preference_setup["policy"]),
+                                  LoraConfig(rank=4, alpha=8.0), seed=0)
+    adapters = nnx.state(model, trainable)
+    nnx.update(model, jax.tree.map(lambda x: x + 0.05, adapters))  # B != 0: adapters act
+    with_adapters, _ = sequence_logps(model, jbatch, 48)
+    assert np.abs(np.asarray(with_adapters - want)).max() > 1e-3
+    with reference_model(model) as ref:
+        got, _ = sequence_logps(ref, jbatch, 48)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_precomputed_reference_gives_the_same_trajectory(preference_setup, tmp_path):
+    from jaxtune.config import config_from_dict, config_to_dict
+    from jaxtune.trainer import Trainer
+
+    raw = config_to_dict(preference_setup["cfg"])
+    raw["model"]["path"] = str(preference_setup["policy"])
+    raw["trainer"].update(objective="dpo", steps=3, global_batch_size=4, progress=False,
+                          loss_chunk_size=48)
+    raw["optimizer"].update(learning_rate=1e-2, schedule="constant")
+    raw["checkpoint"]["enabled"] = False
+    raw["logging"].update(tensorboard=False, stdout=False)
+    histories = {}
+    for pre in (False, True):
+        raw["trainer"]["preference"] = {"precompute_reference": pre}
+        raw["run"]["output_dir"] = str(tmp_path / f"run{pre}")
+        trainer = Trainer(config_from_dict(raw))
+        assert (trainer.state.reference is None) == pre  # no reference copy when precomputed
+        result = trainer.run()
+        histories[pre] = result
+    for a, b in zip(histories[False].history, histories[True].history, strict=True):
+        np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(b["rewards/margin"], a["rewards/margin"], rtol=1e-4,
+                                   atol=1e-6)
+    assert histories[True].evals[-1]["eval_rewards/accuracy"] == pytest.approx(
+        histories[False].evals[-1]["eval_rewards/accuracy"])
+    assert "eval_rewards/margin" in histories[True].evals[0]
+
+
+# --------------------------------------------------------------------------- data
+
+
+def test_bad_rows_name_file_row_and_field_or_are_skipped(preference_setup, tmp_path):
+    from jaxtune.data.preference import prepare_pairs
+    from tests.fixtures_data import make_data_config, write_jsonl
+
+    good = preference_setup["rows"][:2]
+    cases = [({"prompt": "q", "chosen": " a"}, "rejected", "missing"),
+             ({"prompt": "q", "chosen": "  ", "rejected": " b"}, "chosen", "empty"),
+             ({"prompt": "q", "chosen": " same", "rejected": " same"}, "rejected", "identical"),
+             ({"prompt": [{"role": "user", "content": "q"}], "chosen": [],
+               "rejected": "x"}, "chosen", "non-empty")]
+    tok = preference_setup["cfg"].model.tokenizer
+    for i, (row, field, word) in enumerate(cases):
+        path = write_jsonl(tmp_path / f"bad{i}.jsonl", good + [row])
+        cfg = make_data_config(tmp_path, tok, [path], format="preference", packing=False)
+        with pytest.raises(BadRowError) as e:
+            prepare_pairs(cfg, preference_setup["tokenizer"])
+        msg = str(e.value)
+        assert f"bad{i}.jsonl, row 2" in msg and f"field '{field}'" in msg and word in msg, msg
+        cfg.data.on_bad_row = "skip"
+        data = prepare_pairs(cfg, preference_setup["tokenizer"])
+        assert len(data.docs) == 2 and data.stats["skipped_bad_rows"] == 1
+
+
+def test_pairs_keep_sides_together_and_train_only_completions(preference_setup):
+    from jaxtune.data.inspect import render_marked
+    from jaxtune.data.preference import pair_tokens
+
+    data, tok, rows = preference_setup["data"], preference_setup["tokenizer"], \
+        preference_setup["rows"]
+    for d in range(4):  # one pair of each shape
+        for side in ("chosen", "rejected"):
+            tokens, trained = pair_tokens(data, d, side)
+            text = render_marked(tok, tokens, trained, False)
+            completion = rows[d][side]
+            completion = completion if isinstance(completion, str) else completion[-1]["content"]
+            completion = completion.split("Assistant:")[-1].strip()
+            marked = text[text.index("[["):]
+            assert marked.startswith("[[") and completion in marked, text
+            assert text.count("[[") == 1 and marked.endswith("<|im_end|>]]") or \
+                marked.endswith("<|im_end|>]]\n"), text
+    b = preference_setup["batch"]
+    assert b["chosen_input_ids"].shape == b["rejected_input_ids"].shape == (8, 40)
+    assert (b["chosen_loss_mask"].sum(1) > 0).all() and (b["rejected_loss_mask"].sum(1) > 0).all()
+
+
+def test_inspect_data_shows_both_sides(preference_setup, capsys):
+    from jaxtune.data.inspect import inspect_data
+
+    stats = inspect_data(preference_setup["cfg"], n=2, color=False)
+    out = capsys.readouterr().out
+    assert "pair 1 chosen" in out and "pair 1 rejected" in out and "[[" in out
+    assert stats["pairs"] == 8
