@@ -279,8 +279,10 @@ class Trainer:
             return {}
         result = {"step": step, **result}
         self.writer.write(step, {k: v for k, v in result.items() if k != "step"})
-        log.info("step %d: eval loss %.4f, perplexity %.2f", step, result["eval_loss"],
-                 result["eval_perplexity"])
+        # The objective's eval metrics: perplexity for token objectives, rewards for pairs.
+        extra = ", ".join(f"{k[5:]} {v:.4g}" for k, v in result.items()
+                          if k.startswith("eval_") and k != "eval_loss")
+        log.info("step %d: eval loss %.4f, %s", step, result["eval_loss"], extra)
         return result
 
     # ------------------------------------------------------------------ checkpoints

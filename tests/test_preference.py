@@ -70,19 +70,25 @@ def _jax_grads(grads) -> dict[str, np.ndarray]:
 
 
 def _value_and_grad(model, loss_fn, batch, reference=None):
+    """Jitted loss, aux and gradients of ``loss_fn`` at ``model``'s weights."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
-    def f(p):
-        return loss_fn(nnx.merge(graphdef, p, rest), batch)
+    @jax.jit
+    def run(p, batch):
+        def f(p):
+            return loss_fn(nnx.merge(graphdef, p, rest), batch)
 
-    with reference_available(reference):
-        (loss, aux), grads = jax.value_and_grad(f, has_aux=True)(params)
+        with reference_available(reference):
+            return jax.value_and_grad(f, has_aux=True)(p)
+
+    (loss, aux), grads = run(params, batch)
     return float(loss), jax.device_get(aux), _jax_grads(grads)
 
 
 def _close(ours, theirs, what):
-    for k in theirs:
-        np.testing.assert_allclose(ours[k], theirs[k], rtol=1e-5, atol=1e-5,
+    for k in theirs:  # float32: 1e-5 of the gradient's scale (summation orders differ)
+        scale = max(1.0, float(np.abs(theirs[k]).max()))
+        np.testing.assert_allclose(ours[k], theirs[k], rtol=1e-5, atol=1e-5 * scale,
                                    err_msg=f"{what}: {k}")
 
 
