@@ -279,10 +279,13 @@ class Trainer:
             return {}
         result = {"step": step, **result}
         self.writer.write(step, {k: v for k, v in result.items() if k != "step"})
-        # The objective's eval metrics: perplexity for token objectives, rewards for pairs.
-        extra = ", ".join(f"{k[5:]} {v:.4g}" for k, v in result.items()
-                          if k.startswith("eval_") and k != "eval_loss")
-        log.info("step %d: eval loss %.4f, %s", step, result["eval_loss"], extra)
+        if "eval_perplexity" in result:
+            log.info("step %d: eval loss %.4f, perplexity %.2f", step, result["eval_loss"],
+                     result["eval_perplexity"])
+        else:  # another objective's eval metrics (e.g. rewards of preference pairs)
+            extra = ", ".join(f"{k[5:]} {v:.4g}" for k, v in result.items()
+                              if k.startswith("eval_") and k != "eval_loss")
+            log.info("step %d: eval loss %.4f, %s", step, result["eval_loss"], extra)
         return result
 
     # ------------------------------------------------------------------ checkpoints

@@ -135,7 +135,7 @@ def test_dpo_matches_trl(preference_setup, models, jbatch, dpo_trainer, loss_typ
         policy, lambda m, b: dpo_loss(m, b, beta=0.1, loss_type=loss_type,
                                       label_smoothing=smoothing, chunk_size=48),
         jbatch, reference=reference)
-    assert abs(float(theirs.detach()) - 0.6931) > 1e-3  # the reference really differs from the policy
+    assert abs(float(theirs.detach()) - 0.6931) > 1e-3  # the reference differs from the policy
     np.testing.assert_allclose(loss, float(theirs.detach()), rtol=1e-5, atol=1e-5)
     _close(grads, _torch_grads(tr.model), f"dpo {loss_type}")
     m = tr._metrics[mode]
