@@ -129,7 +129,7 @@ class MeshConfig:
 class PreferenceConfig:
     beta: float = 0.1  # DPO/SimPO temperature; ORPO: weight of the odds-ratio term (TRL's beta)
     loss_type: str = "sigmoid"  # dpo: sigmoid | ipo | hinge | robust (label-smoothed)
-    label_smoothing: float = 0.0  # dpo robust: assumed label-flip rate in [0, 0.5)
+    label_smoothing: float = 0.0  # dpo robust and simpo: assumed label-flip rate in [0, 0.5)
     gamma: float = 0.5  # simpo: target reward margin (TRL's simpo_gamma)
     precompute_reference: bool = False  # dpo: reference log-probs computed once and cached
 
@@ -456,9 +456,10 @@ def validate(cfg: TrainConfig) -> None:
     if not 0.0 <= pref.label_smoothing < 0.5:
         raise ConfigError("'trainer.preference.label_smoothing' must be in [0, 0.5), got "
                           f"{pref.label_smoothing}.")
-    if pref.label_smoothing and pref.loss_type != "robust":
-        raise ConfigError("'trainer.preference.label_smoothing' is used by loss_type: robust "
-                          f"only (loss_type is '{pref.loss_type}'); set it to 0 or use robust.")
+    if pref.label_smoothing and t.objective == "dpo" and pref.loss_type != "robust":
+        raise ConfigError("'trainer.preference.label_smoothing' is used by DPO's loss_type: "
+                          f"robust only (loss_type is '{pref.loss_type}'); set it to 0 or use "
+                          "robust.")
     if cfg.data.format == "preference" and cfg.data.packing:
         raise ConfigError("'data.format: preference' keeps each pair in one row (chosen and "
                           "rejected side by side) and does not pack; set 'data.packing: false'.")
