@@ -113,8 +113,8 @@ def _log1mexp(x: jax.Array) -> jax.Array:
     return jnp.where(x < -0.6931471805599453, jnp.log1p(-jnp.exp(x)), jnp.log(-jnp.expm1(x)))
 
 
-def _finish(per_pair: jax.Array, batch: Batch, chosen_reward: jax.Array,
-            rejected_reward: jax.Array, logps: jax.Array, extra: dict | None = None):
+def _finish(batch: Batch, logps: jax.Array, per_pair: jax.Array, chosen_reward: jax.Array,
+            rejected_reward: jax.Array, extra: dict | None = None):
     """``(loss, aux)`` as contributions to the global means over pairs."""
     valid = _valid(batch)
     denom = _denominator(batch)
@@ -135,11 +135,10 @@ def _finish(per_pair: jax.Array, batch: Batch, chosen_reward: jax.Array,
     return jnp.sum(per_pair * valid) / denom, aux
 
 
-def dpo_loss(model: Any, batch: Batch, *, beta: float = 0.1, loss_type: str = "sigmoid",
-             label_smoothing: float = 0.0, chunk_size: int = 1024):
-    """DPO and its variants (see the module docstring)."""
-    logps, tokens = sequence_logps(model, batch, chunk_size)
-    ref = reference_logps(model, batch, chunk_size)
+def dpo_terms(logps: jax.Array, ref: jax.Array, tokens: jax.Array, *, beta: float,
+              loss_type: str = "sigmoid", label_smoothing: float = 0.0):
+    """``(per_pair_loss, chosen_reward, rejected_reward, extra)`` from ``[B, 2]`` summed
+    log-probs of the policy and the reference and trained tokens per side."""
     ratios = logps - ref  # [B, 2] log-ratios against the reference
     delta = ratios[:, 0] - ratios[:, 1]
     if loss_type == "sigmoid":
@@ -156,32 +155,53 @@ def dpo_loss(model: Any, batch: Batch, *, beta: float = 0.1, loss_type: str = "s
     else:
         raise ValueError(f"unknown DPO loss_type {loss_type!r}")
     rewards = beta * jax.lax.stop_gradient(ratios)
-    return _finish(per_pair, batch, rewards[:, 0], rewards[:, 1], logps)
+    return per_pair, rewards[:, 0], rewards[:, 1], {}
+
+
+def orpo_terms(logps: jax.Array, tokens: jax.Array, *, beta: float):
+    """ORPO's per-pair loss, rewards and extra metrics (see :func:`dpo_terms`)."""
+    avg = logps / jnp.maximum(tokens, 1.0)
+    log_odds = (avg[:, 0] - avg[:, 1]) - (_log1mexp(avg[:, 0]) - _log1mexp(avg[:, 1]))
+    ratio = jax.nn.log_sigmoid(log_odds)
+    nll = -avg[:, 0]
+    rewards = beta * jax.lax.stop_gradient(avg)
+    return nll - beta * ratio, rewards[:, 0], rewards[:, 1], {
+        "orpo/nll": nll, "orpo/log_odds": log_odds, "orpo/log_odds_ratio": ratio}
+
+
+def simpo_terms(logps: jax.Array, tokens: jax.Array, *, beta: float, gamma: float,
+                label_smoothing: float = 0.0):
+    """SimPO's per-pair loss and rewards (see :func:`dpo_terms`)."""
+    avg = logps / jnp.maximum(tokens, 1.0)
+    logits = (avg[:, 0] - avg[:, 1]) - gamma / beta
+    per_pair = (-(1 - label_smoothing) * jax.nn.log_sigmoid(beta * logits)
+                - label_smoothing * jax.nn.log_sigmoid(-beta * logits))
+    rewards = beta * jax.lax.stop_gradient(avg)
+    return per_pair, rewards[:, 0], rewards[:, 1], {}
+
+
+def dpo_loss(model: Any, batch: Batch, *, beta: float = 0.1, loss_type: str = "sigmoid",
+             label_smoothing: float = 0.0, chunk_size: int = 1024):
+    """DPO and its variants (see the module docstring)."""
+    logps, tokens = sequence_logps(model, batch, chunk_size)
+    ref = reference_logps(model, batch, chunk_size)
+    terms = dpo_terms(logps, ref, tokens, beta=beta, loss_type=loss_type,
+                      label_smoothing=label_smoothing)
+    return _finish(batch, logps, *terms)
 
 
 def orpo_loss(model: Any, batch: Batch, *, beta: float = 0.1, chunk_size: int = 1024):
     """ORPO: NLL of the chosen completion plus ``beta`` times the odds-ratio term."""
     logps, tokens = sequence_logps(model, batch, chunk_size)
-    avg = logps / jnp.maximum(tokens, 1.0)
-    log_odds = (avg[:, 0] - avg[:, 1]) - (_log1mexp(avg[:, 0]) - _log1mexp(avg[:, 1]))
-    ratio = jax.nn.log_sigmoid(log_odds)
-    nll = -avg[:, 0]
-    per_pair = nll - beta * ratio
-    rewards = beta * jax.lax.stop_gradient(avg)
-    return _finish(per_pair, batch, rewards[:, 0], rewards[:, 1], logps,
-                   {"orpo/nll": nll, "orpo/log_odds": log_odds, "orpo/log_odds_ratio": ratio})
+    return _finish(batch, logps, *orpo_terms(logps, tokens, beta=beta))
 
 
 def simpo_loss(model: Any, batch: Batch, *, beta: float = 2.0, gamma: float = 0.5,
                label_smoothing: float = 0.0, chunk_size: int = 1024):
     """SimPO: length-averaged log-prob margin against the target ``gamma``; no reference."""
     logps, tokens = sequence_logps(model, batch, chunk_size)
-    avg = logps / jnp.maximum(tokens, 1.0)
-    logits = (avg[:, 0] - avg[:, 1]) - gamma / beta
-    per_pair = (-(1 - label_smoothing) * jax.nn.log_sigmoid(beta * logits)
-                - label_smoothing * jax.nn.log_sigmoid(-beta * logits))
-    rewards = beta * jax.lax.stop_gradient(avg)
-    return _finish(per_pair, batch, rewards[:, 0], rewards[:, 1], logps)
+    return _finish(batch, logps, *simpo_terms(logps, tokens, beta=beta, gamma=gamma,
+                                              label_smoothing=label_smoothing))
 
 
 _METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy",

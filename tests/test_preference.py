@@ -14,7 +14,7 @@ from flax import nnx
 from jaxtune.config import PreferenceConfig, TrainerConfig
 from jaxtune.data.errors import BadRowError
 from jaxtune.objectives import make_objective, reference_available
-from jaxtune.preference import dpo_loss, orpo_loss, sequence_logps, simpo_loss
+from jaxtune.preference import dpo_loss, dpo_terms, orpo_terms, sequence_logps, simpo_terms
 from jaxtune.weights import from_pretrained
 
 torch = pytest.importorskip("torch")
@@ -104,6 +104,35 @@ def jbatch(preference_setup):
 
 
 @pytest.fixture(scope="module")
+def logps_vjp(models, jbatch):
+    """``ours(terms) -> (loss, grads)``: the policy's summed log-probs and their pullback,
+    jitted once, so every loss formula (``jaxtune.preference.*_terms``) is checked with its
+    gradient through the model without compiling the model again."""
+    policy, reference = models
+    graphdef, params, rest = nnx.split(policy, nnx.Param, ...)
+
+    @jax.jit
+    def run(p, ct):
+        def f(p):
+            logps, tokens = sequence_logps(nnx.merge(graphdef, p, rest), jbatch, 48)
+            return logps, tokens
+
+        logps, pull, tokens = jax.vjp(f, p, has_aux=True)
+        return logps, tokens, pull(ct)[0]
+
+    zeros = jnp.zeros((8, 2), jnp.float32)
+    logps, tokens, _ = run(params, zeros)
+    ref, _, _ = run(nnx.state(reference, nnx.Param), zeros)
+
+    def ours(terms):
+        loss, ct = jax.value_and_grad(lambda lp: terms(lp, ref, tokens)[0].mean())(logps)
+        return float(loss), _jax_grads(run(params, ct)[2])
+
+    ours.logps = logps
+    return ours
+
+
+@pytest.fixture(scope="module")
 def dpo_trainer(preference_setup, tmp_path_factory):
     """TRL's DPOTrainer on the same weights (policy and a distinct reference)."""
     from datasets import Dataset
@@ -122,8 +151,8 @@ def dpo_trainer(preference_setup, tmp_path_factory):
 
 @pytest.mark.parametrize("loss_type,smoothing", [("sigmoid", 0.0), ("ipo", 0.0),
                                                  ("hinge", 0.0), ("robust", 0.2)])
-def test_dpo_matches_trl(preference_setup, models, jbatch, dpo_trainer, loss_type, smoothing):
-    policy, reference = models
+def test_dpo_matches_trl(preference_setup, models, jbatch, logps_vjp, dpo_trainer, loss_type,
+                         smoothing):
     tr = dpo_trainer
     tr.loss_types, tr.loss_weights, tr.label_smoothing = [loss_type], [1.0], smoothing
     tr.model.zero_grad()
@@ -131,18 +160,22 @@ def test_dpo_matches_trl(preference_setup, models, jbatch, dpo_trainer, loss_typ
     tr._metrics[mode].clear()
     theirs = tr._compute_loss(tr.model, _torch_inputs(preference_setup), False)
     theirs.backward()
-    loss, aux, grads = _value_and_grad(
-        policy, lambda m, b: dpo_loss(m, b, beta=0.1, loss_type=loss_type,
-                                      label_smoothing=smoothing, chunk_size=48),
-        jbatch, reference=reference)
     assert abs(float(theirs.detach()) - 0.6931) > 1e-3  # the reference differs from the policy
+    if loss_type == "sigmoid":  # the whole objective, reference model included
+        loss, aux, grads = _value_and_grad(
+            models[0], lambda m, b: dpo_loss(m, b, beta=0.1, chunk_size=48), jbatch,
+            reference=models[1])
+        m = tr._metrics[mode]
+        for ours, key in [("rewards/chosen", "rewards/chosen"),
+                          ("rewards/margin", "rewards/margins"),
+                          ("rewards/accuracy", "rewards/accuracies"),
+                          ("logps/chosen", "logps/chosen"), ("logps/rejected", "logps/rejected")]:
+            np.testing.assert_allclose(aux[ours], m[key][-1], rtol=1e-5, atol=1e-5, err_msg=ours)
+    else:
+        loss, grads = logps_vjp(lambda lp, ref, n: dpo_terms(
+            lp, ref, n, beta=0.1, loss_type=loss_type, label_smoothing=smoothing))
     np.testing.assert_allclose(loss, float(theirs.detach()), rtol=1e-5, atol=1e-5)
     _close(grads, _torch_grads(tr.model), f"dpo {loss_type}")
-    m = tr._metrics[mode]
-    for ours, key in [("rewards/chosen", "rewards/chosen"), ("rewards/margin", "rewards/margins"),
-                      ("rewards/accuracy", "rewards/accuracies"),
-                      ("logps/chosen", "logps/chosen"), ("logps/rejected", "logps/rejected")]:
-        np.testing.assert_allclose(aux[ours], m[key][-1], rtol=1e-5, atol=1e-5, err_msg=ours)
 
 
 def _trl_logps(model, inputs, average: bool):
@@ -155,7 +188,7 @@ def _trl_logps(model, inputs, average: bool):
     return logps.chunk(2)
 
 
-def test_orpo_matches_trl(preference_setup, models, jbatch):
+def test_orpo_matches_trl(preference_setup, logps_vjp):
     from trl.experimental.orpo.orpo_trainer import ORPOTrainer
 
     model = _hf_model(preference_setup["policy"])
@@ -165,20 +198,17 @@ def test_orpo_matches_trl(preference_setup, models, jbatch):
     losses, *_ = ORPOTrainer.odds_ratio_loss(fake, chosen, rejected)
     theirs = (-chosen).mean() - losses.mean()  # NLL on the chosen completion, as the paper
     theirs.backward()
-    loss, aux, grads = _value_and_grad(
-        models[0], lambda m, b: orpo_loss(m, b, beta=0.25, chunk_size=48), jbatch)
+    loss, grads = logps_vjp(lambda lp, ref, n: orpo_terms(lp, n, beta=0.25))
     np.testing.assert_allclose(loss, float(theirs.detach()), rtol=1e-5, atol=1e-5)
     _close(grads, _torch_grads(model), "orpo")
-    # the summed log-probs, as TRL's DPO concatenated forward computes them
+    # the summed log-probs, as TRL computes them from the full logits
     sums_c, sums_r = _trl_logps(model, inputs, average=False)
-    ours, _ = sequence_logps(models[0], jbatch, chunk_size=48)
-    np.testing.assert_allclose(np.asarray(ours[:, 0]), sums_c.detach().numpy(), rtol=1e-5,
-                               atol=1e-5)
-    np.testing.assert_allclose(np.asarray(ours[:, 1]), sums_r.detach().numpy(), rtol=1e-5,
-                               atol=1e-5)
+    ours = np.asarray(logps_vjp.logps)
+    np.testing.assert_allclose(ours[:, 0], sums_c.detach().numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ours[:, 1], sums_r.detach().numpy(), rtol=1e-5, atol=1e-5)
 
 
-def test_simpo_matches_trl_cpo(preference_setup, models, jbatch):
+def test_simpo_matches_trl_cpo(preference_setup, logps_vjp):
     from trl.experimental.cpo.cpo_trainer import CPOTrainer
 
     model = _hf_model(preference_setup["policy"])
@@ -188,11 +218,21 @@ def test_simpo_matches_trl_cpo(preference_setup, models, jbatch):
                                  accelerator=types.SimpleNamespace(device="cpu"))
     losses, *_ = CPOTrainer.cpo_loss(fake, chosen, rejected)
     losses.mean().backward()
-    loss, _, grads = _value_and_grad(
-        models[0], lambda m, b: simpo_loss(m, b, beta=2.0, gamma=0.7, label_smoothing=0.1,
-                                           chunk_size=48), jbatch)
+    loss, grads = logps_vjp(lambda lp, ref, n: simpo_terms(lp, n, beta=2.0, gamma=0.7,
+                                                           label_smoothing=0.1))
     np.testing.assert_allclose(loss, float(losses.mean().detach()), rtol=1e-5, atol=1e-5)
     _close(grads, _torch_grads(model), "simpo")
+
+
+def test_objectives_run_their_terms(models, jbatch):
+    """The registered ORPO and SimPO losses are their terms over the pairs (one forward)."""
+    for name, terms in (("orpo", lambda lp, n: orpo_terms(lp, n, beta=0.1)),
+                        ("simpo", lambda lp, n: simpo_terms(lp, n, beta=0.1, gamma=0.5))):
+        objective = make_objective(TrainerConfig(objective=name, loss_chunk_size=48))
+        loss, aux = jax.jit(lambda b, o=objective: o(models[0], b))(jbatch)
+        lp, n = sequence_logps(models[0], jbatch, 48)
+        np.testing.assert_allclose(float(loss), float(terms(lp, n)[0].mean()), rtol=1e-6)
+        assert set(aux) >= {"rewards/chosen", "rewards/accuracy", "logps/chosen"}
 
 
 # --------------------------------------------------------------------------- seams
