@@ -291,7 +291,7 @@ def test_precomputed_reference_gives_the_same_trajectory(preference_setup, tmp_p
 
     raw = config_to_dict(preference_setup["cfg"])
     raw["model"]["path"] = str(preference_setup["policy"])
-    raw["trainer"].update(objective="dpo", steps=3, global_batch_size=4, progress=False,
+    raw["trainer"].update(objective="dpo", steps=2, global_batch_size=4, progress=False,
                           loss_chunk_size=48)
     raw["optimizer"].update(learning_rate=1e-2, schedule="constant")
     raw["checkpoint"]["enabled"] = False
@@ -353,9 +353,12 @@ def test_pairs_keep_sides_together_and_train_only_completions(preference_setup):
             completion = completion if isinstance(completion, str) else completion[-1]["content"]
             completion = completion.split("Assistant:")[-1].strip()
             marked = text[text.index("[["):]
-            assert marked.startswith("[[") and completion in marked, text
-            assert text.count("[[") == 1 and marked.endswith("<|im_end|>]]") or \
-                marked.endswith("<|im_end|>]]\n"), text
+            assert text.count("[[") == 1, text  # one trained span: the completion
+            if len(tokens) == preference_setup["cfg"].data.seq_len + 1:  # truncated
+                body = marked.rstrip("\n")[2:-2].replace("<|im_end|>", "").strip()
+                assert completion.startswith(body), text
+                continue
+            assert completion in marked and marked.rstrip("\n").endswith("<|im_end|>]]"), text
     b = preference_setup["batch"]
     assert b["chosen_input_ids"].shape == b["rejected_input_ids"].shape == (8, 40)
     assert (b["chosen_loss_mask"].sum(1) > 0).all() and (b["rejected_loss_mask"].sum(1) > 0).all()
