@@ -105,6 +105,16 @@ def eval_metrics_of(loss_fn: Any) -> Callable[[Mapping[str, float]], dict[str, f
 # --------------------------------------------------------------------------- registry
 
 _OBJECTIVES: dict[str, Callable[[Any], Objective]] = {}
+#: Modules whose objectives are built in; imported on first use of the registry (they build on
+#: this module, so it cannot import them at its top).
+_BUILTIN_MODULES = ("jaxtune.preference",)
+
+
+def _load_builtins() -> None:
+    import importlib
+
+    for module in _BUILTIN_MODULES:
+        importlib.import_module(module)
 
 
 def register_objective(name: str, build: Callable[[Any], Objective]) -> None:
@@ -113,6 +123,7 @@ def register_objective(name: str, build: Callable[[Any], Objective]) -> None:
 
 
 def objective_names() -> list[str]:
+    _load_builtins()
     return sorted(_OBJECTIVES)
 
 
@@ -120,6 +131,7 @@ def make_objective(trainer_cfg: Any) -> Objective:
     """The objective ``trainer.objective`` names, with the config's settings bound in.
     ``trainer.loss_fn`` (an import path) replaces its loss and keeps the rest."""
     name = getattr(trainer_cfg, "objective", "sft") or "sft"
+    _load_builtins()
     build = _OBJECTIVES.get(name)
     if build is None:
         raise JaxtuneError(f"trainer.objective '{name}' is not an objective; use one of "
@@ -179,6 +191,3 @@ def make_loss_fn(trainer_cfg: Any) -> Objective:
     """The run's objective, callable as ``loss_fn(model, batch)`` (see :func:`make_objective`)."""
     return make_objective(trainer_cfg)
 
-
-# The preference objectives register themselves (imported last: they build on the above).
-from jaxtune import preference as _preference  # noqa: E402,F401

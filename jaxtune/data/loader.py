@@ -230,11 +230,6 @@ def make_batch_iterator(
 
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
-    if cfg.data.format == "preference":
-        from jaxtune.data.preference import make_pair_iterator
-
-        return make_pair_iterator(cfg, tokenizer, split=split, process_index=process_index,
-                                  process_count=process_count)
     if cfg.data.streaming:
         from jaxtune.data.streaming import StreamingBatchIterator
 

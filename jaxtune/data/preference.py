@@ -471,11 +471,19 @@ def reference_cache_path(cfg, data: PreferenceData) -> str:
     return f"{cache_root(cfg.data)}/reference-{key}.npy"
 
 
-def make_pair_iterator(cfg, tokenizer, *, split: str, process_index: int, process_count: int,
+def make_pair_iterator(cfg, tokenizer, *, split: str, process_index: int | None = None,
+                       process_count: int | None = None,
                        reference_logps: np.ndarray | None = None) -> PreferenceBatchIterator:
     """The preference batch iterator of this process for ``split``. With
     ``trainer.preference.precompute_reference`` it adds the cached reference log-probs (see
     :func:`jaxtune.preference.precompute_reference_logps`, run by the trainer first)."""
+    if split not in ("train", "eval"):
+        raise DataError(f"split must be 'train' or 'eval', got '{split}'.")
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
     if cfg.data.streaming:
         raise DataError("data.format preference does not stream; set data.streaming: false.")
     if cfg.data.packing:
@@ -499,42 +507,3 @@ def make_pair_iterator(cfg, tokenizer, *, split: str, process_index: int, proces
         shuffle=cfg.data.shuffle and split == "train", train=split == "train",
         pad_id=data.pad_id, reference_logps=reference_logps)
 
-
-def inspect_pairs(cfg, tokenizer, n: int, color: bool) -> dict[str, Any]:
-    """``jaxtune inspect-data`` for pairs: both sides of the first ``n`` with the trained
-    tokens marked, then the totals."""
-    from jaxtune.data.inspect import _DIM, _GREEN, _RESET, render_marked
-
-    data = prepare_pairs(cfg, tokenizer, "train")
-    marker = f"{_GREEN}green{_RESET}" if color else "[[in double brackets]]"
-    print(f"Trained tokens (loss targets) are shown {marker}.\n")
-    for d in range(min(n, len(data.docs))):
-        shard = data.shards[int(data.docs.shard[d])]
-        for side in SIDES:
-            tokens, trained = pair_tokens(data, d, side)
-            head = (f"--- pair {d + 1} {side}: {shard.name}, row {int(data.docs.row[d])} "
-                    f"({len(tokens)} tokens, {int(np.asarray(trained)[1:].sum())} trained) ---")
-            print(f"{_DIM}{head}{_RESET}" if color else head)
-            print(render_marked(tokenizer, tokens, trained, color) + "\n")
-    s = data.stats
-    lines = [
-        "totals:",
-        f"  pairs               {s['pairs']:,} (of {s['rows_read']:,} rows read)",
-        f"  tokens              {s['tokens']:,} (both sides)",
-        f"  trained tokens      {s['trained_tokens']:,}",
-        f"  truncated           {s['truncated']:,} pairs (data.truncation: "
-        f"{cfg.data.truncation}, seq_len {cfg.data.seq_len} per side)",
-        f"  dropped             {s['dropped']:,} ({s['dropped_too_long']:,} too long, "
-        f"{s['dropped_untrained']:,} with a side that has nothing to train)",
-        f"  skipped bad rows    {s['skipped_bad_rows']:,}",
-        "  packing             off (one pair per row)",
-    ]
-    for t in data.tokenized:
-        for problem in t.meta.get("first_bad_rows", [])[:3]:
-            lines.append(f"skipped: {problem}")
-    print("\n".join(lines))
-    if cfg.data.eval_sources:
-        ev = prepare_pairs(cfg, tokenizer, "eval").stats
-        print(f"eval: {ev['pairs']:,} pairs, {ev['tokens']:,} tokens, "
-              f"{ev['trained_tokens']:,} trained")
-    return dict(s)
