@@ -14,7 +14,15 @@ from flax import nnx
 from jaxtune.config import PreferenceConfig, TrainerConfig
 from jaxtune.data.errors import BadRowError
 from jaxtune.objectives import make_objective, reference_available
-from jaxtune.preference import dpo_loss, dpo_terms, orpo_terms, sequence_logps, simpo_terms
+from jaxtune.preference import (
+    dpo_loss,
+    dpo_terms,
+    orpo_loss,
+    orpo_terms,
+    sequence_logps,
+    simpo_loss,
+    simpo_terms,
+)
 from jaxtune.weights import from_pretrained
 
 torch = pytest.importorskip("torch")
@@ -224,15 +232,20 @@ def test_simpo_matches_trl_cpo(preference_setup, logps_vjp):
     _close(grads, _torch_grads(model), "simpo")
 
 
-def test_objectives_run_their_terms(models, jbatch):
-    """The registered ORPO and SimPO losses are their terms over the pairs (one forward)."""
-    for name, terms in (("orpo", lambda lp, n: orpo_terms(lp, n, beta=0.1)),
-                        ("simpo", lambda lp, n: simpo_terms(lp, n, beta=0.1, gamma=0.5))):
-        objective = make_objective(TrainerConfig(objective=name, loss_chunk_size=48))
-        loss, aux = jax.jit(lambda b, o=objective: o(models[0], b))(jbatch)
-        lp, n = sequence_logps(models[0], jbatch, 48)
-        np.testing.assert_allclose(float(loss), float(terms(lp, n)[0].mean()), rtol=1e-6)
-        assert set(aux) >= {"rewards/chosen", "rewards/accuracy", "logps/chosen"}
+def test_objectives_bind_their_settings():
+    """trainer.preference reaches the registered losses; ORPO and SimPO need no reference."""
+    pref = PreferenceConfig(beta=0.3, loss_type="ipo", gamma=0.9, label_smoothing=0.0)
+    for name, fn, want in (("dpo", dpo_loss, {"beta": 0.3, "loss_type": "ipo"}),
+                           ("orpo", orpo_loss, {"beta": 0.3}),
+                           ("simpo", simpo_loss, {"beta": 0.3, "gamma": 0.9})):
+        objective = make_objective(TrainerConfig(objective=name, loss_chunk_size=48,
+                                                 preference=pref))
+        assert objective.loss.func is fn and objective.data_formats == ("preference",)
+        assert {k: objective.loss.keywords[k] for k in want} == want
+        assert objective.needs_reference == (name == "dpo")
+    pre = _dpo_objective(precompute_reference=True)
+    assert not pre.needs_reference and pre.prepare is not None
+    assert "reference_chosen_logps" in pre.batch_axes
 
 
 # --------------------------------------------------------------------------- seams
