@@ -316,10 +316,11 @@ def precompute_reference_logps(trainer) -> None:
             out.append(np.asarray(jax.device_get(
                 fn(trainer.state, data_mod.to_global_batch(host_batch, trainer.mesh)))))
         logps = np.concatenate(out)[:len(prepared.docs)].astype(np.float32)
-        if jax.process_index() == 0:
-            tmp = f"{path}.tmp-{os.getpid()}.npy"
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            np.save(tmp, logps)
-            os.replace(tmp, path)
+        # Every process writes the same array under a private name and renames it into
+        # place, so on a shared or a local disk each finds the file once it is done here.
+        tmp = f"{path}.tmp-{jax.process_index()}-{os.getpid()}.npy"
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        np.save(tmp, logps)
+        os.replace(tmp, path)
         log.info("precomputed reference log-probs of %d %s pairs -> %s", len(logps), split,
                  path)
