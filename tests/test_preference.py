@@ -364,3 +364,32 @@ def test_inspect_data_shows_both_sides(preference_setup, capsys):
     out = capsys.readouterr().out
     assert "pair 1 chosen" in out and "pair 1 rejected" in out and "[[" in out
     assert stats["pairs"] == 8
+
+
+def test_support_preference_pairs_are_fresh_and_held_out():
+    """examples/support/preferences*.jsonl are generate_preferences.py's output, eval pairs ask
+    only the SFT set's held-out questions, and every chosen answer is on brand."""
+    import json
+    import sys
+    from pathlib import Path
+
+    support = Path(__file__).resolve().parents[1] / "examples" / "support"
+    sys.path.insert(0, str(support))
+    try:
+        import generate_preferences
+    finally:
+        sys.path.remove(str(support))
+    train, evals = generate_preferences.build()
+    for name, rows in (("preferences.jsonl", train), ("preferences_eval.jsonl", evals)):
+        lines = (support / name).read_text().splitlines()
+        assert [json.loads(line) for line in lines] == rows, (
+            f"examples/support/{name} is stale: run python examples/support/"
+            "generate_preferences.py")
+    held = {m["content"] for line in (support / "eval.jsonl").read_text().splitlines()
+            for m in json.loads(line)["messages"] if m["role"] == "user"}
+    asked = {r["prompt"][-1]["content"] for r in evals}
+    assert all(any(q.endswith(a) for q in held) for a in asked)
+    assert not asked & {r["prompt"][-1]["content"] for r in train}
+    for r in train + evals:
+        assert r["chosen"][0]["content"].endswith("- Nimbrel Support")
+        assert r["chosen"] != r["rejected"]
