@@ -72,10 +72,12 @@ class DataSourceConfig:
 class DataConfig:
     sources: list[DataSourceConfig] = field(default_factory=list)  # training data
     eval_sources: list[DataSourceConfig] = field(default_factory=list)  # held-out data
-    format: str = "chat"  # text | completion | alpaca | chat
+    format: str = "chat"  # text | completion | alpaca | chat | preference (chosen/rejected pairs)
     text_field: str = "text"  # field holding raw documents (text format)
     prompt_field: str = "prompt"  # prompt field (completion format)
     completion_field: str = "completion"  # completion field (completion format)
+    chosen_field: str = "chosen"  # preferred completion (preference format)
+    rejected_field: str = "rejected"  # dispreferred completion (preference format)
     instruction_field: str = "instruction"  # alpaca instruction field
     input_field: str = "input"  # alpaca optional input field
     output_field: str = "output"  # alpaca output field
@@ -125,6 +127,15 @@ class MeshConfig:
 
 
 @dataclass
+class PreferenceConfig:
+    beta: float = 0.1  # DPO/SimPO temperature; ORPO: weight of the odds-ratio term (TRL's beta)
+    loss_type: str = "sigmoid"  # dpo: sigmoid | ipo | hinge | robust (label-smoothed)
+    label_smoothing: float = 0.0  # dpo robust and simpo: assumed label-flip rate in [0, 0.5)
+    gamma: float = 0.5  # simpo: target reward margin (TRL's simpo_gamma)
+    precompute_reference: bool = False  # dpo: reference log-probs computed once and cached
+
+
+@dataclass
 class TrainerConfig:
     steps: int = 100  # optimizer steps to run
     global_batch_size: int = 8  # rows per optimizer step, over all devices and micro-batches
@@ -132,7 +143,8 @@ class TrainerConfig:
     eval_every: int = 0  # evaluate every N steps; 0 only at the start and end
     eval_batches: int = 0  # eval batches per evaluation; 0 means the whole eval set
     log_every: int = 1  # write metrics every N steps
-    objective: str = "sft"  # what to train for, by name (jaxtune.objectives): sft
+    objective: str = "sft"  # what to train for (jaxtune.objectives): sft | dpo | orpo | simpo
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)  # dpo / orpo / simpo
     loss_fn: str = ""  # replacement loss 'pkg.module:function'; empty uses the objective's
     train_step: str = ""  # replacement train step 'pkg.module:function'
     z_loss: float = 0.0  # weight of the z-loss (log-partition squared) regulariser
@@ -355,7 +367,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.remat": ("none", "full", "dots_saveable", "minimal"),
     "model.attention": ("auto", "xla", "cudnn", "splash"),
     "lora.quantize_base": ("none", "int8", "nf4"),
-    "data.format": ("text", "completion", "alpaca", "chat"),
+    "data.format": ("text", "completion", "alpaca", "chat", "preference"),
+    "trainer.preference.loss_type": ("sigmoid", "ipo", "hinge", "robust"),
     "data.truncation": ("truncate", "drop", "error", "split"),
     "data.alpaca_prompt": ("auto", "chat", "classic"),
     "data.on_bad_row": ("error", "skip"),
@@ -440,6 +453,22 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(
             f"'distributed.process_id' ({d.process_id}) must be in [0, {d.num_processes})."
         )
+    pref = cfg.trainer.preference
+    if pref.beta <= 0:
+        raise ConfigError(f"'trainer.preference.beta' must be > 0, got {pref.beta}.")
+    if not 0.0 <= pref.label_smoothing < 0.5:
+        raise ConfigError("'trainer.preference.label_smoothing' must be in [0, 0.5), got "
+                          f"{pref.label_smoothing}.")
+    if pref.label_smoothing and t.objective == "dpo" and pref.loss_type != "robust":
+        raise ConfigError("'trainer.preference.label_smoothing' is used by DPO's loss_type: "
+                          f"robust only (loss_type is '{pref.loss_type}'); set it to 0 or use "
+                          "robust.")
+    if cfg.data.format == "preference" and cfg.data.packing:
+        raise ConfigError("'data.format: preference' keeps each pair in one row (chosen and "
+                          "rejected side by side) and does not pack; set 'data.packing: false'.")
+    if cfg.data.format == "preference" and cfg.data.streaming:
+        raise ConfigError("'data.format: preference' does not stream; set "
+                          "'data.streaming: false'.")
     for i, src in enumerate(cfg.data.sources + cfg.data.eval_sources):
         if src.weight <= 0:
             raise ConfigError(f"Data source {i} ('{src.path}') has weight {src.weight}; use > 0.")

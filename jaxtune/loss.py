@@ -347,3 +347,48 @@ def load_loss_fn(path: str) -> LossFn:
             "function loss_fn(model, batch) -> (loss, aux)."
         )
     return fn
+
+
+def chunked_sequence_logps(
+    unembed: Callable[[jax.Array], jax.Array],
+    hidden_BTD: jax.Array,
+    targets_BT: jax.Array,
+    mask_BT: jax.Array,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> jax.Array:
+    """Per-row sums of the masked target log-probs, ``[B]`` float32, a chunk at a time.
+
+    What preference objectives (DPO, ORPO, SimPO) need: ``log p(completion | prompt)`` for each
+    row. Chunked like :func:`chunked_token_terms` (slabs of ``S`` positions of every row, so
+    the batch stays sharded), and each chunk is rematerialised in the backward pass, so only
+    one chunk's ``[B, S, V]`` logits are ever live. Differentiable.
+    """
+    b, t, d = hidden_BTD.shape
+    rows_per_device = max(1, b // _batch_shards(b))
+    s = max(1, min(t, -(-chunk_size // rows_per_device)))
+    num_chunks = -(-t // s)
+    pad = num_chunks * s - t
+    if pad:  # padded positions have mask 0
+        hidden_BTD = jnp.pad(hidden_BTD, ((0, 0), (0, pad), (0, 0)))
+        targets_BT = jnp.pad(targets_BT, ((0, 0), (0, pad)))
+        mask_BT = jnp.pad(mask_BT, ((0, 0), (0, pad)))
+    hidden_KBSD = jnp.moveaxis(hidden_BTD.reshape(b, num_chunks, s, d), 1, 0)
+    targets_KBS = jnp.moveaxis(targets_BT.reshape(b, num_chunks, s), 1, 0)
+    mask_KBS = jnp.moveaxis(mask_BT.astype(jnp.float32).reshape(b, num_chunks, s), 1, 0)
+
+    @jax.checkpoint
+    def chunk_logps(hidden_BSD, targets_BS, mask_BS):
+        hidden_BSD = sharding.constrain(hidden_BSD, ("batch", "seq", "embed"))
+        logits_BSV = unembed(hidden_BSD).astype(jnp.float32)
+        safe_BS = jnp.where(mask_BS != 0, targets_BS, 0)
+        lse_BS = jax.nn.logsumexp(logits_BSV, axis=-1)
+        target_BS = jnp.take_along_axis(logits_BSV, safe_BS[..., None], axis=-1)[..., 0]
+        return jnp.sum((target_BS - lse_BS) * mask_BS, axis=-1)
+
+    def body(acc_B, xs):
+        return acc_B + chunk_logps(*xs), None
+
+    logps_B, _ = jax.lax.scan(body, jnp.zeros((b,), jnp.float32),
+                              (hidden_KBSD, targets_KBS, mask_KBS))
+    return logps_B

@@ -12,11 +12,14 @@ objective, so SFT, DPO, ORPO or SimPO are each "one function" and never a traine
   counts trained tokens; a per-sequence objective counts sequences;
 - ``eval_metrics(sums)``: reported metrics from eval sums (``loss_sum``, ``count``, ``aux``);
 - ``data_formats``: the ``data.format`` values it trains on (None: any token format);
-- ``needs_reference``: whether the loss calls :func:`reference_model`.
+- ``needs_reference``: whether the loss calls :func:`reference_model`;
+- ``prepare(trainer)``: optional, run once by the trainer before the data is read (e.g. DPO's
+  precomputed reference log-probs).
 
 An objective is callable as its loss, so it is passed to ``train_step`` as ``loss_fn``; a
 plain function there gets SFT's axes and normaliser. Objectives register themselves with
-:func:`register_objective`; ``sft`` is built in.
+:func:`register_objective`; ``sft`` is built in, ``dpo``, ``orpo`` and ``simpo`` come from
+:mod:`jaxtune.preference`.
 
 The reference model (DPO-style objectives) is :func:`reference_model` inside the loss: the
 frozen copy in the train state when the run keeps one (full fine-tuning), else the same model
@@ -26,6 +29,7 @@ with its LoRA adapters disabled (no second copy of the weights, PEFT's ``disable
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import threading
@@ -75,14 +79,14 @@ class Objective:
     eval_metrics: Callable[[Mapping[str, float]], dict[str, float]] = token_eval_metrics
     data_formats: tuple[str, ...] | None = None
     needs_reference: bool = False
+    prepare: Callable[[Any], None] | None = None
 
     def __call__(self, model: Any, batch: Batch):
         return self.loss(model, batch)
 
     def with_loss(self, loss: Callable) -> Objective:
         """The same objective around another loss (e.g. the loss wrapped for LoRA dropout)."""
-        return Objective(self.name, loss, self.batch_axes, self.denominator, self.eval_metrics,
-                         self.data_formats, self.needs_reference)
+        return dataclasses.replace(self, loss=loss)
 
 
 def batch_axes_of(loss_fn: Any) -> Mapping[str, tuple[str, ...]]:
@@ -101,6 +105,16 @@ def eval_metrics_of(loss_fn: Any) -> Callable[[Mapping[str, float]], dict[str, f
 # --------------------------------------------------------------------------- registry
 
 _OBJECTIVES: dict[str, Callable[[Any], Objective]] = {}
+#: Modules whose objectives are built in; imported on first use of the registry (they build on
+#: this module, so it cannot import them at its top).
+_BUILTIN_MODULES = ("jaxtune.preference",)
+
+
+def _load_builtins() -> None:
+    import importlib
+
+    for module in _BUILTIN_MODULES:
+        importlib.import_module(module)
 
 
 def register_objective(name: str, build: Callable[[Any], Objective]) -> None:
@@ -109,6 +123,7 @@ def register_objective(name: str, build: Callable[[Any], Objective]) -> None:
 
 
 def objective_names() -> list[str]:
+    _load_builtins()
     return sorted(_OBJECTIVES)
 
 
@@ -116,6 +131,7 @@ def make_objective(trainer_cfg: Any) -> Objective:
     """The objective ``trainer.objective`` names, with the config's settings bound in.
     ``trainer.loss_fn`` (an import path) replaces its loss and keeps the rest."""
     name = getattr(trainer_cfg, "objective", "sft") or "sft"
+    _load_builtins()
     build = _OBJECTIVES.get(name)
     if build is None:
         raise JaxtuneError(f"trainer.objective '{name}' is not an objective; use one of "
@@ -174,3 +190,4 @@ def reference_model(model: Any) -> Iterator[Any]:
 def make_loss_fn(trainer_cfg: Any) -> Objective:
     """The run's objective, callable as ``loss_fn(model, batch)`` (see :func:`make_objective`)."""
     return make_objective(trainer_cfg)
+

@@ -126,7 +126,10 @@ def train_step(
         "loss": loss,
         "grad_norm": optax.tree.norm(grads),
         "param_norm": optax.tree.norm(new_params),
-        "trained_tokens": (batch["loss_mask"].astype(jnp.float32).sum() if "loss_mask" in batch
+        # Every loss mask the batch has (preference pairs: chosen_ and rejected_loss_mask).
+        "trained_tokens": (sum(v.astype(jnp.float32).sum() for k, v in batch.items()
+                               if k.endswith("loss_mask"))
+                           if any(k.endswith("loss_mask") for k in batch)
                            else batch["loss_denominator"]),
         **{k: v for k, v in aux.items() if k != "num_tokens"},
     }

@@ -105,6 +105,8 @@ class Trainer:
             optimizer=self.optimizer, grad_accum_steps=cfg.trainer.grad_accum_steps,
             schedule=self.schedule)
         self.eval_step = jit_eval_step(self.state, self.mesh, self.rules, loss_fn=self.loss_fn)
+        if getattr(self.loss_fn, "prepare", None) is not None:
+            self.loss_fn.prepare(self)  # e.g. precomputed reference log-probs, before training
         self.train_iter = data.make_batch_iterator(cfg, self.tokenizer, split="train")
         self.to_global = lambda b: data.to_global_batch(b, self.mesh)
 
@@ -193,7 +195,9 @@ class Trainer:
                 self.state, step_metrics = compiled(self.state, batch)
             if pending is not None:  # step N is queued; now read step N-1 back
                 history.append(self._finish_step(*pending, bar))
-            pending = (step, step_metrics, float(np.count_nonzero(host_batch["segment_ids"])))
+            pending = (step, step_metrics, float(sum(  # tokens (both sides of preference pairs)
+                np.count_nonzero(v) for k, v in host_batch.items()
+                if k.endswith("segment_ids"))))
             evaluate = t.eval_every and step % t.eval_every == 0 and step != t.steps
             # A step is saved only once its metrics are read back and finite (a NaN raises
             # there). The save waits for the step anyway, to copy the state off the device.
@@ -275,8 +279,13 @@ class Trainer:
             return {}
         result = {"step": step, **result}
         self.writer.write(step, {k: v for k, v in result.items() if k != "step"})
-        log.info("step %d: eval loss %.4f, perplexity %.2f", step, result["eval_loss"],
-                 result["eval_perplexity"])
+        if "eval_perplexity" in result:
+            log.info("step %d: eval loss %.4f, perplexity %.2f", step, result["eval_loss"],
+                     result["eval_perplexity"])
+        else:  # another objective's eval metrics (e.g. rewards of preference pairs)
+            extra = ", ".join(f"{k[5:]} {v:.4g}" for k, v in result.items()
+                              if k.startswith("eval_") and k != "eval_loss")
+            log.info("step %d: eval loss %.4f, %s", step, result["eval_loss"], extra)
         return result
 
     # ------------------------------------------------------------------ checkpoints

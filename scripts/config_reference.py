@@ -63,6 +63,14 @@ def reference() -> str:
         lines += [f"**`{section.name}`** ({cls.__name__})", "",
                   "| key | type | default | meaning |", "|---|---|---|---|"]
         for f in dataclasses.fields(cls):
+            sub = hints[f.name]
+            if dataclasses.is_dataclass(sub):  # a nested section: one row per field
+                sub_hints = typing.get_type_hints(sub)
+                for g in dataclasses.fields(sub):
+                    desc = comments.get((sub.__name__, g.name), "").replace("|", "\\|")
+                    lines.append(f"| `{section.name}.{f.name}.{g.name}` | "
+                                 f"{_type_name(sub_hints[g.name])} | {_default(g)} | {desc} |")
+                continue
             desc = comments.get((cls.__name__, f.name), "").replace("|", "\\|")
             lines.append(f"| `{section.name}.{f.name}` | {_type_name(hints[f.name])} | "
                          f"{_default(f)} | {desc} |")

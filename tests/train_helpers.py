@@ -32,7 +32,7 @@ def synthetic_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict[str
 
 
 def make_stepper(model_dir, mesh_sizes=(1, 1, 1), devices=None, *, grad_accum_steps=1,
-                 loss_fn=None, lr=1e-2, optimizer="adamw", steps=10):
+                 loss_fn=None, lr=1e-2, optimizer="adamw", steps=10, keep_reference=False):
     """(state, jitted step, mesh) for the tiny model on a mesh of the given sizes."""
     import jax
 
@@ -43,7 +43,7 @@ def make_stepper(model_dir, mesh_sizes=(1, 1, 1), devices=None, *, grad_accum_st
     opt_cfg = OptimizerConfig(name=optimizer, learning_rate=lr, schedule="constant",
                               weight_decay=0.01)
     opt = make_optimizer(opt_cfg, steps, nnx.state(model, nnx.Param))
-    state = create_train_state(model, opt, mesh=mesh, rules=rules)
+    state = create_train_state(model, opt, mesh=mesh, rules=rules, keep_reference=keep_reference)
     fn = jit_train_step(train_step, state, mesh, rules,
                         loss_fn=loss_fn or make_loss_fn(TrainerConfig(loss_chunk_size=64)),
                         optimizer=opt, grad_accum_steps=grad_accum_steps)

@@ -46,9 +46,24 @@ Modules, in pipeline order: ``sources`` (files, folders, hub ids via ``datasets`
 ``inspect`` (``jaxtune inspect-data``), ``tokenizer`` (loading, template overrides).
 """
 
+from jaxtune.data import loader as _loader
+from jaxtune.data import preference as _preference
 from jaxtune.data.errors import BadRowError, DataError
-from jaxtune.data.loader import BatchIterator, make_batch_iterator, to_global_batch
+from jaxtune.data.loader import BatchIterator, to_global_batch
 from jaxtune.data.tokenizer import load_tokenizer
+
+
+def make_batch_iterator(cfg, tokenizer, *, split: str = "train", process_index: int | None = None,
+                        process_count: int | None = None):
+    """The batch iterator of this process for ``split`` (see the module docstring): pairs for
+    ``data.format: preference`` (:mod:`jaxtune.data.preference`), else token rows."""
+    if cfg.data.format == "preference":
+        return _preference.make_pair_iterator(cfg, tokenizer, split=split,
+                                              process_index=process_index,
+                                              process_count=process_count)
+    return _loader.make_batch_iterator(cfg, tokenizer, split=split, process_index=process_index,
+                                       process_count=process_count)
+
 
 __all__ = [
     "BadRowError",

@@ -48,7 +48,10 @@ class Encoder:
 
     def render(self, row: dict[str, Any]) -> Rendered:
         """One row as text with trained character spans (raises RowProblem if malformed)."""
-        example = parse_row(row, self.spec, self.info.has_chat_template)
+        return self.render_example(parse_row(row, self.spec, self.info.has_chat_template))
+
+    def render_example(self, example) -> Rendered:
+        """A parsed :class:`ChatExample` or :class:`PlainExample` as text with trained spans."""
         if isinstance(example, ChatExample):
             return self.chat.render(example.messages, self.spec.train_on_inputs,
                                     example.fields)
@@ -78,6 +81,12 @@ class Encoder:
             except RowProblem as p:
                 on_problem(i, p)
                 rendered.append(None)
+        return self.tokenize_rendered(rendered)
+
+    def tokenize_rendered(
+        self, rendered: list[Rendered | None]
+    ) -> list[tuple[np.ndarray, np.ndarray] | None]:
+        """Token ids and trained flags for rendered texts, in one tokenizer call (None stays)."""
         texts = [r.text for r in rendered if r is not None]
         enc = self.tokenizer(
             texts, add_special_tokens=False, return_offsets_mapping=True,

@@ -46,6 +46,8 @@ def inspect_data(cfg, n: int = 3, color: bool | None = None) -> dict[str, Any]:
     use_color = _use_color(color)
     tokenizer = load_tokenizer(cfg)
     check_vocab_fits(tokenizer, cfg)
+    if cfg.data.format == "preference":
+        return inspect_pairs(cfg, tokenizer, n, use_color)
     data = prepare(cfg, tokenizer, "train")
     marker = f"{_GREEN}green{_RESET}" if use_color else "[[in double brackets]]"
     print(f"Trained tokens (loss targets) are shown {marker}.\n")
@@ -113,3 +115,43 @@ def _report(s: dict[str, Any], cfg, data: PreparedData) -> str:
         for problem in t.meta.get("first_bad_rows", [])[:3]:
             lines.append(f"skipped: {problem}")
     return "\n".join(lines)
+
+
+def inspect_pairs(cfg, tokenizer, n: int, color: bool) -> dict[str, Any]:
+    """``jaxtune inspect-data`` for pairs: both sides of the first ``n`` with the trained
+    tokens marked, then the totals."""
+    from jaxtune.data.preference import SIDES, pair_tokens, prepare_pairs
+
+    data = prepare_pairs(cfg, tokenizer, "train")
+    marker = f"{_GREEN}green{_RESET}" if color else "[[in double brackets]]"
+    print(f"Trained tokens (loss targets) are shown {marker}.\n")
+    for d in range(min(n, len(data.docs))):
+        shard = data.shards[int(data.docs.shard[d])]
+        for side in SIDES:
+            tokens, trained = pair_tokens(data, d, side)
+            head = (f"--- pair {d + 1} {side}: {shard.name}, row {int(data.docs.row[d])} "
+                    f"({len(tokens)} tokens, {int(np.asarray(trained)[1:].sum())} trained) ---")
+            print(f"{_DIM}{head}{_RESET}" if color else head)
+            print(render_marked(tokenizer, tokens, trained, color) + "\n")
+    s = data.stats
+    lines = [
+        "totals:",
+        f"  pairs               {s['pairs']:,} (of {s['rows_read']:,} rows read)",
+        f"  tokens              {s['tokens']:,} (both sides)",
+        f"  trained tokens      {s['trained_tokens']:,}",
+        f"  truncated           {s['truncated']:,} pairs (data.truncation: "
+        f"{cfg.data.truncation}, seq_len {cfg.data.seq_len} per side)",
+        f"  dropped             {s['dropped']:,} ({s['dropped_too_long']:,} too long, "
+        f"{s['dropped_untrained']:,} with a side that has nothing to train)",
+        f"  skipped bad rows    {s['skipped_bad_rows']:,}",
+        "  packing             off (one pair per row)",
+    ]
+    for t in data.tokenized:
+        for problem in t.meta.get("first_bad_rows", [])[:3]:
+            lines.append(f"skipped: {problem}")
+    print("\n".join(lines))
+    if cfg.data.eval_sources:
+        ev = prepare_pairs(cfg, tokenizer, "eval").stats
+        print(f"eval: {ev['pairs']:,} pairs, {ev['tokens']:,} tokens, "
+              f"{ev['trained_tokens']:,} trained")
+    return dict(s)

@@ -1,0 +1,326 @@
+"""Preference objectives: DPO (sigmoid, IPO, hinge, robust), ORPO and SimPO.
+
+Each is one loss over a batch of pairs (``data.format: preference``: per row ``chosen_*`` and
+``rejected_*`` token arrays, see :mod:`jaxtune.data.preference`), registered by name for
+``trainer.objective``, with the settings of ``trainer.preference``. All start from the summed
+completion log-probs of each side, computed chunked over the vocabulary
+(:func:`jaxtune.loss.chunked_sequence_logps`, never the ``[B, T, V]`` logits); both sides run
+through the model as one ``[2B, T]`` batch, interleaved row by row so each device keeps its
+own pairs.
+
+Formulas follow TRL (1.16) and are checked against it in ``tests/test_preference.py``, with
+``delta = (logp_c - ref_c) - (logp_r - ref_r)``:
+
+* DPO ``sigmoid``: ``-log sigmoid(beta * delta)``; ``hinge``: ``relu(1 - beta * delta)``;
+  ``ipo``: ``(delta_c / n_c - delta_r / n_r - 1 / (2 beta))**2`` (log-ratios per completion
+  token, as TRL); ``robust``: ``(-(1 - e) log s(beta delta) + e log s(-beta delta)) / (1 - 2e)``;
+* ORPO: ``-mean_logp_c - beta * log sigmoid(log_odds)`` with length-averaged log-probs and
+  ``log_odds = (a_c - a_r) - (log(1 - e^a_c) - log(1 - e^a_r))``. The NLL is the mean over
+  each chosen completion's tokens (the paper's SFT term; TRL's also counts prompt tokens);
+* SimPO: ``-log sigmoid(beta * (a_c - a_r) - gamma)`` on length-averaged log-probs, no
+  reference (label smoothing as TRL's CPO).
+
+Normalisation: every loss is a mean over pairs of the global batch: per-pair terms are summed
+and divided by ``batch["loss_denominator"]`` (the train step sets it to the number of pairs
+over all micro-batches and devices), so accumulation and sharding do not change the step.
+Metrics (``rewards/chosen``, ``rewards/rejected``, ``rewards/margin``, ``rewards/accuracy``,
+``logps/chosen``, ``logps/rejected``) are such contributions too, so they add up to the
+global means; eval sums them over the held-out pairs (denominator 1) and divides by the count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxtune.data.preference import PAIR_AXES, REFERENCE_AXES
+from jaxtune.loss import chunked_sequence_logps
+from jaxtune.objectives import Objective, reference_model, register_objective
+
+log = logging.getLogger(__name__)
+
+Batch = dict[str, jax.Array]
+_KEYS = ("input_ids", "positions", "segment_ids", "targets", "loss_mask")
+
+
+def pair_inputs(batch: Batch) -> dict[str, jax.Array]:
+    """Both sides as one ``[2B, T]`` batch, row ``2i`` chosen and ``2i + 1`` rejected of pair
+    ``i`` (interleaved, so the rows a device holds stay on it)."""
+    out = {}
+    for k in _KEYS:
+        c, r = batch[f"chosen_{k}"], batch[f"rejected_{k}"]
+        out[k] = jnp.stack([c, r], axis=1).reshape(2 * c.shape[0], *c.shape[1:])
+    return out
+
+
+def model_hidden(model: Any, inputs: Mapping[str, jax.Array]) -> jax.Array:
+    """The model's hidden states: the one place every preference objective runs the model
+    (a model's auxiliary losses, e.g. a router loss, would be picked up here)."""
+    return model.hidden_states(inputs["input_ids"], inputs["positions"], inputs["segment_ids"])
+
+
+def sequence_logps(model: Any, batch: Batch, chunk_size: int) -> tuple[jax.Array, jax.Array]:
+    """``(logps_B2, tokens_B2)``: summed completion log-probs and trained tokens per side
+    (column 0 chosen, 1 rejected), float32."""
+    inputs = pair_inputs(batch)
+    mask = inputs["loss_mask"].astype(jnp.float32)
+    logps = chunked_sequence_logps(model.unembed, model_hidden(model, inputs),
+                                   inputs["targets"].astype(jnp.int32), mask,
+                                   chunk_size=chunk_size)
+    b = batch["chosen_input_ids"].shape[0]
+    return logps.reshape(b, 2), mask.sum(-1).reshape(b, 2)
+
+
+def reference_logps(model: Any, batch: Batch, chunk_size: int) -> jax.Array:
+    """``[B, 2]`` reference log-probs: precomputed in the batch, else from the reference model
+    (the frozen copy, or this model with adapters disabled)."""
+    if "reference_chosen_logps" in batch:
+        return jnp.stack([batch["reference_chosen_logps"], batch["reference_rejected_logps"]],
+                         axis=1).astype(jnp.float32)
+    with reference_model(model) as ref:
+        logps, _ = sequence_logps(ref, batch, chunk_size)
+    return jax.lax.stop_gradient(logps)
+
+
+def pair_count(batch: Batch) -> jax.Array:
+    """The normaliser: pairs with trained tokens on both sides (padding rows have none)."""
+    return jnp.maximum(_valid(batch).sum(), 1.0)
+
+
+def _valid(batch: Batch) -> jax.Array:
+    c = batch["chosen_loss_mask"].astype(jnp.float32).sum(-1)
+    r = batch["rejected_loss_mask"].astype(jnp.float32).sum(-1)
+    return ((c > 0) & (r > 0)).astype(jnp.float32)
+
+
+def _denominator(batch: Batch) -> jax.Array:
+    if "loss_denominator" in batch:
+        return jnp.asarray(batch["loss_denominator"], jnp.float32)
+    return pair_count(batch)
+
+
+def _log1mexp(x: jax.Array) -> jax.Array:
+    """``log(1 - exp(x))`` for ``x < 0``, stable on both sides of ``-ln 2``."""
+    x = jnp.minimum(x, -1e-7)  # a log-prob of exactly 0 would give -inf
+    return jnp.where(x < -0.6931471805599453, jnp.log1p(-jnp.exp(x)), jnp.log(-jnp.expm1(x)))
+
+
+def _finish(batch: Batch, logps: jax.Array, per_pair: jax.Array, chosen_reward: jax.Array,
+            rejected_reward: jax.Array, extra: dict | None = None):
+    """``(loss, aux)`` as contributions to the global means over pairs."""
+    valid = _valid(batch)
+    denom = _denominator(batch)
+
+    def mean(x):
+        return jnp.sum(jax.lax.stop_gradient(x) * valid) / denom
+
+    aux = {
+        "rewards/chosen": mean(chosen_reward),
+        "rewards/rejected": mean(rejected_reward),
+        "rewards/margin": mean(chosen_reward - rejected_reward),
+        "rewards/accuracy": mean((chosen_reward > rejected_reward).astype(jnp.float32)),
+        "logps/chosen": mean(logps[:, 0]),
+        "logps/rejected": mean(logps[:, 1]),
+        "pairs": valid.sum(),
+        **{k: mean(v) for k, v in (extra or {}).items()},
+    }
+    return jnp.sum(per_pair * valid) / denom, aux
+
+
+def dpo_terms(logps: jax.Array, ref: jax.Array, tokens: jax.Array, *, beta: float,
+              loss_type: str = "sigmoid", label_smoothing: float = 0.0):
+    """``(per_pair_loss, chosen_reward, rejected_reward, extra)`` from ``[B, 2]`` summed
+    log-probs of the policy and the reference and trained tokens per side."""
+    ratios = logps - ref  # [B, 2] log-ratios against the reference
+    delta = ratios[:, 0] - ratios[:, 1]
+    if loss_type == "sigmoid":
+        per_pair = -jax.nn.log_sigmoid(beta * delta)
+    elif loss_type == "hinge":
+        per_pair = jax.nn.relu(1.0 - beta * delta)
+    elif loss_type == "ipo":
+        avg = ratios / jnp.maximum(tokens, 1.0)
+        per_pair = jnp.square(avg[:, 0] - avg[:, 1] - 1.0 / (2.0 * beta))
+    elif loss_type == "robust":
+        e = label_smoothing
+        per_pair = (-(1 - e) * jax.nn.log_sigmoid(beta * delta)
+                    + e * jax.nn.log_sigmoid(-beta * delta)) / (1 - 2 * e)
+    else:
+        raise ValueError(f"unknown DPO loss_type {loss_type!r}")
+    rewards = beta * jax.lax.stop_gradient(ratios)
+    return per_pair, rewards[:, 0], rewards[:, 1], {}
+
+
+def orpo_terms(logps: jax.Array, tokens: jax.Array, *, beta: float):
+    """ORPO's per-pair loss, rewards and extra metrics (see :func:`dpo_terms`)."""
+    avg = logps / jnp.maximum(tokens, 1.0)
+    log_odds = (avg[:, 0] - avg[:, 1]) - (_log1mexp(avg[:, 0]) - _log1mexp(avg[:, 1]))
+    ratio = jax.nn.log_sigmoid(log_odds)
+    nll = -avg[:, 0]
+    rewards = beta * jax.lax.stop_gradient(avg)
+    return nll - beta * ratio, rewards[:, 0], rewards[:, 1], {
+        "orpo/nll": nll, "orpo/log_odds": log_odds, "orpo/log_odds_ratio": ratio}
+
+
+def simpo_terms(logps: jax.Array, tokens: jax.Array, *, beta: float, gamma: float,
+                label_smoothing: float = 0.0):
+    """SimPO's per-pair loss and rewards (see :func:`dpo_terms`)."""
+    avg = logps / jnp.maximum(tokens, 1.0)
+    logits = (avg[:, 0] - avg[:, 1]) - gamma / beta
+    per_pair = (-(1 - label_smoothing) * jax.nn.log_sigmoid(beta * logits)
+                - label_smoothing * jax.nn.log_sigmoid(-beta * logits))
+    rewards = beta * jax.lax.stop_gradient(avg)
+    return per_pair, rewards[:, 0], rewards[:, 1], {}
+
+
+def dpo_loss(model: Any, batch: Batch, *, beta: float = 0.1, loss_type: str = "sigmoid",
+             label_smoothing: float = 0.0, chunk_size: int = 1024):
+    """DPO and its variants (see the module docstring)."""
+    logps, tokens = sequence_logps(model, batch, chunk_size)
+    ref = reference_logps(model, batch, chunk_size)
+    terms = dpo_terms(logps, ref, tokens, beta=beta, loss_type=loss_type,
+                      label_smoothing=label_smoothing)
+    return _finish(batch, logps, *terms)
+
+
+def orpo_loss(model: Any, batch: Batch, *, beta: float = 0.1, chunk_size: int = 1024):
+    """ORPO: NLL of the chosen completion plus ``beta`` times the odds-ratio term."""
+    logps, tokens = sequence_logps(model, batch, chunk_size)
+    return _finish(batch, logps, *orpo_terms(logps, tokens, beta=beta))
+
+
+def simpo_loss(model: Any, batch: Batch, *, beta: float = 2.0, gamma: float = 0.5,
+               label_smoothing: float = 0.0, chunk_size: int = 1024):
+    """SimPO: length-averaged log-prob margin against the target ``gamma``; no reference."""
+    logps, tokens = sequence_logps(model, batch, chunk_size)
+    return _finish(batch, logps, *simpo_terms(logps, tokens, beta=beta, gamma=gamma,
+                                              label_smoothing=label_smoothing))
+
+
+_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy",
+            "logps/chosen", "logps/rejected")
+
+
+def pair_eval_metrics(sums: Mapping[str, float]) -> dict[str, float]:
+    """Held-out means over pairs: ``eval_loss`` and ``eval_rewards/...``, ``eval_logps/...``."""
+    pairs = float(sums.get("pairs", sums.get("count", 0.0)))
+    n = max(pairs, 1.0)
+    out = {"eval_loss": float(sums["loss_sum"]) / n, "eval_pairs": pairs}
+    for k, v in sums.items():
+        if k.startswith(("rewards/", "logps/", "orpo/")):
+            out[f"eval_{k}"] = float(v) / n
+    return out
+
+
+def _axes(with_reference: bool):
+    return {**PAIR_AXES, **(REFERENCE_AXES if with_reference else {})}
+
+
+def _pref(trainer_cfg):
+    from jaxtune.config import PreferenceConfig
+
+    return getattr(trainer_cfg, "preference", None) or PreferenceConfig()
+
+
+def _dpo(trainer_cfg) -> Objective:
+    p = _pref(trainer_cfg)
+    loss = functools.partial(dpo_loss, beta=p.beta, loss_type=p.loss_type,
+                             label_smoothing=p.label_smoothing,
+                             chunk_size=trainer_cfg.loss_chunk_size)
+    return Objective("dpo", loss, _axes(True), pair_count, pair_eval_metrics, ("preference",),
+                     needs_reference=not p.precompute_reference,
+                     prepare=precompute_reference_logps if p.precompute_reference else None)
+
+
+def _orpo(trainer_cfg) -> Objective:
+    p = _pref(trainer_cfg)
+    loss = functools.partial(orpo_loss, beta=p.beta, chunk_size=trainer_cfg.loss_chunk_size)
+    return Objective("orpo", loss, _axes(False), pair_count, pair_eval_metrics, ("preference",))
+
+
+def _simpo(trainer_cfg) -> Objective:
+    p = _pref(trainer_cfg)
+    loss = functools.partial(simpo_loss, beta=p.beta, gamma=p.gamma,
+                             label_smoothing=p.label_smoothing,
+                             chunk_size=trainer_cfg.loss_chunk_size)
+    return Objective("simpo", loss, _axes(False), pair_count, pair_eval_metrics,
+                     ("preference",))
+
+
+register_objective("dpo", _dpo)
+register_objective("orpo", _orpo)
+register_objective("simpo", _simpo)
+
+
+# --------------------------------------------------------------------------- precomputing
+
+
+def reference_logps_fn(state, mesh, rules, chunk_size: int):
+    """A jitted ``(state, batch) -> [B, 2]`` of the reference log-probs of the state's model:
+    its base with adapters disabled under LoRA, else the model as it is (call it before
+    training, when the weights still are the reference)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from jaxtune import lora
+    from jaxtune.sharding import activation_rules
+    from jaxtune.train_state import train_state_shardings
+
+    def fn(state, batch):
+        with activation_rules(mesh, rules):
+            model = state.model()
+            ctx = lora.adapters_disabled() if lora.has_adapters(model) \
+                else contextlib.nullcontext()
+            with ctx:
+                logps, _ = sequence_logps(model, batch, chunk_size)
+            return logps
+
+    return jax.jit(fn, in_shardings=(train_state_shardings(state, mesh, rules), None),
+                   out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+
+def precompute_reference_logps(trainer) -> None:
+    """Compute the reference log-probs of every train and eval pair once and cache them beside
+    the tokenised data (keyed by the data and the reference model), so training needs no
+    reference model. Run by the trainer before training (and before any resume)."""
+    from jaxtune import data as data_mod
+    from jaxtune.data.preference import (
+        PreferenceBatchIterator,
+        prepare_pairs,
+        reference_cache_path,
+    )
+
+    cfg = trainer.cfg
+    fn = None
+    for split in ("train", "eval"):
+        if split == "eval" and not cfg.data.eval_sources:
+            continue
+        prepared = prepare_pairs(cfg, trainer.tokenizer, split)
+        path = reference_cache_path(cfg, prepared)
+        if os.path.exists(path):
+            continue
+        fn = fn or reference_logps_fn(trainer.state, trainer.mesh, trainer.rules,
+                                      cfg.trainer.loss_chunk_size)
+        it = PreferenceBatchIterator(
+            prepared, seq_len=cfg.data.seq_len, global_batch_size=cfg.trainer.global_batch_size,
+            process_index=jax.process_index(), process_count=jax.process_count(),
+            shuffle=False, train=False, pad_id=prepared.pad_id)
+        out = []
+        for host_batch in it:
+            out.append(np.asarray(jax.device_get(
+                fn(trainer.state, data_mod.to_global_batch(host_batch, trainer.mesh)))))
+        logps = np.concatenate(out)[:len(prepared.docs)].astype(np.float32)
+        # Every process writes the same array under a private name and renames it into
+        # place, so on a shared or a local disk each finds the file once it is done here.
+        tmp = f"{path}.tmp-{jax.process_index()}-{os.getpid()}.npy"
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        np.save(tmp, logps)
+        os.replace(tmp, path)
+        log.info("precomputed reference log-probs of %d %s pairs -> %s", len(logps), split,
+                 path)
