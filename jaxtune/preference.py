@@ -42,7 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtune.data.preference import PAIR_AXES, REFERENCE_AXES
-from jaxtune.loss import chunked_sequence_logps
+from jaxtune.loss import add_model_aux, chunked_sequence_logps
+from jaxtune.models.family import hidden_states_and_aux
 from jaxtune.objectives import Objective, reference_model, register_objective
 
 log = logging.getLogger(__name__)
@@ -61,22 +62,31 @@ def pair_inputs(batch: Batch) -> dict[str, jax.Array]:
     return out
 
 
-def model_hidden(model: Any, inputs: Mapping[str, jax.Array]) -> jax.Array:
-    """The model's hidden states: the one place every preference objective runs the model
-    (a model's auxiliary losses, e.g. a router loss, would be picked up here)."""
-    return model.hidden_states(inputs["input_ids"], inputs["positions"], inputs["segment_ids"])
+def model_hidden(model: Any, inputs: Mapping[str, jax.Array]):
+    """``(hidden states, the model's auxiliary output)``: the one place every preference
+    objective runs the model, so a model's own loss (an MoE router's) reaches the objective
+    (see ``jaxtune.models.family.hidden_states_and_aux``)."""
+    return hidden_states_and_aux(model, inputs["input_ids"], inputs["positions"],
+                                 inputs["segment_ids"])
+
+
+def policy_logps(model: Any, batch: Batch, chunk_size: int):
+    """``(logps_B2, tokens_B2, model_aux)``: summed completion log-probs and trained tokens per
+    side (column 0 chosen, 1 rejected), float32, and the model's auxiliary output (or None)."""
+    inputs = pair_inputs(batch)
+    mask = inputs["loss_mask"].astype(jnp.float32)
+    hidden, model_aux = model_hidden(model, inputs)
+    logps = chunked_sequence_logps(model.unembed, hidden, inputs["targets"].astype(jnp.int32),
+                                   mask, chunk_size=chunk_size)
+    b = batch["chosen_input_ids"].shape[0]
+    return logps.reshape(b, 2), mask.sum(-1).reshape(b, 2), model_aux
 
 
 def sequence_logps(model: Any, batch: Batch, chunk_size: int) -> tuple[jax.Array, jax.Array]:
-    """``(logps_B2, tokens_B2)``: summed completion log-probs and trained tokens per side
-    (column 0 chosen, 1 rejected), float32."""
-    inputs = pair_inputs(batch)
-    mask = inputs["loss_mask"].astype(jnp.float32)
-    logps = chunked_sequence_logps(model.unembed, model_hidden(model, inputs),
-                                   inputs["targets"].astype(jnp.int32), mask,
-                                   chunk_size=chunk_size)
-    b = batch["chosen_input_ids"].shape[0]
-    return logps.reshape(b, 2), mask.sum(-1).reshape(b, 2)
+    """``(logps_B2, tokens_B2)`` of :func:`policy_logps`, without the auxiliary output (the
+    reference model's router loss trains nothing)."""
+    logps, tokens, _ = policy_logps(model, batch, chunk_size)
+    return logps, tokens
 
 
 def reference_logps(model: Any, batch: Batch, chunk_size: int) -> jax.Array:
@@ -183,25 +193,26 @@ def simpo_terms(logps: jax.Array, tokens: jax.Array, *, beta: float, gamma: floa
 def dpo_loss(model: Any, batch: Batch, *, beta: float = 0.1, loss_type: str = "sigmoid",
              label_smoothing: float = 0.0, chunk_size: int = 1024):
     """DPO and its variants (see the module docstring)."""
-    logps, tokens = sequence_logps(model, batch, chunk_size)
+    logps, tokens, model_aux = policy_logps(model, batch, chunk_size)
     ref = reference_logps(model, batch, chunk_size)
     terms = dpo_terms(logps, ref, tokens, beta=beta, loss_type=loss_type,
                       label_smoothing=label_smoothing)
-    return _finish(batch, logps, *terms)
+    return add_model_aux(*_finish(batch, logps, *terms), model_aux, batch)
 
 
 def orpo_loss(model: Any, batch: Batch, *, beta: float = 0.1, chunk_size: int = 1024):
     """ORPO: NLL of the chosen completion plus ``beta`` times the odds-ratio term."""
-    logps, tokens = sequence_logps(model, batch, chunk_size)
-    return _finish(batch, logps, *orpo_terms(logps, tokens, beta=beta))
+    logps, tokens, model_aux = policy_logps(model, batch, chunk_size)
+    return add_model_aux(*_finish(batch, logps, *orpo_terms(logps, tokens, beta=beta)),
+                         model_aux, batch)
 
 
 def simpo_loss(model: Any, batch: Batch, *, beta: float = 2.0, gamma: float = 0.5,
                label_smoothing: float = 0.0, chunk_size: int = 1024):
     """SimPO: length-averaged log-prob margin against the target ``gamma``; no reference."""
-    logps, tokens = sequence_logps(model, batch, chunk_size)
-    return _finish(batch, logps, *simpo_terms(logps, tokens, beta=beta, gamma=gamma,
-                                              label_smoothing=label_smoothing))
+    logps, tokens, model_aux = policy_logps(model, batch, chunk_size)
+    terms = simpo_terms(logps, tokens, beta=beta, gamma=gamma, label_smoothing=label_smoothing)
+    return add_model_aux(*_finish(batch, logps, *terms), model_aux, batch)
 
 
 _METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy",
