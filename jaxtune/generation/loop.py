@@ -181,6 +181,8 @@ class Generator:
             self.mesh, tuple(sorted(rules.items())) if rules else None)
         self.layout = cache_layout(model)
         self.vocab_size = model.config.vocab_size
+        self._compiled: dict[Any, Any] = {}
+        self.compile_s = 0.0  # seconds spent compiling, all shape buckets together
         self.batch_multiple = 1 if self.mesh is None else batch_axis_size(self.mesh, rules)
         probe = jax.ShapeDtypeStruct((1, 1), jnp.int32)
         self.dtype = jax.eval_shape(
@@ -221,13 +223,28 @@ class Generator:
             nxt[i] = n
         return ids, positions, segs, nxt
 
+    def _call(self, fn, static: tuple, *dynamic: Any):
+        """``fn(*static, *dynamic)`` through an executable compiled once per shape bucket (so
+        compile time is counted apart from prefill and decode time)."""
+        key = (fn, static, tuple((x.shape, x.dtype) for x in jax.tree.leaves(dynamic)))
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            start = time.perf_counter()
+            compiled = fn.lower(*static, *dynamic).compile()
+            self.compile_s += time.perf_counter() - start
+            self._compiled[key] = compiled
+        return compiled(*dynamic)
+
     def prefill(self, ids_BT, positions_BT, segment_ids_BT, cache: KVCache):
-        return prefill(self.graphdef, self.ctx, self.state, self._put(ids_BT),
-                       self._put(positions_BT), self._put(segment_ids_BT), cache)
+        """Last-position logits ``[B, V]`` of left-padded prompts, and the filled cache."""
+        return self._call(prefill, (self.graphdef, self.ctx), self.state, self._put(ids_BT),
+                          self._put(positions_BT), self._put(segment_ids_BT), cache)
 
     def decode(self, token_B, position_B, cache: KVCache):
-        return decode(self.graphdef, self.ctx, self.state, self._put(np.asarray(token_B)),
-                      self._put(np.asarray(position_B)), cache)
+        """Logits ``[B, V]`` after one more token per row, and the updated cache."""
+        return self._call(decode, (self.graphdef, self.ctx), self.state,
+                          self._put(np.asarray(token_B, np.int32)),
+                          self._put(np.asarray(position_B, np.int32)), cache)
 
     # ------------------------------------------------------------ the whole thing
 
@@ -255,27 +272,31 @@ class Generator:
         stops = tuple(sorted({int(s) for s in stop_ids}))
         key = jax.random.key(seed)
 
+        compile_before = self.compile_s
         start = time.perf_counter()
         logits_BV, cache = self.prefill(ids, positions, segs, cache)
         logits_BV.block_until_ready()
-        prefill_s = time.perf_counter() - start
+        prefill_s = time.perf_counter() - start - (self.compile_s - compile_before)
+        compile_mid = self.compile_s
         start = time.perf_counter()
         if stream is None:
-            tokens_BN, _, _ = decode_loop(
-                self.graphdef, self.ctx, sampling, stops, bucket, self.state, logits_BV,
-                self._put(nxt), cache, key, self._put(done), jnp.int32(max_new_tokens))
+            static = (self.graphdef, self.ctx, sampling, stops, bucket)
+            loop_args = (self.state, logits_BV, self._put(nxt), cache, key, self._put(done),
+                         jnp.int32(max_new_tokens))
+            tokens_BN, _, _ = self._call(decode_loop, static, *loop_args)
             tokens_BN = np.asarray(jax.device_get(tokens_BN))
         else:
             tokens_BN = self._stream(logits_BV, nxt, cache, key, done, stops, bucket,
                                      max_new_tokens, sampling, stream, n_real)
-        decode_s = time.perf_counter() - start
+        decode_s = time.perf_counter() - start - (self.compile_s - compile_mid)
         out = []
         for row in tokens_BN[:n_real]:
             kept = [int(t) for t in row if t != DONE]
             out.append(kept)
         # The first token comes from the prefill's logits: decoding made the rest.
         new = sum(max(0, len(r) - 1) for r in out)
-        return Generated(out, sum(len(p) for p in prompts), new, prefill_s, decode_s)
+        return Generated(out, sum(len(p) for p in prompts), new, prefill_s, decode_s,
+                         self.compile_s - compile_before)
 
     def _stream(self, logits_BV, nxt, cache, key, done, stops, bucket, max_new, sampling,
                 stream, n_real) -> np.ndarray:
