@@ -43,6 +43,7 @@ from jaxtune.sharding import Rules, activation_rules, batch_axis_size, batch_sha
 MIN_PROMPT_BUCKET = 16
 NEW_TOKENS_BUCKET = 32  # max_new_tokens rounds up to a multiple of this (the cache's slots)
 DONE = -1  # the token id written after a row has stopped
+MAX_STOP_IDS = 16  # stop ids are data (no recompile per set), padded to this many
 
 
 # --------------------------------------------------------------------------- jitted pieces
@@ -74,15 +75,14 @@ def decode(graphdef, ctx, state, token_B, position_B, cache):
     return _decode(graphdef, ctx, state, token_B, position_B, cache)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4), donate_argnums=(8,))
-def decode_loop(graphdef, ctx, sampling: Sampling, stop_ids: tuple[int, ...], bucket: int,
-                state, logits_BV, position_B, cache, key, done_B, max_new):
-    """Sample up to ``max_new`` (<= ``bucket``) tokens per row from the prefill's logits.
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(7,))
+def decode_loop(graphdef, ctx, sampling: Sampling, bucket: int, state, logits_BV, position_B,
+                cache, key, done_B, stops, max_new):
+    """Sample up to ``max_new`` (<= ``bucket``) tokens per row from the prefill's logits,
+    stopping a row at any id of ``stops`` (``[MAX_STOP_IDS]``, padded with ``DONE``).
 
     Returns ``(tokens [B, bucket], steps, cache)``: a row's tokens end with its stop id and
     are ``DONE`` after it (and after ``max_new``)."""
-    stops = jnp.asarray(stop_ids or (DONE,), jnp.int32)
-
     def pick(logits_BV, step, done_B):
         token_B = sample(logits_BV, jax.random.fold_in(key, step), sampling)
         token_B = jnp.where(done_B, DONE, token_B)
@@ -269,7 +269,11 @@ class Generator:
         cache = self.new_cache(ids.shape[0], ids.shape[1] + bucket)
         n_real = len(prompts)
         done = np.arange(ids.shape[0]) >= n_real
-        stops = tuple(sorted({int(s) for s in stop_ids}))
+        stops = sorted({int(s) for s in stop_ids})
+        if len(stops) > MAX_STOP_IDS:
+            raise GenerateError(f"{len(stops)} stop ids; at most {MAX_STOP_IDS} are supported.")
+        stops_S = np.full((MAX_STOP_IDS,), DONE, np.int32)
+        stops_S[:len(stops)] = stops
         key = jax.random.key(seed)
 
         compile_before = self.compile_s
@@ -280,13 +284,13 @@ class Generator:
         compile_mid = self.compile_s
         start = time.perf_counter()
         if stream is None:
-            static = (self.graphdef, self.ctx, sampling, stops, bucket)
+            static = (self.graphdef, self.ctx, sampling, bucket)
             loop_args = (self.state, logits_BV, self._put(nxt), cache, key, self._put(done),
-                         jnp.int32(max_new_tokens))
+                         jnp.asarray(stops_S), jnp.int32(max_new_tokens))
             tokens_BN, _, _ = self._call(decode_loop, static, *loop_args)
             tokens_BN = np.asarray(jax.device_get(tokens_BN))
         else:
-            tokens_BN = self._stream(logits_BV, nxt, cache, key, done, stops, bucket,
+            tokens_BN = self._stream(logits_BV, nxt, cache, key, done, stops_S, bucket,
                                      max_new_tokens, sampling, stream, n_real)
         decode_s = time.perf_counter() - start - (self.compile_s - compile_mid)
         out = []
