@@ -106,6 +106,11 @@ class Trainer:
             schedule=self.schedule)
         self.eval_step = jit_eval_step(self.state, self.mesh, self.rules, loss_fn=self.loss_fn)
         self.train_iter = data.make_batch_iterator(cfg, self.tokenizer, split="train")
+        self.sampler = None  # greedy answers every trainer.sample_every steps
+        if cfg.trainer.sample_every:
+            from jaxtune.generation.samples import TrainingSampler
+
+            self.sampler = TrainingSampler(cfg, self.tokenizer, self.run_dir, write=self.main)
         self.to_global = lambda b: data.to_global_batch(b, self.mesh)
 
         self.checkpointer = None
@@ -202,6 +207,8 @@ class Trainer:
                 pending = None
             if evaluate:
                 evals.append(self._eval_and_log(step))
+            if self.sampler is not None and self.sampler.due(step, t.steps):
+                self.sampler(step, self.state.model(), self.writer)
             self._save(step)
             last = step
             if self._preemption_requested(step):
