@@ -110,6 +110,10 @@ def decode_loop(graphdef, ctx, sampling: Sampling, bucket: int, state, logits_BV
 
 
 _sample = jax.jit(sample, static_argnums=(2,))
+# Executables by (function, static args, argument shapes / dtypes / shardings), shared by every
+# Generator: a model's graph is the same from call to call (new parameters reuse them).
+_COMPILED: dict[Any, Any] = {}
+_MAX_COMPILED = 64
 
 
 # --------------------------------------------------------------------------- the generator
@@ -181,7 +185,6 @@ class Generator:
             self.mesh, tuple(sorted(rules.items())) if rules else None)
         self.layout = cache_layout(model)
         self.vocab_size = model.config.vocab_size
-        self._compiled: dict[Any, Any] = {}
         self.compile_s = 0.0  # seconds spent compiling, all shape buckets together
         self.batch_multiple = 1 if self.mesh is None else batch_axis_size(self.mesh, rules)
         probe = jax.ShapeDtypeStruct((1, 1), jnp.int32)
@@ -226,13 +229,17 @@ class Generator:
     def _call(self, fn, static: tuple, *dynamic: Any):
         """``fn(*static, *dynamic)`` through an executable compiled once per shape bucket (so
         compile time is counted apart from prefill and decode time)."""
-        key = (fn, static, tuple((x.shape, x.dtype) for x in jax.tree.leaves(dynamic)))
-        compiled = self._compiled.get(key)
+        key = (fn, static, jax.tree.structure(dynamic),
+               tuple((x.shape, x.dtype, getattr(x, "sharding", None))
+                     for x in jax.tree.leaves(dynamic)))
+        compiled = _COMPILED.get(key)
         if compiled is None:
             start = time.perf_counter()
             compiled = fn.lower(*static, *dynamic).compile()
             self.compile_s += time.perf_counter() - start
-            self._compiled[key] = compiled
+            if len(_COMPILED) >= _MAX_COMPILED:  # drop the oldest
+                _COMPILED.pop(next(iter(_COMPILED)))
+            _COMPILED[key] = compiled
         return compiled(*dynamic)
 
     def prefill(self, ids_BT, positions_BT, segment_ids_BT, cache: KVCache):

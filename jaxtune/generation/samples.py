@@ -55,7 +55,6 @@ class TrainingSampler:
         self.prompts = read_prompts(t.sample_prompts) if t.sample_prompts else \
             held_out_prompts(cfg, t.sample_count)
         self.path = os.path.join(run_dir, "samples.jsonl")
-        self._generator = None
 
     def due(self, step: int, last: int) -> bool:
         return bool(self.every) and (step % self.every == 0 or step == last)
@@ -65,14 +64,9 @@ class TrainingSampler:
         from jaxtune.generation.api import generate
         from jaxtune.generation.loop import Generator
 
-        # Parameters change every step, the graph does not: reuse the compiled programs.
-        gen = Generator(model)
-        if self._generator is not None and self._generator.graphdef == gen.graphdef:
-            self._generator.state = gen.state
-            gen = self._generator
-        self._generator = gen
+        # Parameters change every step, the graph does not: the compiled programs are reused.
         texts = generate(model, self.tokenizer, self.prompts, max_new_tokens=self.max_new_tokens,
-                         generator=gen)
+                         generator=Generator(model))
         if not self.write:
             return texts
         with open(self.path, "a", encoding="utf-8") as f:
