@@ -77,4 +77,14 @@ def load(path: str, *, step: int | None = None, dtype: str = "float32",
     if step is not None:
         raise GenerateError(f"--step {step} needs a run directory (with config.yaml); {path} "
                             "is a model folder or hub id.")
-    return load_model_folder(path, dtype=dtype, scan_layers=scan_layers)
+    from jaxtune.errors import JaxtuneError
+
+    try:
+        return load_model_folder(path, dtype=dtype, scan_layers=scan_layers)
+    except JaxtuneError as e:
+        if Path(path).expanduser().exists():
+            raise
+        raise GenerateError(
+            f"{e} A run directory is also accepted (a training run's run.output_dir, holding "
+            "config.yaml and checkpoints/): train first, e.g. `jaxtune train "
+            "configs/quickstart.yaml` writes runs/quickstart.") from None
