@@ -38,7 +38,13 @@ from jax.sharding import Mesh, NamedSharding
 from jaxtune.generation.cache import KVCache, cache_layout, empty_cache
 from jaxtune.generation.errors import GenerateError
 from jaxtune.generation.sampling import Sampling, sample
-from jaxtune.sharding import Rules, activation_rules, batch_axis_size, batch_sharding
+from jaxtune.sharding import (
+    Rules,
+    activation_rules,
+    batch_axis_size,
+    batch_sharding,
+    host_array,
+)
 
 MIN_PROMPT_BUCKET = 16
 NEW_TOKENS_BUCKET = 32  # max_new_tokens rounds up to a multiple of this (the cache's slots)
@@ -200,9 +206,12 @@ class Generator:
                            self.rules)
 
     def _put(self, x: np.ndarray) -> jax.Array:
+        """A host array (the same on every process) as a global array split over batch."""
         if self.mesh is None:
             return jnp.asarray(x)
-        return jax.device_put(jnp.asarray(x), batch_sharding(self.mesh, self.rules, x.ndim))
+        x = np.asarray(x)
+        sharding = batch_sharding(self.mesh, self.rules, x.ndim)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
     def layout_prompts(self, prompts: Sequence[Sequence[int]]
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -295,7 +304,7 @@ class Generator:
             loop_args = (self.state, logits_BV, self._put(nxt), cache, key, self._put(done),
                          jnp.asarray(stops_S), jnp.int32(max_new_tokens))
             tokens_BN, _, _ = self._call(decode_loop, static, *loop_args)
-            tokens_BN = np.asarray(jax.device_get(tokens_BN))
+            tokens_BN = host_array(tokens_BN)
         else:
             tokens_BN = self._stream(logits_BV, nxt, cache, key, done, stops_S, bucket,
                                      max_new_tokens, sampling, stream, n_real)
@@ -319,7 +328,7 @@ class Generator:
             if step:
                 logits_BV, cache = self.decode(np.maximum(token, 0), position, cache)
                 position = position + 1
-            token = np.asarray(_sample(logits_BV, jax.random.fold_in(key, step), sampling))
+            token = host_array(_sample(logits_BV, jax.random.fold_in(key, step), sampling))
             token = np.where(done, DONE, token)
             tokens[:, step] = token
             done = done | np.isin(token, stops)
