@@ -139,14 +139,19 @@ def test_smollm2_chat_answers_match_transformers(smollm2_dir):
     assert "Paris" in answers.texts[0]
     hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir).eval()
     stops = default_stop_ids(tok, gc)
-    for q, ids, tokens in zip(questions, answers.prompt_ids, answers.tokens, strict=True):
-        chat = tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
-                                       add_generation_prompt=True)
-        assert ids == tok(chat, add_special_tokens=False)["input_ids"]
-        with torch.no_grad():
-            ref = hf.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False,
-                              eos_token_id=stops)[0, len(ids):].tolist()
-        assert tokens == ref, q
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on a shared 2-core machine two threads mostly wait
+    try:
+        for q, ids, tokens in zip(questions, answers.prompt_ids, answers.tokens, strict=True):
+            chat = tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                           add_generation_prompt=True)
+            assert ids == tok(chat, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                ref = hf.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False,
+                                  eos_token_id=stops)[0, len(ids):].tolist()
+            assert tokens == ref, q
+    finally:
+        torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------------- the CLI
