@@ -7,6 +7,7 @@ Public API (imported lazily, so ``import jaxtune`` is cheap)::
     jaxtune.save_pretrained(model, "out_dir", tokenizer=tok)
     cfg = jaxtune.load_config("configs/quickstart.yaml", ["--trainer.steps=10"])
     jaxtune.train(cfg)
+    answers = jaxtune.generate(model, tokenizer, ["Hi!"], max_new_tokens=64)
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ _LAZY = {
     "load_config": "jaxtune.config",
     "train": "jaxtune.trainer",
     "make_mesh": "jaxtune.mesh",
+    "generate": "jaxtune.generation",
 }
 
 __all__ = sorted(_LAZY)

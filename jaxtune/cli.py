@@ -68,14 +68,8 @@ def cmd_export(argv: list[str]) -> int:
 
 
 def cmd_generate(argv: list[str]) -> int:
-    try:
-        from jaxtune.generate import generate_main
-    except ImportError:
-        raise JaxtuneError(
-            "'jaxtune generate' is not available yet. To sample from a fine-tuned model "
-            "today, export it ('jaxtune export RUN_DIR --out DIR') and load DIR with "
-            "transformers."
-        ) from None
+    from jaxtune.generation import generate_main
+
     return generate_main(argv)
 
 

@@ -150,6 +150,10 @@ class TrainerConfig:
     z_loss: float = 0.0  # weight of the z-loss (log-partition squared) regulariser
     loss_chunk_size: int = 1024  # tokens per chunk of the vocabulary projection in the loss
     progress: bool = True  # show a progress bar
+    sample_every: int = 0  # write greedy answers to samples.jsonl every N steps; 0 disables
+    sample_prompts: str = ""  # jsonl of prompts to answer; empty: the first held-out chats
+    sample_count: int = 4  # held-out chats to answer when sample_prompts is empty
+    sample_max_new_tokens: int = 64  # answer length limit for the samples
 
 
 @dataclass

@@ -316,6 +316,12 @@ class MetricsWriter:
         if self._wandb is not None:
             self._wandb.log(numeric, step=int(step))
 
+    def text(self, step: int, tag: str, text: str) -> None:
+        """A text entry (e.g. sampled answers) in TensorBoard; other sinks keep numbers only."""
+        if self.enabled and self._tb is not None:
+            self._tb.add_text(tag, text, global_step=int(step))
+            self._tb.flush()
+
     def close(self) -> None:
         """Flush and close every sink; safe to call twice."""
         if self._jsonl is not None:

@@ -108,6 +108,11 @@ class Trainer:
         if getattr(self.loss_fn, "prepare", None) is not None:
             self.loss_fn.prepare(self)  # e.g. precomputed reference log-probs, before training
         self.train_iter = data.make_batch_iterator(cfg, self.tokenizer, split="train")
+        self.sampler = None  # greedy answers every trainer.sample_every steps
+        if cfg.trainer.sample_every:
+            from jaxtune.generation.samples import TrainingSampler
+
+            self.sampler = TrainingSampler(cfg, self.tokenizer, self.run_dir, write=self.main)
         self.to_global = lambda b: data.to_global_batch(b, self.mesh)
 
         self.checkpointer = None
@@ -206,6 +211,8 @@ class Trainer:
                 pending = None
             if evaluate:
                 evals.append(self._eval_and_log(step))
+            if self.sampler is not None and self.sampler.due(step, t.steps):
+                self.sampler(step, self.state.model(), self.writer)
             self._save(step)
             last = step
             if self._preemption_requested(step):

@@ -2,11 +2,13 @@
 
     python scripts/quickstart_report.py runs/quickstart
 
-Reads the run directory jaxtune wrote (config.yaml, metrics.jsonl, the exported Hugging Face
-folders), draws ``loss_curve.png`` there, and asks the base model and the fine-tuned export the
-same held-out questions with greedy decoding in transformers, which also shows that the export
-loads as it is. The PEFT adapter is loaded with ``peft`` on the base and must answer like the
-merged export. Writes ``report.md`` next to the metrics.
+Reads the run directory jaxtune wrote (config.yaml, metrics.jsonl, its last checkpoint, the
+exported Hugging Face folders), draws ``loss_curve.png`` there, and asks the base model and the
+fine-tuned run (its LoRA adapters applied, unmerged) the same held-out questions with
+jaxtune's own greedy generation. One transformers check shows that the merged export loads as
+it is and answers the first question token for token like jaxtune; the PEFT adapter is loaded
+with ``peft`` on the base and must answer like the merged export. Writes ``report.md`` next to
+the metrics.
 """
 
 from __future__ import annotations
@@ -75,15 +77,31 @@ def plot(train, evals, out: Path) -> None:
     plt.close(fig)
 
 
-def answer(model, tokenizer, messages, max_new_tokens: int) -> str:
+def answer_ids(model, tokenizer, messages, max_new_tokens: int, stop_ids=None) -> list[int]:
+    """transformers' greedy answer (token ids, the stop id included) to one chat."""
     import torch
 
     enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                         return_tensors="pt", return_dict=True)
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_ids)
+    ids = out[0, enc["input_ids"].shape[1]:].tolist()
+    ends = [i for i, t in enumerate(ids) if stop_ids and t in stop_ids]
+    return ids[:ends[0] + 1] if ends else ids
+
+
+def answer(model, tokenizer, messages, max_new_tokens: int) -> str:
+    ids = answer_ids(model, tokenizer, messages, max_new_tokens)
+    return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def jaxtune_answers(loaded, chats, max_new_tokens: int):
+    """jaxtune's greedy answers (``jaxtune.generation.api.Answers``) to every chat at once."""
+    from jaxtune.generation.api import generate
+
+    return generate(loaded.model, loaded.tokenizer, chats, max_new_tokens=max_new_tokens,
+                    generation_config=loaded.generation_config, details=True)
 
 
 def hits(text: str, terms: list[str]) -> int:
@@ -110,11 +128,24 @@ def main() -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from jaxtune.generation.api import default_stop_ids
+    from jaxtune.generation.source import load_model_folder, load_run
+
     torch.set_num_threads(os.cpu_count() or 1)
     tokenizer = AutoTokenizer.from_pretrained(export_dir)
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
-    tuned = AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32).eval()
     spec = json.loads(args.questions.read_text())
+    chats = []
+    for q in spec["questions"]:
+        messages = [{"role": "system", "content": spec["system_prompt"]}] \
+            if spec.get("system_prompt") else []
+        chats.append(messages + [{"role": "user", "content": q["question"]}])
+    base_out = jaxtune_answers(load_model_folder(str(base_dir)), chats, args.max_new_tokens)
+    tuned_run = load_run(str(run_dir))
+    tuned_out = jaxtune_answers(tuned_run, chats, args.max_new_tokens)
+    tuned = AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32).eval()
+    stops = default_stop_ids(tuned_run.tokenizer, tuned_run.generation_config)
+    export_same = answer_ids(tuned, tokenizer, chats[0], args.max_new_tokens, stops) == \
+        tuned_out.tokens[0]
     lines = [
         f"# Quickstart report ({run_dir})",
         "",
@@ -128,12 +159,9 @@ def main() -> int:
         "",
     ]
     base_hits = tuned_hits = total = 0
-    for q in spec["questions"]:
-        messages = [{"role": "system", "content": spec["system_prompt"]}] \
-            if spec.get("system_prompt") else []
-        messages.append({"role": "user", "content": q["question"]})
-        a_base = answer(base, tokenizer, messages, args.max_new_tokens)
-        a_tuned = answer(tuned, tokenizer, messages, args.max_new_tokens)
+    for q, a_base, a_tuned in zip(spec["questions"], base_out.texts, tuned_out.texts,
+                                  strict=True):
+        a_base, a_tuned = a_base.strip(), a_tuned.strip()
         base_hits += hits(a_base, q["key_terms"])
         tuned_hits += hits(a_tuned, q["key_terms"])
         total += len(q["key_terms"])
@@ -141,6 +169,11 @@ def main() -> int:
                   f"**Base model:** {a_base}", "", f"**Fine-tuned:** {a_tuned}", ""]
     lines.append(f"Product facts (key terms) in the answers: base {base_hits}/{total}, "
                  f"fine-tuned {tuned_hits}/{total}.")
+    verdict = "answers the first question token for token like jaxtune" if export_same \
+        else "DIFFERS from jaxtune"
+    lines.append(f"Answers generated by jaxtune (decode {tuned_out.stats.decode_tokens_per_s:.0f}"
+                 f" tokens/s); the merged export ({export_dir.name}) loaded in transformers "
+                 f"{verdict}.")
     if adapter_dir.is_dir():
         from peft import PeftModel
 

@@ -217,3 +217,34 @@ def test_adapter_export_of_a_full_run_is_refused(tiny_hf_model, data_tokenizers,
     with pytest.raises(ExportError, match="needs a LoRA run"):
         export_run(run, tmp_path / "nope", lora="adapter")
     assert not (tmp_path / "nope").exists()
+
+
+def test_lora_run_generates_like_its_merged_export(trained_lora, tmp_path, capsys):
+    """``jaxtune generate RUN_DIR`` (adapters applied, unmerged) gives transformers' greedy
+    tokens on the merged export, token for token."""
+    import torch
+    import transformers
+
+    from jaxtune.generation.api import default_stop_ids, generate
+    from jaxtune.generation.source import load
+
+    root, _, _ = trained_lora
+    run = load(str(root / "run"))
+    assert "LoRA" in run.description
+    questions = ["How do I reset my password?", "Hi", "What is the refund policy for a year?"]
+    out = generate(run.model, run.tokenizer, questions, max_new_tokens=16,
+                   generation_config=run.generation_config, details=True)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(root / "run" / "hf").eval()
+    stops = default_stop_ids(run.tokenizer, run.generation_config)
+    for ids, tokens in zip(out.prompt_ids, out.tokens, strict=True):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False,
+                              eos_token_id=stops, pad_token_id=0)[0, len(ids):].tolist()
+        ends = [i for i, t in enumerate(ref) if t in stops]
+        assert tokens == (ref[:ends[0] + 1] if ends else ref)
+    capsys.readouterr()
+    assert cli_main(["generate", str(root / "run"), "--prompt", questions[0],
+                     "--max-new-tokens", "16"]) == 0
+    printed = capsys.readouterr()
+    assert f"--- answer 1\n{out.texts[0]}\n" in printed.out
+    assert "decode:" in printed.err and "tokens/s" in printed.err

@@ -64,3 +64,19 @@ def test_trains_a_step_and_exports_a_loadable_folder(toy_dir, tmp_path):
     reloaded = jaxtune.from_pretrained(out)
     ids = np.arange(10, dtype=np.int32)[None] % CONFIG["vocab_size"]
     np.testing.assert_array_equal(np.asarray(reloaded(ids)), np.asarray(state.model()(ids)))
+
+
+def test_a_second_family_generates_through_the_cache_contract(toy_dir):
+    """The toy family's few cache lines (tests/toy_family/model.py) are all it takes: cached
+    greedy decoding equals re-running the whole text without a cache at every step."""
+    from jaxtune.generation.loop import Generator
+
+    model = jaxtune.from_pretrained(toy_dir, scan_layers=True)
+    prompts = [[3, 5, 7], [11, 2, 9, 30, 4, 1, 8]]
+    got = Generator(model).generate(prompts, max_new_tokens=8).tokens
+    full = jax.jit(lambda m, x: m(x))
+    for prompt, tokens in zip(prompts, got, strict=True):
+        text = list(prompt)
+        for _ in range(8):
+            text.append(int(np.argmax(np.asarray(full(model, np.array([text])))[0, -1])))
+        assert tokens == text[len(prompt):]

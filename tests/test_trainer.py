@@ -81,3 +81,25 @@ def test_lora_dropout_reaches_the_train_step_only(recipe):
     # B starts at zero and the warmup's first learning rate is 0, so B first moves at step 2
     # and dropout shows in the loss from step 3 on.
     assert dropped.history[2]["loss"] != pytest.approx(plain.history[2]["loss"], rel=1e-5)
+
+
+def test_samples_during_training(recipe):
+    """trainer.sample_every: greedy answers to held-out chats in samples.jsonl, at steps 3
+    and 6, the last equal to generating with the trained model afterwards."""
+    import jaxtune
+    from jaxtune.generation.samples import held_out_prompts
+
+    cfg = recipe(name="samples", trainer={"sample_every": 3, "sample_count": 2,
+                                          "sample_max_new_tokens": 8})
+    result = train(cfg)
+    rows = [json.loads(x) for x in open(os.path.join(cfg.run.output_dir, "samples.jsonl"))]
+    assert [(r["step"], r["prompt_index"]) for r in rows] == [(3, 0), (3, 1), (6, 0), (6, 1)]
+    prompts = held_out_prompts(cfg, 2)
+    assert [r["prompt"] for r in rows[2:]] == prompts
+    assert prompts[0][-1]["role"] == "user"
+    from jaxtune.data import load_tokenizer
+
+    again = jaxtune.generate(result.state.model(), load_tokenizer(cfg), prompts,
+                             max_new_tokens=8)
+    assert [r["answer"] for r in rows[2:]] == again
+    assert os.listdir(os.path.join(cfg.run.output_dir, "tensorboard"))

@@ -10,6 +10,7 @@ that provides it. The CLI runs in process (``jaxtune.cli.main``): any exception 
 from __future__ import annotations
 
 import re
+import shlex
 import shutil
 from pathlib import Path
 
@@ -131,13 +132,14 @@ def test_readme_commands_on_a_fresh_clone(tmp_path, capsys, monkeypatch):
     shutil.copytree(ROOT / "examples", work / "examples")
     monkeypatch.chdir(work)
     block = README.split("## Using jaxtune", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
-    commands = [line.split("#")[0].split() for line in block.splitlines() if line.strip()]
+    commands = [shlex.split(line.split("#")[0]) for line in block.splitlines() if line.strip()]
     assert [c[:2] for c in commands] == [["jaxtune", "train"], ["jaxtune", "print-config"],
                                          ["jaxtune", "inspect-data"], ["jaxtune", "export"],
-                                         ["jaxtune", "launch"]]
+                                         ["jaxtune", "generate"], ["jaxtune", "launch"]]
     needs = {"train": "python scripts/make_smollm2.py",
              "inspect-data": "python scripts/make_smollm2.py",
-             "export": "jaxtune train configs/quickstart.yaml"}
+             "export": "jaxtune train configs/quickstart.yaml",
+             "generate": "jaxtune train configs/quickstart.yaml"}
     for argv in commands:
         name = argv[1]
         if name in needs:

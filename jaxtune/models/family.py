@@ -71,12 +71,35 @@ class CausalLM(Protocol):
     chunked loss calls the two halves separately so full logits are never materialised.
     Optional: ``hidden_states_and_aux`` (see :func:`hidden_states_and_aux`), for a model with
     an auxiliary loss of its own.
+
+    **Generation (the KV cache contract).** A family generates (``jaxtune.generation``) when
+    ``hidden_states`` also takes ``cache=None`` and, given a cache, returns
+    ``(hidden_states, updated cache)``. Without a cache nothing changes (training). The cache
+    is a ``jaxtune.generation.cache.KVCache``; the family never builds one, it only threads it:
+
+    1. the model, where it builds ``AttentionMask.causal(positions, segment_ids)``, instead
+       calls ``mask, cache = cache.attend(positions_BT, segment_ids_BT)`` when a cache is given
+       (the new tokens' queries over the cache slots: causal, padding and windows all from
+       slot positions and segment ids);
+    2. passes ``cache=cache.layers`` to ``stack.apply_layers``, which then returns
+       ``(x, layers_kv)`` (threaded through the scan, or the Python loop without scan), and
+       finishes with ``cache = cache.update(layers_kv)``;
+    3. each ``DecoderLayer.__call__`` takes ``cache=None``, passes it on as
+       ``layers.Attention(..., cache=cache)`` (which then returns ``(out, cache)``: it writes
+       its new keys/values at ``cache.index`` and attends over all slots) and returns
+       ``(x, cache)`` when given one. A layer with no attention returns its cache unchanged.
+
+    The cache's shape comes from ``config.num_hidden_layers``, ``num_key_value_heads`` and
+    ``head_dim`` (or the model's ``kv_cache_layout() -> (layers, kv_heads, head_dim)``), its
+    dtype from ``hidden_states``' output (the compute dtype). Positions passed while
+    generating are the true token positions (prompts are left-padded with segment 0).
     """
 
     config: Any
 
     def hidden_states(self, input_ids_BT: jax.Array, positions_BT: jax.Array | None = None,
-                      segment_ids_BT: jax.Array | None = None) -> jax.Array: ...
+                      segment_ids_BT: jax.Array | None = None, cache: Any = None
+                      ) -> jax.Array: ...
 
     def unembed(self, hidden_D: jax.Array) -> jax.Array: ...
 

@@ -481,6 +481,28 @@ def _blocked_causal_attention(q_BTNH, k_BSKH, v_BSKH, mask: AttentionMask, windo
     return jnp.concatenate(outs, axis=1)
 
 
+@struct.dataclass
+class LayerKV:
+    """One layer's slice of a generation KV cache (``jaxtune.generate.cache.KVCache``).
+
+    ``k_BSKH`` / ``v_BSKH`` hold ``S`` slots in the cache dtype; ``index`` is the slot the
+    current call's first new token goes to (the same for every row: prompts are left-padded).
+    Under a scanned stack every leaf has a leading ``[L]`` axis, ``index`` included.
+    """
+
+    k_BSKH: jax.Array
+    v_BSKH: jax.Array
+    index: jax.Array
+
+    def write(self, k_BTKH: jax.Array, v_BTKH: jax.Array) -> LayerKV:
+        """The cache with ``T`` new keys / values at slots ``index .. index + T - 1``."""
+        names = ("batch", "seq", "kv_heads", "head_dim")
+        at = (0, self.index, 0, 0)
+        k = jax.lax.dynamic_update_slice(self.k_BSKH, k_BTKH.astype(self.k_BSKH.dtype), at)
+        v = jax.lax.dynamic_update_slice(self.v_BSKH, v_BTKH.astype(self.v_BSKH.dtype), at)
+        return self.replace(k_BSKH=constrain(k, names), v_BSKH=constrain(v, names))
+
+
 class Attention(nnx.Module):
     """Self-attention with grouped KV heads, RoPE, optional q/k/v/o biases and q/k RMSNorm.
 
@@ -528,7 +550,11 @@ class Attention(nnx.Module):
         self.softcap = softcap
 
     def __call__(self, x_BTD: jax.Array, cos_BTh: jax.Array, sin_BTh: jax.Array,
-                 mask: AttentionMask, window: int | jax.Array | None) -> jax.Array:
+                 mask: AttentionMask, window: int | jax.Array | None,
+                 cache: LayerKV | None = None) -> jax.Array | tuple[jax.Array, LayerKV]:
+        """Attention output ``[B, T, D]``; with a ``cache`` (generation), ``(output, cache)``:
+        the new keys and values are written at ``cache.index`` and the queries attend over
+        every slot of the updated cache, as ``mask`` (keys = cache slots) allows."""
         q_BTNH = self.q_proj(x_BTD)
         k_BTKH = self.k_proj(x_BTD)
         v_BTKH = self.v_proj(x_BTD)
@@ -538,6 +564,13 @@ class Attention(nnx.Module):
                            ("batch", "seq", "heads", "head_dim"))
         k_BTKH = constrain(apply_rope(k_BTKH, cos_BTh, sin_BTh),
                            ("batch", "seq", "kv_heads", "head_dim"))
+        if cache is not None:
+            cache = cache.write(k_BTKH, v_BTKH)
+            out_BTNH = dot_product_attention(q_BTNH, cache.k_BSKH.astype(q_BTNH.dtype),
+                                             cache.v_BSKH.astype(q_BTNH.dtype), mask=mask,
+                                             window=window, implementation="xla",
+                                             softcap=self.softcap, scale=self.scale)
+            return self.o_proj(out_BTNH), cache
         out_BTNH = dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask, window=window,
                                          implementation=self.implementation,
                                          softcap=self.softcap, scale=self.scale)

@@ -73,14 +73,23 @@ def make_layers(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, *
 
 def apply_layers(layers: nnx.Module, x: jax.Array, *args: Any, num_layers: int,
                  scan_layers: bool, remat: str,
-                 layer_args: Sequence[Mapping[str, Any]] | None = None) -> jax.Array:
+                 layer_args: Sequence[Mapping[str, Any]] | None = None,
+                 cache: Any = None) -> jax.Array | tuple[jax.Array, Any]:
     """``x = layer_i(x, *args, **layer_args[i])`` for every layer, in order, scanned when the
-    layers are stacked, each rematerialised by the ``remat`` policy."""
+    layers are stacked, each rematerialised by the ``remat`` policy.
+
+    ``cache`` (generation): a pytree whose every leaf has a leading ``[L]`` axis (e.g. the
+    ``layers`` of ``jaxtune.generate.cache.KVCache``). Layer ``i`` is then called with
+    ``cache=`` its slice and must return ``(x, its updated slice)``; the result is
+    ``(x, the updated stacked cache)``. Without a cache nothing changes (training)."""
     check_remat(remat)
     layer_args = list(layer_args or [{}] * num_layers)
     if len(layer_args) != num_layers:
         raise JaxtuneError(f"{len(layer_args)} layer_args for {num_layers} layers.")
     policy = REMAT_POLICIES[remat]
+    if cache is not None:
+        return _apply_layers_cached(layers, x, args, num_layers, scan_layers, policy, remat,
+                                    layer_args, cache)
     if not scan_layers:
         for layer, kwargs in zip(layers, layer_args, strict=True):
             graphdef, state = nnx.split(layer)
@@ -100,6 +109,32 @@ def apply_layers(layers: nnx.Module, x: jax.Array, *args: Any, num_layers: int,
         body = jax.checkpoint(body, policy=policy, prevent_cse=False)
     x, _ = jax.lax.scan(body, x, (state, varying))
     return x
+
+
+def _apply_layers_cached(layers, x, args, num_layers, scan_layers, policy, remat,
+                         layer_args, cache):
+    """:func:`apply_layers` threading a stacked per-layer cache through the loop or scan."""
+    if not scan_layers:
+        new = []
+        for i, (layer, kwargs) in enumerate(zip(layers, layer_args, strict=True)):
+            graphdef, state = nnx.split(layer)
+            fn = functools.partial(_apply, graphdef, dict(kwargs))
+            if remat != "none":
+                fn = jax.checkpoint(fn, policy=policy)
+            layer_cache = jax.tree.map(lambda a, i=i: a[i], cache)
+            x, layer_cache = fn(state, x, args, {"cache": layer_cache})
+            new.append(layer_cache)
+        return x, jax.tree.map(lambda *a: jnp.stack(a), *new)
+    static, varying = _split_layer_args(layer_args)
+    graphdef, state = nnx.split(layers)
+
+    def body(x, xs):
+        layer_state, kwargs, layer_cache = xs
+        return _apply(graphdef, static, layer_state, x, args, {**kwargs, "cache": layer_cache})
+
+    if remat != "none":
+        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+    return jax.lax.scan(body, x, (state, varying, cache))
 
 
 def _split_layer_args(layer_args: list[Mapping[str, Any]]) -> tuple[dict, dict]:

@@ -87,9 +87,13 @@ class Layer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(d, eps=1e-6, param_dtype=param_dtype)
         self.mlp = ExpertMLP(cfg, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, None)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def __call__(self, x, cos, sin, mask, cache=None):
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, None, cache=cache)
+        if cache is not None:  # generation: the KV cache contract (jaxtune/models/family.py)
+            attn, cache = attn
+        x = x + attn
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x if cache is None else (x, cache)
 
 
 class Inner(nnx.Module):
@@ -115,17 +119,23 @@ class ToyMoe(nnx.Module):
         self.lm_head = Linear((config.hidden_size,), (config.vocab_size,), in_axes=("embed",),
                               out_axes=("vocab",), param_dtype=param_dtype, rngs=rngs)
 
-    def hidden_states(self, input_ids_BT, positions_BT=None, segment_ids_BT=None):
+    def hidden_states(self, input_ids_BT, positions_BT=None, segment_ids_BT=None, cache=None):
         b, t = input_ids_BT.shape
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         x = self.model.embed_tokens(input_ids_BT, self.compute_dtype)
         cos, sin = rope_cos_sin(positions_BT, RopeParameters(), self.config.head_dim, x.dtype)
-        mask = AttentionMask.causal(positions_BT, segment_ids_BT)
+        if cache is None:
+            mask = AttentionMask.causal(positions_BT, segment_ids_BT)
+        else:
+            mask, cache = cache.attend(positions_BT, segment_ids_BT)
         x = apply_layers(self.model.layers, x, cos, sin, mask,
                          num_layers=self.config.num_hidden_layers, scan_layers=self.scan_layers,
-                         remat=self.remat)
-        return self.model.norm(x)
+                         remat=self.remat, cache=None if cache is None else cache.layers)
+        if cache is None:
+            return self.model.norm(x)
+        x, layers_kv = x
+        return self.model.norm(x), cache.update(layers_kv)
 
     def unembed(self, hidden_D):
         return self.lm_head(hidden_D, out_dtype=jnp.float32).astype(jnp.float32)

@@ -261,11 +261,16 @@ class DecoderLayer(nnx.Module):
         self.mlp = GatedMLP(d, cfg.intermediate_size, activation=cfg.hidden_act,
                             use_bias=cfg.mlp_bias, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x_BTD, cos_BTh, sin_BTh, mask: AttentionMask, *, window) -> jax.Array:
-        attn = self.self_attn(self.input_layernorm(x_BTD), cos_BTh, sin_BTh, mask, window)
+    def __call__(self, x_BTD, cos_BTh, sin_BTh, mask: AttentionMask, *, window, cache=None):
+        """``x`` out; with a generation ``cache`` (this layer's LayerKV), ``(x, cache)``."""
+        attn = self.self_attn(self.input_layernorm(x_BTD), cos_BTh, sin_BTh, mask, window,
+                              cache=cache)
+        if cache is not None:
+            attn, cache = attn
         x_BTD = constrain(x_BTD + attn, ("batch", "seq", "embed"))
         x_BTD = x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
-        return constrain(x_BTD, ("batch", "seq", "embed"))
+        x_BTD = constrain(x_BTD, ("batch", "seq", "embed"))
+        return x_BTD if cache is None else (x_BTD, cache)
 
 
 class LlamaModel(nnx.Module):
@@ -284,12 +289,15 @@ class LlamaModel(nnx.Module):
                                   scan_layers=scan_layers, rngs=rngs)
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
 
-    def __call__(self, input_ids_BT, positions_BT, segment_ids_BT) -> jax.Array:
+    def __call__(self, input_ids_BT, positions_BT, segment_ids_BT, cache=None):
         cfg = self.config
         x_BTD = constrain(self.embed_tokens(input_ids_BT, self.compute_dtype),
                           ("batch", "seq", "embed"))
         cos_BTh, sin_BTh = rope_cos_sin(positions_BT, cfg.rope, cfg.head_dim, x_BTD.dtype)
-        mask = AttentionMask.causal(positions_BT, segment_ids_BT)
+        if cache is None:
+            mask = AttentionMask.causal(positions_BT, segment_ids_BT)
+        else:  # generation: the new tokens' queries over the cache's slots
+            mask, cache = cache.attend(positions_BT, segment_ids_BT)
         windows = cfg.layer_windows()
         if self.scan_layers and len(set(windows)) > 1:
             # Mixed full / sliding layers (Qwen2 with max_window_layers) scan a per-layer
@@ -297,8 +305,12 @@ class LlamaModel(nnx.Module):
             windows = tuple(w or _NO_WINDOW for w in windows)
         x_BTD = apply_layers(self.layers, x_BTD, cos_BTh, sin_BTh, mask,
                              num_layers=cfg.num_hidden_layers, scan_layers=self.scan_layers,
-                             remat=self.remat, layer_args=[{"window": w} for w in windows])
-        return self.norm(x_BTD)
+                             remat=self.remat, layer_args=[{"window": w} for w in windows],
+                             cache=None if cache is None else cache.layers)
+        if cache is None:
+            return self.norm(x_BTD)
+        x_BTD, layers_kv = x_BTD
+        return self.norm(x_BTD), cache.update(layers_kv)
 
 
 class Llama(nnx.Module):
@@ -332,14 +344,15 @@ class Llama(nnx.Module):
             out_axes=("vocab",), param_dtype=param_dtype, rngs=rngs,
         )
 
-    def hidden_states(self, input_ids_BT, positions_BT=None, segment_ids_BT=None) -> jax.Array:
-        """Final-norm hidden states ``[B, T, D]`` in the compute dtype."""
+    def hidden_states(self, input_ids_BT, positions_BT=None, segment_ids_BT=None, cache=None):
+        """Final-norm hidden states ``[B, T, D]`` in the compute dtype; with a generation
+        ``cache`` (``jaxtune.generation.cache.KVCache``), ``(hidden states, updated cache)``."""
         b, t = input_ids_BT.shape
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         if segment_ids_BT is not None:
             segment_ids_BT = segment_ids_BT.astype(jnp.int32)
-        return self.model(input_ids_BT, positions_BT, segment_ids_BT)
+        return self.model(input_ids_BT, positions_BT, segment_ids_BT, cache)
 
     def unembed(self, hidden_D: jax.Array) -> jax.Array:
         """Float32 logits ``[..., V]`` from hidden states ``[..., D]``."""
