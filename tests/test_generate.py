@@ -22,17 +22,17 @@ NEW = 32
 LENGTHS = (5, 11, 2)
 
 
-def prompts_for(seed: int = 0) -> list[list[int]]:
+def prompts_for(seed: int = 0, vocab: int = 389) -> list[list[int]]:
     rs = np.random.RandomState(seed)
-    return [rs.randint(3, 389, n).tolist() for n in LENGTHS]
+    return [rs.randint(3, vocab, n).tolist() for n in LENGTHS]
 
 
-def hf_greedy(path, prompts, new=NEW) -> list[list[int]]:
+def hf_greedy(path, prompts, new=NEW, **load) -> list[list[int]]:
     """transformers' greedy answers, one prompt at a time (no padding), cut after EOS."""
     import torch
     import transformers
 
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, **load).eval()
     eos = hf.generation_config.eos_token_id
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
     out = []
@@ -63,6 +63,26 @@ def test_greedy_matches_transformers(tiny_hf_model):
             gen = Generator(jaxtune.from_pretrained(path, scan_layers=scan))
             out = gen.generate(prompts, max_new_tokens=NEW, stop_ids=eos)
             assert out.tokens == ref, f"{name} scan_layers={scan}"
+
+
+@pytest.mark.parametrize("fixture,name,scan", [
+    ("tiny_gemma_model", "gemma2", True),  # attention and final soft-caps, windows of 5
+    ("tiny_gemma_model", "gemma3_scaled", False),  # local / global RoPE, q/k norms, scaling
+    ("moe_hf_model", "qwen2_moe_mixed", False),  # dense + sparse layers, shared experts
+    ("moe_hf_model", "mixtral", True),
+])
+def test_other_families_generate_like_transformers(request, fixture, name, scan):
+    """Gemma and MoE generate through the same cache contract, token for token."""
+    path = request.getfixturevalue(fixture)(name)
+    model = jaxtune.from_pretrained(path, scan_layers=scan)
+    prompts = prompts_for(2, vocab=model.config.vocab_size)
+    # MoE: transformers' eager expert loop (its grouped_mm needs 16-byte aligned strides,
+    # which odd tiny sizes don't have).
+    load = {"experts_implementation": "eager"} if fixture == "moe_hf_model" else {}
+    ref, eos = hf_greedy(path, prompts, **load)
+    assert any(len(r) > 8 for r in ref)
+    out = Generator(model).generate(prompts, max_new_tokens=NEW, stop_ids=eos)
+    assert out.tokens == ref, f"{name} scan_layers={scan}"
 
 
 @pytest.mark.parametrize("name,scan", [("qwen2_sliding", True), ("mistral", False)])

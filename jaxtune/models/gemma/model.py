@@ -353,17 +353,23 @@ class DecoderLayer(nnx.Module):
                             param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x_BTD, cos_RBTh, sin_RBTh, mask: AttentionMask, *, window,
-                 rope_index) -> jax.Array:
+                 rope_index, cache=None):
+        """``x`` out; with a generation ``cache`` (this layer's LayerKV), ``(x, cache)``."""
         cos_BTh, sin_BTh = cos_RBTh[rope_index], sin_RBTh[rope_index]
-        attn = self.self_attn(self.input_layernorm(x_BTD), cos_BTh, sin_BTh, mask, window)
+        attn = self.self_attn(self.input_layernorm(x_BTD), cos_BTh, sin_BTh, mask, window,
+                              cache=cache)
+        if cache is not None:
+            attn, cache = attn
         if self.pre_feedforward_layernorm is None:  # Gemma 1
             x_BTD = constrain(x_BTD + attn, ("batch", "seq", "embed"))
             x_BTD = x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
-            return constrain(x_BTD, ("batch", "seq", "embed"))
-        x_BTD = constrain(x_BTD + self.post_attention_layernorm(attn), ("batch", "seq", "embed"))
-        mlp = self.mlp(self.pre_feedforward_layernorm(x_BTD))
-        x_BTD = x_BTD + self.post_feedforward_layernorm(mlp)
-        return constrain(x_BTD, ("batch", "seq", "embed"))
+        else:
+            x_BTD = constrain(x_BTD + self.post_attention_layernorm(attn),
+                              ("batch", "seq", "embed"))
+            mlp = self.mlp(self.pre_feedforward_layernorm(x_BTD))
+            x_BTD = x_BTD + self.post_feedforward_layernorm(mlp)
+        x_BTD = constrain(x_BTD, ("batch", "seq", "embed"))
+        return x_BTD if cache is None else (x_BTD, cache)
 
 
 class GemmaModel(nnx.Module):
@@ -390,14 +396,17 @@ class GemmaModel(nnx.Module):
         x_BTD = x_BTD * jnp.asarray(math.sqrt(self.config.hidden_size), dtype=x_BTD.dtype)
         return constrain(x_BTD, ("batch", "seq", "embed"))
 
-    def __call__(self, input_ids_BT, positions_BT, segment_ids_BT) -> jax.Array:
+    def __call__(self, input_ids_BT, positions_BT, segment_ids_BT, cache=None):
         cfg = self.config
         x_BTD = self.embed(input_ids_BT)
         tables = [rope_cos_sin(positions_BT, r, cfg.head_dim, x_BTD.dtype)
                   for r in (cfg.rope_local or cfg.rope, cfg.rope)]
         cos_RBTh = jnp.stack([c for c, _ in tables])
         sin_RBTh = jnp.stack([s for _, s in tables])
-        mask = AttentionMask.causal(positions_BT, segment_ids_BT)
+        if cache is None:
+            mask = AttentionMask.causal(positions_BT, segment_ids_BT)
+        else:  # generation: the new tokens' queries over the cache's slots
+            mask, cache = cache.attend(positions_BT, segment_ids_BT)
         windows = cfg.layer_windows()
         if self.scan_layers and len(set(windows)) > 1:
             # Mixed local / global layers scan a per-layer window, so a global layer's window
@@ -407,8 +416,12 @@ class GemmaModel(nnx.Module):
                       for w, r in zip(windows, cfg.layer_rope_index(), strict=True)]
         x_BTD = apply_layers(self.layers, x_BTD, cos_RBTh, sin_RBTh, mask,
                              num_layers=cfg.num_hidden_layers, scan_layers=self.scan_layers,
-                             remat=self.remat, layer_args=layer_args)
-        return self.norm(x_BTD)
+                             remat=self.remat, layer_args=layer_args,
+                             cache=None if cache is None else cache.layers)
+        if cache is None:
+            return self.norm(x_BTD)
+        x_BTD, layers_kv = x_BTD
+        return self.norm(x_BTD), cache.update(layers_kv)
 
 
 class Gemma(nnx.Module):
@@ -443,14 +456,15 @@ class Gemma(nnx.Module):
             out_axes=("vocab",), param_dtype=param_dtype, rngs=rngs,
         )
 
-    def hidden_states(self, input_ids_BT, positions_BT=None, segment_ids_BT=None) -> jax.Array:
-        """Final-norm hidden states ``[B, T, D]`` in the compute dtype."""
+    def hidden_states(self, input_ids_BT, positions_BT=None, segment_ids_BT=None, cache=None):
+        """Final-norm hidden states ``[B, T, D]`` in the compute dtype; with a generation
+        ``cache`` (``jaxtune.generation.cache.KVCache``), ``(hidden states, updated cache)``."""
         b, t = input_ids_BT.shape
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         if segment_ids_BT is not None:
             segment_ids_BT = segment_ids_BT.astype(jnp.int32)
-        return self.model(input_ids_BT, positions_BT, segment_ids_BT)
+        return self.model(input_ids_BT, positions_BT, segment_ids_BT, cache)
 
     def unembed(self, hidden_D: jax.Array) -> jax.Array:
         """Float32 logits ``[..., V]`` from hidden states ``[..., D]``, soft-capped by

@@ -162,16 +162,23 @@ class DecoderLayer(nnx.Module):
                              param_dtype=param_dtype, rngs=rngs)
         setattr(self, cfg.moe_block_name if sparse else "mlp", block)
 
-    def __call__(self, carry, cos_BTh, sin_BTh, mask: AttentionMask, token_mask_BT, *, window):
+    def __call__(self, carry, cos_BTh, sin_BTh, mask: AttentionMask, token_mask_BT, *, window,
+                 cache=None):
+        """``(x, router stats)`` out; with a generation ``cache`` (this layer's LayerKV),
+        ``((x, router stats), cache)``."""
         x_BTD, stats = carry
-        attn = self.self_attn(self.input_layernorm(x_BTD), cos_BTh, sin_BTh, mask, window)
+        attn = self.self_attn(self.input_layernorm(x_BTD), cos_BTh, sin_BTh, mask, window,
+                              cache=cache)
+        if cache is not None:
+            attn, cache = attn
         x_BTD = constrain(x_BTD + attn, ("batch", "seq", "embed"))
         h_BTD = self.post_attention_layernorm(x_BTD)
         if self.sparse:
             out_BTD, stats = getattr(self, self.moe_block_name)(h_BTD, token_mask_BT, stats)
         else:
             out_BTD = self.mlp(h_BTD)
-        return constrain(x_BTD + out_BTD, ("batch", "seq", "embed")), stats
+        carry = (constrain(x_BTD + out_BTD, ("batch", "seq", "embed")), stats)
+        return carry if cache is None else (carry, cache)
 
 
 class MoeModel(nnx.Module):
@@ -195,12 +202,16 @@ class MoeModel(nnx.Module):
             self.layers = nnx.List([make(s, rngs=rngs) for s in cfg.sparse_layers])
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
 
-    def __call__(self, input_ids_BT, positions_BT, segment_ids_BT):
+    def __call__(self, input_ids_BT, positions_BT, segment_ids_BT, cache=None):
+        """``(hidden, router stats)``; with a generation ``cache``, ``(hidden, stats, cache)``."""
         cfg = self.config
         x_BTD = constrain(self.embed_tokens(input_ids_BT, self.compute_dtype),
                           ("batch", "seq", "embed"))
         cos_BTh, sin_BTh = rope_cos_sin(positions_BT, cfg.rope, cfg.head_dim, x_BTD.dtype)
-        mask = AttentionMask.causal(positions_BT, segment_ids_BT)
+        if cache is None:
+            mask = AttentionMask.causal(positions_BT, segment_ids_BT)
+        else:  # generation: the new tokens' queries over the cache's slots
+            mask, cache = cache.attend(positions_BT, segment_ids_BT)
         # Padding (segment 0) is left out of the router statistics, as transformers masks it
         # with the attention mask.
         token_mask_BT = (jnp.ones(input_ids_BT.shape, jnp.float32) if segment_ids_BT is None
@@ -209,11 +220,15 @@ class MoeModel(nnx.Module):
         if self.scan_layers and len(set(windows)) > 1:
             windows = tuple(w or _NO_WINDOW for w in windows)
         carry = (x_BTD, zero_stats(cfg.num_experts))
-        x_BTD, stats = apply_layers(self.layers, carry, cos_BTh, sin_BTh, mask, token_mask_BT,
-                                    num_layers=cfg.num_hidden_layers,
-                                    scan_layers=self.scan_layers, remat=self.remat,
-                                    layer_args=[{"window": w} for w in windows])
-        return self.norm(x_BTD), stats
+        out = apply_layers(self.layers, carry, cos_BTh, sin_BTh, mask, token_mask_BT,
+                           num_layers=cfg.num_hidden_layers, scan_layers=self.scan_layers,
+                           remat=self.remat, layer_args=[{"window": w} for w in windows],
+                           cache=None if cache is None else cache.layers)
+        if cache is None:
+            x_BTD, stats = out
+            return self.norm(x_BTD), stats
+        (x_BTD, stats), layers_kv = out
+        return self.norm(x_BTD), stats, cache.update(layers_kv)
 
 
 def router_losses(cfg: MoeConfig, stats: dict[str, jax.Array]) -> dict[str, jax.Array]:
@@ -277,9 +292,16 @@ class MoeForCausalLM(nnx.Module):
                         for j in range(cfg.num_experts)})
         return hidden_BTD, {"loss": loss, "metrics": metrics}
 
-    def hidden_states(self, input_ids_BT, positions_BT=None, segment_ids_BT=None):
-        """Final-norm hidden states ``[B, T, D]`` in the compute dtype."""
-        return self.hidden_states_and_aux(input_ids_BT, positions_BT, segment_ids_BT)[0]
+    def hidden_states(self, input_ids_BT, positions_BT=None, segment_ids_BT=None, cache=None):
+        """Final-norm hidden states ``[B, T, D]`` in the compute dtype; with a generation
+        ``cache`` (``jaxtune.generation.cache.KVCache``), ``(hidden states, updated cache)``
+        (the router losses train nothing there)."""
+        if cache is None:
+            return self.hidden_states_and_aux(input_ids_BT, positions_BT, segment_ids_BT)[0]
+        if segment_ids_BT is not None:
+            segment_ids_BT = segment_ids_BT.astype(jnp.int32)
+        hidden_BTD, _, cache = self.model(input_ids_BT, positions_BT, segment_ids_BT, cache)
+        return hidden_BTD, cache
 
     def unembed(self, hidden_D: jax.Array) -> jax.Array:
         if self.lm_head is None:
