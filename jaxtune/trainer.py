@@ -121,6 +121,7 @@ class Trainer:
 
             self.checkpointer = Checkpointer(cfg, self.mesh)
         self.writer: metrics.MetricsWriter | None = None  # opened by run(), after the restore
+        self._estimate_at = -1  # the step after which run() logs the time left
         self.flops_per_token = metrics.flops_per_token(self.model_config, cfg.data.seq_len)
         self.peak_flops = metrics.device_peak_flops(jax.devices()[0], cfg.model.compute_dtype,
                                                     peak_tflops=cfg.logging.peak_tflops)
@@ -189,6 +190,7 @@ class Trainer:
             evals.append(self._eval_and_log(start))
 
         compiled, pending, last, preempted = None, None, start, False
+        self._estimate_at = start + 2  # the first step timed without the compile around it
         bar = self._progress(start)
         for step in range(start + 1, t.steps + 1):
             host_batch = next(self.train_iter)
@@ -264,12 +266,24 @@ class Trainer:
         values.update(self._throughput(elapsed, tokens))
         values.update(self._metrics.memory_stats())
         values["step"] = step
+        if step == self._estimate_at:
+            self._log_estimate(step, elapsed)
         if step % self.cfg.trainer.log_every == 0 or step == self.cfg.trainer.steps:
             self.writer.write(step, values)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{values['tokens_per_s']:.0f}")
         return values
+
+    def _log_estimate(self, step: int, step_s: float) -> None:
+        """How long the rest takes on this machine, from a measured step (CPU speeds differ
+        fourfold between machine kinds, so a fixed figure in the docs cannot say)."""
+        t = self.cfg.trainer
+        left = t.steps - step
+        evals = (left // t.eval_every if t.eval_every else 0) + bool(self.cfg.data.eval_sources)
+        log.info("step %d took %.1f s: about %.0f min of training left for %d steps%s", step,
+                 step_s, step_s * left / 60, left,
+                 f", plus {evals} evaluation(s)" if evals else "")
 
     def _throughput(self, elapsed: float, tokens: float) -> dict[str, float]:
         return self.throughput(elapsed, tokens)

@@ -6,7 +6,8 @@ For each held-out pair of the recipe's ``data.eval_sources`` (tokenized and mask
 own pipeline), both models score the chosen and the rejected completion (summed log-probs of
 the trained tokens, computed by transformers from the exported folders, so this also checks
 that an export loads there) and the script prints, side by side, the share of pairs whose
-chosen answer is more likely and the mean log-prob margin.
+chosen answer is more likely (by summed log-prob, and by log-prob per trained token, which does
+not favour the shorter answer) and the mean log-prob margin.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def pair_scores(model_dir: str, data, n: int):
-    """``[(logp_chosen, logp_rejected)]`` of the first ``n`` pairs under ``model_dir``."""
+    """``[(logp_chosen, logp_rejected, tokens_chosen, tokens_rejected)]`` of the first ``n``
+    pairs under ``model_dir``."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -29,14 +31,16 @@ def pair_scores(model_dir: str, data, n: int):
     out = []
     with torch.no_grad():
         for d in range(min(n, len(data.docs))):
-            sides = []
+            sides, counts = [], []
             for side in ("chosen", "rejected"):
                 tokens, trained = pair_tokens(data, d, side)
                 ids = torch.tensor(tokens[None].astype("int64"))
                 logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
                 target = logp.gather(-1, ids[0, 1:, None])[:, 0]
-                sides.append(float((target * torch.tensor(trained[1:].astype("float32"))).sum()))
-            out.append(tuple(sides))
+                mask = torch.tensor(trained[1:].astype("float32"))
+                sides.append(float((target * mask).sum()))
+                counts.append(max(float(mask.sum()), 1.0))
+            out.append((*sides, *counts))
     return out
 
 
@@ -57,12 +61,14 @@ def main(argv=None) -> None:
     rows = {}
     for name, folder in (("base", args.base), ("tuned", args.tuned)):
         scores = pair_scores(folder, data, args.pairs)
-        wins = sum(c > r for c, r in scores) / len(scores)
-        margin = sum(c - r for c, r in scores) / len(scores)
-        rows[name] = (wins, margin, len(scores))
-    print(f"{'model':<8} {'prefers chosen':>15} {'mean logp margin':>17} {'pairs':>6}")
-    for name, (wins, margin, n) in rows.items():
-        print(f"{name:<8} {100 * wins:>14.1f}% {margin:>17.2f} {n:>6}")
+        wins = sum(c > r for c, r, _, _ in scores) / len(scores)
+        per_token = sum(c / nc > r / nr for c, r, nc, nr in scores) / len(scores)
+        margin = sum(c - r for c, r, _, _ in scores) / len(scores)
+        rows[name] = (wins, per_token, margin, len(scores))
+    print(f"{'model':<8} {'prefers chosen':>15} {'per token':>10} {'mean logp margin':>17} "
+          f"{'pairs':>6}")
+    for name, (wins, per_token, margin, n) in rows.items():
+        print(f"{name:<8} {100 * wins:>14.1f}% {100 * per_token:>9.1f}% {margin:>17.2f} {n:>6}")
 
 
 if __name__ == "__main__":

@@ -35,9 +35,12 @@ def recipe(tmp_path_factory, tiny_hf_model, data_tokenizers):
     return make
 
 
-def test_train_writes_run_dir_and_learns(recipe):
+def test_train_writes_run_dir_and_learns(recipe, caplog):
     cfg = recipe(name="ok")
-    result = train(cfg)
+    with caplog.at_level("INFO", logger="jaxtune"):
+        result = train(cfg)
+    # The time left, from step 2 (the first timed without the compile): 4 steps, 2 evals.
+    assert "of training left for 4 steps, plus 2 evaluation(s)" in caplog.text
     run_dir = cfg.run.output_dir
     assert os.path.isfile(os.path.join(run_dir, "config.yaml"))
     lines = [json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl"))]
