@@ -398,8 +398,9 @@ def test_support_preference_pairs_are_fresh_and_held_out():
 def test_model_router_loss_reaches_every_preference_objective(preference_setup, jbatch,
                                                               tmp_path):
     """An MoE policy's router loss is added to DPO / ORPO / SimPO (the reference's is not)."""
-    from jaxtune.models.family import hidden_states_and_aux
-    from jaxtune.preference import dpo_loss, orpo_loss, pair_inputs, simpo_loss
+    from flax import nnx
+
+    from jaxtune.preference import dpo_loss, orpo_loss, simpo_loss
     from tests.fixtures_moe import MOE_TINY, MOE_VARIANTS, make_moe_hf_model
 
     model_type, overrides = MOE_VARIANTS["qwen3_moe"]
@@ -407,21 +408,17 @@ def test_model_router_loss_reaches_every_preference_objective(preference_setup, 
     path = make_moe_hf_model(model_type, tmp_path / "moe", **{
         **MOE_TINY, **overrides, "vocab_size": vocab, "router_aux_loss_coef": 0.5})
     model = from_pretrained(path)
-
-    inputs = pair_inputs(jbatch)
-    _, model_aux = hidden_states_and_aux(model, inputs["input_ids"], inputs["positions"],
-                                         inputs["segment_ids"])
-    router = float(model_aux["loss"])
-    assert router > 0
-    no_router = model.config.replace(router_aux_loss_coef=0.0, router_z_loss_coef=0.0)
     b = jbatch["chosen_input_ids"].shape[0]  # DPO's reference log-probs, as if precomputed
     jbatch = {**jbatch, "reference_chosen_logps": -jnp.ones(b),
               "reference_rejected_logps": -jnp.ones(b)}
+    run = nnx.jit(lambda m, batch, fn: fn(m, batch), static_argnums=2)
+    with_router = model.config
     for loss_fn in (dpo_loss, orpo_loss, simpo_loss):
-        loss, aux = loss_fn(model, jbatch)
-        assert "router_aux_loss" in aux, loss_fn.__name__
-        model.config = no_router
-        plain, _ = loss_fn(model, jbatch)
-        model.config = no_router.replace(router_aux_loss_coef=0.5)
+        model.config = with_router
+        loss, aux = run(model, jbatch, loss_fn)
+        router = 0.5 * float(aux["router_aux_loss"])  # the weighted router loss (no z-loss)
+        assert router > 0, loss_fn.__name__
+        model.config = with_router.replace(router_aux_loss_coef=0.0)
+        plain, _ = run(model, jbatch, loss_fn)
         np.testing.assert_allclose(float(loss) - float(plain), router, rtol=1e-5,
                                    err_msg=loss_fn.__name__)
