@@ -2,7 +2,7 @@
 
 Same structure (model family and RoPE type, LoRA settings, dtypes, scan/remat, mesh axes,
 accumulation, checkpoint and export settings), tiny dimensions: a random tiny model of the
-same family, a tiny chat dataset, seq 32, and mesh axes cut down to fit 8 devices.
+same family, a tiny chat (or preference) dataset, seq 32, and mesh axes cut down to fit 8 devices.
 """
 
 import json
@@ -14,6 +14,7 @@ import pytest
 from jaxtune.config import config_from_dict, config_to_dict, load_config
 from jaxtune.trainer import train
 from tests.fixtures_data import chat_rows, write_jsonl
+from tests.fixtures_preference import preference_rows
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted((ROOT / "configs").glob("*.yaml"))
@@ -80,7 +81,10 @@ def _shrink_mesh(mesh: dict) -> dict:
 def test_shrunk_recipe_runs_two_steps(recipe, tmp_path, tiny_hf_model, data_tokenizers,
                                       tiny_gemma_model, gemma_tokenizer):
     raw = config_to_dict(load_config(recipe))
-    rows = write_jsonl(tmp_path / "chats.jsonl", chat_rows(24, seed=4))
+    if raw["data"]["format"] == "preference":  # pairs, not chats
+        rows = write_jsonl(tmp_path / "pairs.jsonl", preference_rows(24, seed=4))
+    else:
+        rows = write_jsonl(tmp_path / "chats.jsonl", chat_rows(24, seed=4))
     accum = min(raw["trainer"]["grad_accum_steps"], 2)
     raw["run"]["output_dir"] = str(tmp_path / "run")
     if "gemma" in raw["model"]["path"].lower():  # its own family and chat template
