@@ -381,6 +381,7 @@ def barrier(name: str, timeout_seconds: float) -> None:
 
 
 _FAILURE_KEY = "jaxtune/failure"
+_LEAVING_KEY = "jaxtune/leaving"
 
 
 def fail_fast(err: BaseException) -> None:
@@ -412,7 +413,34 @@ def fail_fast(err: BaseException) -> None:
         client.key_value_set(_FAILURE_KEY, f"process {me}: {text}")
     except Exception:  # another process reported first, or the coordinator is gone
         pass
+    _leave(client, me, state.num_processes, code)
+
+
+#: How long process 0 waits for the others to say they are leaving. Only a fallback for a
+#: process that can no longer answer (crashed, or stuck outside Python): the others answer
+#: within one poll of the failure watch.
+_LEAVE_WAIT_SECONDS = 60
+
+
+def _leave(client, me: int, num_processes: int, code: int) -> None:
+    """Exit with ``code``; process 0 last, once every other process has said it is leaving.
+
+    Process 0 hosts the coordination service. Were it to exit first, the runtime in a process
+    still on its way out would find the service gone and abort (``SIGABRT``, no message)
+    before that process printed its own error and exited with its own status.
+    """
     sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        if me == 0:
+            deadline = time.monotonic() + _LEAVE_WAIT_SECONDS
+            for pid in range(1, num_processes):
+                left = max(1, int((deadline - time.monotonic()) * 1000))
+                client.blocking_key_value_get(f"{_LEAVING_KEY}/{pid}", left)
+        else:
+            client.key_value_set(f"{_LEAVING_KEY}/{me}", "1")
+    except Exception:  # a process that cannot answer, or the coordinator is gone: leave now
+        pass
     os._exit(code)
 
 
@@ -437,8 +465,8 @@ class _FailureWatch:
                 time.sleep(interval)
                 continue
             print(f"error: stopping because {reported}", file=sys.stderr, flush=True)
-            sys.stdout.flush()
-            os._exit(EXIT_CODE)
+            state = _state()
+            _leave(client, state.process_id, state.num_processes or 1, EXIT_CODE)
 
 
 # --------------------------------------------------------------------------- watchdog

@@ -248,3 +248,42 @@ def test_a_coordinator_seen_during_the_wait_counts_even_if_gone_at_the_end():
     cfg = explicit(f"127.0.0.1:{port}")  # nothing listens there any more
     assert "reached the coordinator" in _join_timeout_message(cfg, reached=True)
     assert "nothing answered" in _join_timeout_message(cfg, reached=False)
+
+
+class _FakeClient:
+    """Records key-value calls; ``blocking_key_value_get`` answers only keys already set."""
+
+    def __init__(self, keys=()):
+        self.keys, self.calls = set(keys), []
+
+    def key_value_set(self, key, value):
+        self.calls.append(("set", key))
+        self.keys.add(key)
+
+    def blocking_key_value_get(self, key, timeout_ms):
+        self.calls.append(("wait", key))
+        if key not in self.keys:
+            raise RuntimeError("DEADLINE_EXCEEDED")
+        return "1"
+
+
+def test_process_0_leaves_only_after_the_others_said_they_are_leaving(monkeypatch):
+    # Process 0 hosts the coordination service: leaving first would make the runtime abort a
+    # process still on its way out (SIGABRT, no message of its own).
+    from jaxtune import distributed
+
+    exits = []
+    monkeypatch.setattr(distributed.os, "_exit", exits.append)
+    client = _FakeClient(keys={"jaxtune/leaving/1", "jaxtune/leaving/2"})
+    distributed._leave(client, 0, 3, 2)
+    assert client.calls == [("wait", "jaxtune/leaving/1"), ("wait", "jaxtune/leaving/2")]
+    assert exits == [2]
+
+    other = _FakeClient()
+    distributed._leave(other, 2, 3, 130)
+    assert other.calls == [("set", "jaxtune/leaving/2")] and exits == [2, 130]
+
+    # One that never answers (crashed) delays process 0's exit only until the wait runs out.
+    silent = _FakeClient()
+    distributed._leave(silent, 0, 2, 1)
+    assert silent.calls == [("wait", "jaxtune/leaving/1")] and exits == [2, 130, 1]
