@@ -137,6 +137,8 @@ class Family:
     tensor to a parameter; ``architectures`` maps each model type to the transformers class
     name written into an exported ``config.json`` when the original had none.
     ``layers_path`` is the module that holds the decoder layers (stacked or a list).
+    ``declined`` pairs related model types the family does not build with the reason, so that a
+    user of one is told what is missing rather than only that it is unknown.
     """
 
     name: str
@@ -146,9 +148,11 @@ class Family:
     hf_table: Callable[[Any], tuple[Rule, ...]]
     architectures: dict[str, str]
     layers_path: str = "model.layers"
+    declined: tuple[tuple[str, str], ...] = ()
 
 
 _FAMILIES: dict[str, Family] = {}
+_DECLINED: dict[str, tuple[str, str]] = {}  # model_type -> (family name, reason)
 _discovered = False
 
 
@@ -163,6 +167,8 @@ def register_family(family: Family) -> None:
             raise JaxtuneError(f"model_type '{mt}' is registered by family {other.name} and "
                                f"again by {family.name}.")
         _FAMILIES[mt] = family
+    for mt, reason in family.declined:
+        _DECLINED[mt] = (family.name, reason)
 
 
 def _discover() -> None:
@@ -191,6 +197,11 @@ def get_family(model_type: str | None) -> Family:
     try:
         return _FAMILIES[model_type]
     except KeyError:
+        if model_type in _DECLINED:
+            name, reason = _DECLINED[model_type]
+            raise UnknownModelTypeError(
+                f"model_type '{model_type}' (from config.json) is not supported by the {name} "
+                f"family: {reason}") from None
         raise UnknownModelTypeError(
             f"model_type '{model_type}' (from config.json) is not supported. jaxtune builds "
             f"these model types: {', '.join(supported_model_types())}."
