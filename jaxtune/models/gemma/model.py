@@ -40,6 +40,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxtune.errors import ModelConfigError
+from jaxtune.models.decoder import (
+    attention_mask,
+    fill_positions,
+    make_lm_head,
+    project_logits,
+    scan_windows,
+)
 from jaxtune.models.family import write_back_hf_config
 from jaxtune.models.layers import (
     ACTIVATIONS,
@@ -47,7 +54,6 @@ from jaxtune.models.layers import (
     AttentionMask,
     Embed,
     GatedMLP,
-    Linear,
     RMSNorm,
     RopeParameters,
     resolve_attention_impl,
@@ -64,7 +70,6 @@ ARCHITECTURES = {
     "gemma3": "Gemma3ForConditionalGeneration",
 }
 SLIDING, FULL = "sliding_attention", "full_attention"
-_NO_WINDOW = 2**30  # a "window" longer than any sequence, for full layers in a mixed scan
 
 #: transformers' defaults (the config classes' field defaults) for keys a config.json omits.
 _DEFAULTS: dict[str, dict[str, Any]] = {
@@ -403,15 +408,8 @@ class GemmaModel(nnx.Module):
                   for r in (cfg.rope_local or cfg.rope, cfg.rope)]
         cos_RBTh = jnp.stack([c for c, _ in tables])
         sin_RBTh = jnp.stack([s for _, s in tables])
-        if cache is None:
-            mask = AttentionMask.causal(positions_BT, segment_ids_BT)
-        else:  # generation: the new tokens' queries over the cache's slots
-            mask, cache = cache.attend(positions_BT, segment_ids_BT)
-        windows = cfg.layer_windows()
-        if self.scan_layers and len(set(windows)) > 1:
-            # Mixed local / global layers scan a per-layer window, so a global layer's window
-            # is one longer than any sequence.
-            windows = tuple(w or _NO_WINDOW for w in windows)
+        mask, cache = attention_mask(positions_BT, segment_ids_BT, cache)
+        windows = scan_windows(cfg.layer_windows(), self.scan_layers)  # local / global
         layer_args = [{"window": w, "rope_index": r}
                       for w, r in zip(windows, cfg.layer_rope_index(), strict=True)]
         x_BTD = apply_layers(self.layers, x_BTD, cos_RBTh, sin_RBTh, mask,
@@ -451,28 +449,19 @@ class Gemma(nnx.Module):
         self.config = config
         self.model = GemmaModel(config, param_dtype=param_dtype, compute_dtype=compute_dtype,
                                 scan_layers=scan_layers, remat=remat, attention=impl, rngs=rngs)
-        self.lm_head = None if config.tie_word_embeddings else Linear(
-            (config.hidden_size,), (config.vocab_size,), in_axes=("embed",),
-            out_axes=("vocab",), param_dtype=param_dtype, rngs=rngs,
-        )
+        self.lm_head = make_lm_head(config, param_dtype=param_dtype, rngs=rngs)
 
     def hidden_states(self, input_ids_BT, positions_BT=None, segment_ids_BT=None, cache=None):
         """Final-norm hidden states ``[B, T, D]`` in the compute dtype; with a generation
         ``cache`` (``jaxtune.generation.cache.KVCache``), ``(hidden states, updated cache)``."""
-        b, t = input_ids_BT.shape
-        if positions_BT is None:
-            positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        if segment_ids_BT is not None:
-            segment_ids_BT = segment_ids_BT.astype(jnp.int32)
+        positions_BT, segment_ids_BT = fill_positions(input_ids_BT, positions_BT,
+                                                      segment_ids_BT)
         return self.model(input_ids_BT, positions_BT, segment_ids_BT, cache)
 
     def unembed(self, hidden_D: jax.Array) -> jax.Array:
         """Float32 logits ``[..., V]`` from hidden states ``[..., D]``, soft-capped by
         ``final_logit_softcapping`` (Gemma 2) as ``cap * tanh(logits / cap)``."""
-        if self.lm_head is None:
-            logits = self.model.embed_tokens.attend(hidden_D)
-        else:
-            logits = self.lm_head(hidden_D, out_dtype=jnp.float32).astype(jnp.float32)
+        logits = project_logits(self.model.embed_tokens, self.lm_head, hidden_D)
         cap = self.config.final_softcap
         if cap is not None:
             logits = cap * jnp.tanh(logits / cap)

@@ -32,6 +32,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxtune.errors import ModelConfigError
+from jaxtune.models.decoder import (
+    attention_mask,
+    fill_positions,
+    make_lm_head,
+    project_logits,
+    scan_windows,
+)
 from jaxtune.models.family import write_back_hf_config
 from jaxtune.models.layers import (
     ACTIVATIONS,
@@ -39,7 +46,6 @@ from jaxtune.models.layers import (
     AttentionMask,
     Embed,
     GatedMLP,
-    Linear,
     RMSNorm,
     RopeParameters,
     resolve_attention_impl,
@@ -60,7 +66,6 @@ _MAX_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 327
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
              "num_attention_heads")
 SLIDING, FULL = "sliding_attention", "full_attention"
-_NO_WINDOW = 2**30  # a "window" longer than any sequence, for full layers in a mixed scan
 
 
 @dataclass(frozen=True)
@@ -294,15 +299,9 @@ class LlamaModel(nnx.Module):
         x_BTD = constrain(self.embed_tokens(input_ids_BT, self.compute_dtype),
                           ("batch", "seq", "embed"))
         cos_BTh, sin_BTh = rope_cos_sin(positions_BT, cfg.rope, cfg.head_dim, x_BTD.dtype)
-        if cache is None:
-            mask = AttentionMask.causal(positions_BT, segment_ids_BT)
-        else:  # generation: the new tokens' queries over the cache's slots
-            mask, cache = cache.attend(positions_BT, segment_ids_BT)
-        windows = cfg.layer_windows()
-        if self.scan_layers and len(set(windows)) > 1:
-            # Mixed full / sliding layers (Qwen2 with max_window_layers) scan a per-layer
-            # window, so a full layer's window is one longer than any sequence.
-            windows = tuple(w or _NO_WINDOW for w in windows)
+        mask, cache = attention_mask(positions_BT, segment_ids_BT, cache)
+        # Qwen2 with max_window_layers mixes full and sliding layers.
+        windows = scan_windows(cfg.layer_windows(), self.scan_layers)
         x_BTD = apply_layers(self.layers, x_BTD, cos_BTh, sin_BTh, mask,
                              num_layers=cfg.num_hidden_layers, scan_layers=self.scan_layers,
                              remat=self.remat, layer_args=[{"window": w} for w in windows],
@@ -339,26 +338,18 @@ class Llama(nnx.Module):
         self.config = config
         self.model = LlamaModel(config, param_dtype=param_dtype, compute_dtype=compute_dtype,
                                 scan_layers=scan_layers, remat=remat, attention=impl, rngs=rngs)
-        self.lm_head = None if config.tie_word_embeddings else Linear(
-            (config.hidden_size,), (config.vocab_size,), in_axes=("embed",),
-            out_axes=("vocab",), param_dtype=param_dtype, rngs=rngs,
-        )
+        self.lm_head = make_lm_head(config, param_dtype=param_dtype, rngs=rngs)
 
     def hidden_states(self, input_ids_BT, positions_BT=None, segment_ids_BT=None, cache=None):
         """Final-norm hidden states ``[B, T, D]`` in the compute dtype; with a generation
         ``cache`` (``jaxtune.generation.cache.KVCache``), ``(hidden states, updated cache)``."""
-        b, t = input_ids_BT.shape
-        if positions_BT is None:
-            positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        if segment_ids_BT is not None:
-            segment_ids_BT = segment_ids_BT.astype(jnp.int32)
+        positions_BT, segment_ids_BT = fill_positions(input_ids_BT, positions_BT,
+                                                      segment_ids_BT)
         return self.model(input_ids_BT, positions_BT, segment_ids_BT, cache)
 
     def unembed(self, hidden_D: jax.Array) -> jax.Array:
         """Float32 logits ``[..., V]`` from hidden states ``[..., D]``."""
-        if self.lm_head is None:
-            return self.model.embed_tokens.attend(hidden_D)
-        return self.lm_head(hidden_D, out_dtype=jnp.float32).astype(jnp.float32)
+        return project_logits(self.model.embed_tokens, self.lm_head, hidden_D)
 
     def __call__(self, input_ids_BT, positions_BT=None, segment_ids_BT=None) -> jax.Array:
         return self.unembed(self.hidden_states(input_ids_BT, positions_BT, segment_ids_BT))

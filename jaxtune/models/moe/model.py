@@ -30,6 +30,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxtune.models.decoder import (
+    attention_mask,
+    fill_positions,
+    make_lm_head,
+    project_logits,
+    scan_windows,
+)
 from jaxtune.models.layers import (
     ACTIVATIONS,
     Attention,
@@ -45,8 +52,6 @@ from jaxtune.models.moe.config import MoeConfig
 from jaxtune.models.moe.dispatch import get_dispatch
 from jaxtune.models.stack import apply_layers, check_remat, make_layers
 from jaxtune.sharding import constrain
-
-_NO_WINDOW = 2**30  # a "window" longer than any sequence, for full layers in a mixed scan
 
 
 def zero_stats(num_experts: int) -> dict[str, jax.Array]:
@@ -208,17 +213,12 @@ class MoeModel(nnx.Module):
         x_BTD = constrain(self.embed_tokens(input_ids_BT, self.compute_dtype),
                           ("batch", "seq", "embed"))
         cos_BTh, sin_BTh = rope_cos_sin(positions_BT, cfg.rope, cfg.head_dim, x_BTD.dtype)
-        if cache is None:
-            mask = AttentionMask.causal(positions_BT, segment_ids_BT)
-        else:  # generation: the new tokens' queries over the cache's slots
-            mask, cache = cache.attend(positions_BT, segment_ids_BT)
+        mask, cache = attention_mask(positions_BT, segment_ids_BT, cache)
         # Padding (segment 0) is left out of the router statistics, as transformers masks it
         # with the attention mask.
         token_mask_BT = (jnp.ones(input_ids_BT.shape, jnp.float32) if segment_ids_BT is None
                          else (segment_ids_BT != 0).astype(jnp.float32))
-        windows = cfg.layer_windows()
-        if self.scan_layers and len(set(windows)) > 1:
-            windows = tuple(w or _NO_WINDOW for w in windows)
+        windows = scan_windows(cfg.layer_windows(), self.scan_layers)
         carry = (x_BTD, zero_stats(cfg.num_experts))
         out = apply_layers(self.layers, carry, cos_BTh, sin_BTh, mask, token_mask_BT,
                            num_layers=cfg.num_hidden_layers, scan_layers=self.scan_layers,
@@ -262,19 +262,14 @@ class MoeForCausalLM(nnx.Module):
         self.model = MoeModel(config, param_dtype=param_dtype, compute_dtype=compute_dtype,
                               scan_layers=scan_layers, remat=remat, attention=impl,
                               dispatch=dispatch, rngs=rngs)
-        self.lm_head = None if config.tie_word_embeddings else Linear(
-            (config.hidden_size,), (config.vocab_size,), in_axes=("embed",),
-            out_axes=("vocab",), param_dtype=param_dtype, rngs=rngs)
+        self.lm_head = make_lm_head(config, param_dtype=param_dtype, rngs=rngs)
 
     def hidden_states_and_aux(self, input_ids_BT, positions_BT=None, segment_ids_BT=None):
         """``(hidden [B, T, D], aux)``: ``aux["loss"]`` is the weighted router loss
         (``router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss``) to add to the
         objective, ``aux["metrics"]`` the unweighted losses and per-expert token fractions."""
-        b, t = input_ids_BT.shape
-        if positions_BT is None:
-            positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        if segment_ids_BT is not None:
-            segment_ids_BT = segment_ids_BT.astype(jnp.int32)
+        positions_BT, segment_ids_BT = fill_positions(input_ids_BT, positions_BT,
+                                                      segment_ids_BT)
         hidden_BTD, stats = self.model(input_ids_BT, positions_BT, segment_ids_BT)
         cfg = self.config
         if not any(cfg.sparse_layers):
@@ -304,9 +299,7 @@ class MoeForCausalLM(nnx.Module):
         return hidden_BTD, cache
 
     def unembed(self, hidden_D: jax.Array) -> jax.Array:
-        if self.lm_head is None:
-            return self.model.embed_tokens.attend(hidden_D)
-        return self.lm_head(hidden_D, out_dtype=jnp.float32).astype(jnp.float32)
+        return project_logits(self.model.embed_tokens, self.lm_head, hidden_D)
 
     def __call__(self, input_ids_BT, positions_BT=None, segment_ids_BT=None):
         return self.unembed(self.hidden_states(input_ids_BT, positions_BT, segment_ids_BT))
