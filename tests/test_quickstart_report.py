@@ -44,7 +44,7 @@ def test_held_out_evaluations_are_points_with_their_values(tmp_path):
     assert curve.get_linestyle() == "-" and len(curve.get_xdata()) == 60
     assert [t.get_text() for t in ax.texts] == [f"{v:.2f}" for _, v in evals]
     plt.close(fig)
-    plot(train, evals, tmp_path / "loss_curve.png")
+    plot(train, evals, tmp_path / "loss_curve.png", "SmolLM2-135M-Instruct")
     assert (tmp_path / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
