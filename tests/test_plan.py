@@ -144,3 +144,35 @@ def test_gpu_target_config_is_a_proto_text():
     text = plan_devices.gpu_target_config(plan_devices.GPU_SPECS["h100"])
     assert "major: 9 minor: 0" in text and "core_count: 132" in text
     assert f"device_memory_size: {80 * GIB}" in text
+
+
+def test_flops_probes_that_do_not_fit_the_chip_are_counted_on_the_cpu(monkeypatch):
+    # --compare probes a full fine-tune without remat: for a big-vocabulary model (Gemma 3 12B
+    # on v5e-8) those probes exceed HBM. They only count FLOPs, so both are counted on the CPU
+    # (never one on each compiler) instead of ending the plan with a traceback.
+    import types
+
+    import jaxtune.plan as plan
+    from jaxtune.plan import build
+
+    def fake_build(probe, hf, devices, platform):
+        layers = probe.model.overrides["num_hidden_layers"]
+        return types.SimpleNamespace(mesh=types.SimpleNamespace(
+            devices=types.SimpleNamespace(flat=list(devices))), layers=layers)
+
+    compiled = []
+
+    def fake_compile(built, platform):
+        compiled.append(platform)
+        if platform == "tpu":
+            raise RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM")
+        return built
+
+    monkeypatch.setattr(build, "build_train_step", fake_build)
+    monkeypatch.setattr(build, "compiled_flops", lambda c: 10.0 + 5.0 * (c.layers - 1))
+    monkeypatch.setattr(plan, "_compile", fake_compile)
+    cfg = load_config(None, ["--model.path=x", "--trainer.grad_accum_steps=2"])
+    flops = plan.step_flops(cfg, {"num_hidden_layers": 4}, ["tpu0", "tpu1"], "tpu",
+                            remat="none", full_finetune=True)
+    assert compiled == ["tpu", "cpu", "cpu"]
+    assert flops == (10.0 + 3 * 5.0) * 2

@@ -63,7 +63,7 @@ def step_flops(cfg, hf_config: dict, devices: list, platform: str, *, remat: str
     :func:`jaxtune.plan.build.probe_config`); per-layer cost is their difference, scaled to the
     model's layers and the accumulation steps. A backend without cost analysis (the GPU
     compiler's compile-only path) is probed on this machine's CPU compiler instead: the same
-    HLO, counted before partitioning.
+    HLO, counted before partitioning; so is a probe that does not fit the chip.
     """
     import jax
 
@@ -71,19 +71,36 @@ def step_flops(cfg, hf_config: dict, devices: list, platform: str, *, remat: str
 
     layers = int(hf_config["num_hidden_layers"])
     hf = {k: v for k, v in hf_config.items() if k != "layer_types"}
-    counts = []
-    for n in (1, 2):
-        probe, _ = probe_config(cfg, n, remat=remat, full_finetune=full_finetune)
-        probe_devices, probe_platform = devices, platform
-        if platform == "gpu":
-            probe_devices, probe_platform = jax.devices("cpu")[:1], "cpu"
-            probe = dataclasses.replace(probe, mesh=dataclasses.replace(
-                probe.mesh, data=1, fsdp=1, tensor=1, dcn_data=1))
-        built = build_train_step(probe, hf, probe_devices, probe_platform)
-        flops = compiled_flops(_compile(built, probe_platform))
-        if flops is None:
-            return None
-        counts.append(flops * len(built.mesh.devices.flat))
+
+    def count(probe_platform: str) -> list[float] | None:
+        counts = []
+        for n in (1, 2):
+            probe, _ = probe_config(cfg, n, remat=remat, full_finetune=full_finetune)
+            probe_devices = devices
+            if probe_platform == "cpu":
+                probe_devices = jax.devices("cpu")[:1]
+                probe = dataclasses.replace(probe, mesh=dataclasses.replace(
+                    probe.mesh, data=1, fsdp=1, tensor=1, dcn_data=1))
+            built = build_train_step(probe, hf, probe_devices, probe_platform)
+            flops = compiled_flops(_compile(built, probe_platform))
+            if flops is None:
+                return None
+            counts.append(flops * len(built.mesh.devices.flat))
+        return counts
+
+    if platform == "gpu":
+        counts = count("cpu")
+    else:
+        try:
+            counts = count(platform)
+        except Exception as err:
+            # The probes only count FLOPs: ones that do not fit the chip (a full fine-tune's
+            # probes of a big-vocabulary model, without remat) are both counted on the CPU.
+            if not _is_oom(err):
+                raise
+            counts = count("cpu")
+    if counts is None:
+        return None
     per_layer = counts[1] - counts[0]
     return (counts[0] + (layers - 1) * per_layer) * cfg.trainer.grad_accum_steps
 
