@@ -88,6 +88,10 @@ def build_train_step(cfg: TrainConfig, hf_config: dict[str, Any], devices: list,
         attention = resolve_attention_impl(m.attention, _dtype(m.compute_dtype),
                                            model_config.head_dim)
         abstract = nnx.eval_shape(make)
+    if attention == "splash" and m.scan_layers and len(set(model_config.layer_windows())) > 1:
+        # What the layers will run, not what was asked: the kernel falls back (with a warning
+        # while tracing) when scanned layers mix sliding and full windows (Gemma 2 / 3).
+        attention = "xla (splash cannot take the per-layer windows of scanned mixed layers)"
     if cfg.lora.rank > 0:
         from jaxtune.lora import TRAINABLE as trainable
     else:
