@@ -11,7 +11,12 @@ run trained on (``lora.base_dtype``, ``lora.quantize_base``).
 - ``adapter``: PEFT's folder, ``adapter_config.json`` + ``adapter_model.safetensors`` with
   PEFT's key names (``base_model.model.<module>.lora_A.weight`` ``[r, in]``,
   ``...lora_B.weight`` ``[out, r]``, ``base_model.model.<module>.weight`` for modules_to_save),
-  loadable by ``peft.PeftModel.from_pretrained(base, DIR)``.
+  loadable by ``peft.PeftModel.from_pretrained(base, DIR)``. MoE expert adapters go to
+  transformers' fused expert parameters through PEFT's ``target_parameters``: per layer
+  ``<experts>.lora_A.weight`` ``[E*r, in]`` (expert-major rows), ``lora_B.weight``
+  ``[out, r*E]`` (expert-minor columns); gate and up are one block-diagonal adapter of rank
+  2r on ``gate_up_proj`` (``rank_pattern`` / ``alpha_pattern`` keep the scale), nested under
+  ``base_layer.`` when ``down_proj`` is adapted too (:func:`_expert_groups`).
 - ``both``: merged into ``--out`` and the adapter into ``<out>-adapter``.
 """
 
