@@ -226,13 +226,47 @@ def lora_delta(a: Any, b: Any, scale: float, depth: int, matmul: Callable = np.m
     return d.reshape(*lead, *a.shape[depth:-1], *b.shape[depth + 1:])
 
 
-def peft_layout(a: np.ndarray, b: np.ndarray,
-                depth: int) -> Iterator[tuple[tuple[int, ...], np.ndarray, np.ndarray]]:
+def peft_layout(a: np.ndarray, b: np.ndarray, depth: int, *,
+                experts: bool = False) -> Iterator[tuple[tuple[int, ...], np.ndarray, np.ndarray]]:
     """PEFT's ``lora_A.weight`` ``[r, in]`` and ``lora_B.weight`` ``[out, r]`` of every stacked
-    slice of one adapter, in index order (the one PEFT layout writer's maths)."""
+    slice of one adapter, in index order (the one PEFT layout writer's maths).
+
+    ``experts``: the last stacked axis is the experts axis, kept in the tensors as PEFT's
+    ``ParamWrapper`` holds a fused 3-D parameter: ``lora_A.weight`` ``[E*r, in]`` with
+    expert-major rows, ``lora_B.weight`` ``[out, r*E]`` with expert-minor columns.
+    """
     r = a.shape[-1]
-    for index in itertools.product(*(range(n) for n in a.shape[:depth])):
-        yield index, a[index].reshape(-1, r).T.copy(), b[index].reshape(r, -1).T.copy()
+    lead = a.shape[:depth - 1] if experts else a.shape[:depth]
+    for index in itertools.product(*(range(n) for n in lead)):
+        if not experts:
+            yield index, a[index].reshape(-1, r).T.copy(), b[index].reshape(r, -1).T.copy()
+            continue
+        a_E, b_E = a[index], b[index]
+        n = a_E.shape[0]
+        pa = a_E.reshape(n, -1, r).transpose(0, 2, 1).reshape(n * r, -1)
+        pb = b_E.reshape(n, r, -1).transpose(2, 1, 0).reshape(-1, r * n)
+        yield index, pa.copy(), pb.copy()
+
+
+def fuse_adapters(parts: Sequence[tuple[np.ndarray, np.ndarray] | None],
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """One adapter for kernels joined along their (1-D) output axis, as transformers fuses
+    gate and up into ``gate_up_proj``, from each part's ``(A [*lead, in, r], B [*lead, r,
+    out])`` or None for a part without adapter: the A side by side (their ranks summed), B
+    block-diagonal, so ``A . B`` is each part's update in its own columns, zero for a part
+    without one. Exact: no sum mixes two parts."""
+    present = [p for p in parts if p is not None]
+    a0, b0 = present[0]
+    out = b0.shape[-1]
+    a = np.concatenate([p[0] for p in present], axis=-1)
+    b = np.zeros((*b0.shape[:-2], a.shape[-1], out * len(parts)), np.float32)
+    row = 0
+    for k, p in enumerate(parts):
+        if p is not None:
+            r = p[1].shape[-2]
+            b[..., row:row + r, k * out:(k + 1) * out] = p[1]
+            row += r
+    return a, b
 
 
 # --------------------------------------------------------------------------- module paths

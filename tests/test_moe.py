@@ -204,17 +204,42 @@ def test_lora_on_experts_merged_export_matches_adapter(variant, targets, scan, m
     np.testing.assert_allclose(merged, adapted, atol=1e-4, rtol=0)
 
 
-def test_peft_export_of_expert_adapters_is_refused(moe_hf_model, tmp_path):
-    """transformers 5 keeps experts fused (no per-expert Linear for peft to wrap): an adapter
-    on experts is exported merged, and asking for a PEFT folder says so."""
-    from jaxtune.config import LoraConfig
-    from jaxtune.errors import JaxtuneError
-    from jaxtune.lora import apply_lora
+@pytest.mark.parametrize("variant,targets,scan", [
+    ("mixtral", ["w1", "w3", "w2", "q_proj"], True),
+    ("qwen2_moe", ["gate_proj", "up_proj", "down_proj", "v_proj"], False),
+    ("qwen3_moe", ["gate_proj"], False),  # gate without up, experts only
+])
+def test_peft_adapter_on_experts_loads_in_peft(variant, targets, scan, moe_hf_model, tmp_path):
+    """Expert adapters go to PEFT's target_parameters on transformers' fused experts (gate and
+    up as one rank-2r adapter); peft loads the folder and gives jaxtune's logits, and the
+    merged export equals the PEFT-applied model."""
+    import peft
+    import torch
 
-    model, _ = apply_lora(from_pretrained(moe_hf_model("qwen3_moe")),
-                          LoraConfig(rank=2, targets=["gate_proj"]))
-    with pytest.raises(JaxtuneError, match="merged"):
-        save_pretrained(model, tmp_path / "adapter", lora="adapter")
+    from jaxtune.config import LoraConfig
+    from jaxtune.lora import LoraParam, apply_lora
+
+    model_dir = moe_hf_model(variant)
+    model, _ = apply_lora(from_pretrained(model_dir, scan_layers=scan),
+                          LoraConfig(rank=3, alpha=6.0, targets=targets))
+    state = nnx.state(model, LoraParam)
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(2), len(leaves))
+    nnx.update(model, jax.tree.unflatten(treedef, [
+        jax.random.normal(k, v.shape) * 0.3 for k, v in zip(keys, leaves, strict=True)]))
+    adapted = np.asarray(nnx.jit(lambda m: m(jnp.asarray(IDS)))(model))
+    out = save_pretrained(model, tmp_path / "adapter", lora="adapter")
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["target_parameters"]
+    with torch.no_grad():
+        applied = peft.PeftModel.from_pretrained(hf_model(model_dir), out).eval()
+        logits = applied(torch.as_tensor(IDS)).logits.numpy()
+        np.testing.assert_allclose(logits, adapted, atol=1e-4, rtol=0)
+        merged = hf_model(save_pretrained(model, tmp_path / "merged"))(
+            torch.as_tensor(IDS)).logits.numpy()
+    np.testing.assert_allclose(merged, logits, atol=1e-4, rtol=0)
+    plain = np.asarray(nnx.jit(lambda m: m(jnp.asarray(IDS)))(from_pretrained(model_dir)))
+    assert np.abs(adapted - plain).max() > 1e-2  # the expert adapters really act
 
 
 def test_router_loss_under_accumulation_is_the_micro_batch_mean(moe_hf_model):

@@ -11,7 +11,12 @@ run trained on (``lora.base_dtype``, ``lora.quantize_base``).
 - ``adapter``: PEFT's folder, ``adapter_config.json`` + ``adapter_model.safetensors`` with
   PEFT's key names (``base_model.model.<module>.lora_A.weight`` ``[r, in]``,
   ``...lora_B.weight`` ``[out, r]``, ``base_model.model.<module>.weight`` for modules_to_save),
-  loadable by ``peft.PeftModel.from_pretrained(base, DIR)``.
+  loadable by ``peft.PeftModel.from_pretrained(base, DIR)``. MoE expert adapters go to
+  transformers' fused expert parameters through PEFT's ``target_parameters``: per layer
+  ``<experts>.lora_A.weight`` ``[E*r, in]`` (expert-major rows), ``lora_B.weight``
+  ``[out, r*E]`` (expert-minor columns); gate and up are one block-diagonal adapter of rank
+  2r on ``gate_up_proj`` (``rank_pattern`` / ``alpha_pattern`` keep the scale), nested under
+  ``base_layer.`` when ``down_proj`` is adapted too (:func:`_expert_groups`).
 - ``both``: merged into ``--out`` and the adapter into ``<out>-adapter``.
 """
 
@@ -34,9 +39,9 @@ from jaxtune.export.run_dir import RunCheckpoint, SavedArray
 from jaxtune.export.safetensors_out import TensorGroup, TensorSpec, write_safetensors
 from jaxtune.export.tensors import ParamSource, hf_groups, model_sources, natural_key
 from jaxtune.export.writer import read_generation_config, reference_model, write_hf_export
-from jaxtune.lora import SavedParam, lora_delta, lora_scale, peft_layout
-from jaxtune.models.family import family_of, family_table
-from jaxtune.models.table import STACK_AXES, ParamTable
+from jaxtune.lora import SavedParam, fuse_adapters, lora_delta, lora_scale, peft_layout
+from jaxtune.models.family import FusedExpert, family_of, family_table
+from jaxtune.models.table import ParamTable
 from jaxtune.sharding import host_array
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -167,20 +172,22 @@ def _hf_modules(table: ParamTable, kernel_path: str, shape: tuple[int, ...]) -> 
     names = table.hf_module_names(kernel_path, shape)
     if names is None:
         raise ExportError(f"No Hugging Face module for {kernel_path}.")
-    entries = table.entries(kernel_path, shape) or []
-    if any(f"(?P<{_EXPERTS_GROUP}>" in e.rule.pattern for e in entries[:1]):
-        # transformers 5 holds experts fused in 3-D parameters (peft reaches them only through
-        # target_parameters, with another layout); per-expert lora_A/B would name modules that
-        # do not exist there.
-        raise ExportError(
-            f"LoRA adapters on MoE expert projections ({names[0]} ...) cannot be written as a "
-            "PEFT adapter: transformers keeps experts fused, with no per-expert module for peft "
-            "to load them into. Export them merged (save_pretrained lora='merged', jaxtune "
-            "export --lora merged), or target only attention and dense layers.")
     return names
 
 
-_EXPERTS_GROUP = next(g for g, axis in STACK_AXES.items() if axis == "experts")
+def _fused(config: Any, name: str) -> FusedExpert | None:
+    """Where transformers keeps the expert projection ``name`` fused, or None (a Linear)."""
+    where = family_of(config).fused_experts
+    return where(name) if where is not None else None
+
+
+@dataclasses.dataclass
+class PeftTargets:
+    """What an adapter adapts: Linear modules (``target_modules``) and fused expert
+    parameters (``target_parameters``, full name -> rank: r times the parts adapted)."""
+
+    modules: list[str]
+    parameters: dict[str, int]
 
 
 class _Reader:
@@ -196,16 +203,22 @@ class _Reader:
 
 
 def peft_groups(adapters: list[tuple[str, tuple[int, ...], Callable[[], tuple]]], config: Any,
-                dtype: np.dtype) -> tuple[list[TensorGroup], list[str]]:
-    """PEFT tensors (``lora_A`` ``[r, in]``, ``lora_B`` ``[out, r]`` per stacked slice) and the
-    HF modules they sit on. Each adapter is ``(kernel_path, kernel_shape, read)`` where
-    ``read()`` gives float32 ``(A, B)`` as jaxtune holds them; the one PEFT layout writer for
-    adapters in memory and in checkpoints."""
+                dtype: np.dtype) -> tuple[list[TensorGroup], PeftTargets]:
+    """PEFT tensors (``lora_A`` ``[r, in]``, ``lora_B`` ``[out, r]`` per stacked slice) and
+    what they adapt. Each adapter is ``(kernel_path, kernel_shape, read)`` where ``read()``
+    gives float32 ``(A, B)`` as jaxtune holds them; the one PEFT layout writer for adapters in
+    memory and in checkpoints. Expert adapters go to :func:`_expert_groups`."""
     table = family_table(config)
     groups, modules = [], []
+    experts: dict[tuple[tuple[str, ...], str], dict[int, tuple]] = {}
     for kernel_path, kernel_shape, read in adapters:
         names = _hf_modules(table, kernel_path, kernel_shape)
         depth = table.stack_depth(kernel_path)
+        fused = _fused(config, names[0])
+        if fused is not None:
+            layers = tuple(dict.fromkeys(_fused(config, n).module for n in names))
+            experts.setdefault((layers, fused.parameter), {})[fused.part] = (fused, read, depth)
+            continue
         a_shape, b_shape = read.shapes
         r = a_shape[-1]
         n_in, n_out = math.prod(a_shape[depth:-1]), math.prod(b_shape[depth + 1:])
@@ -222,13 +235,53 @@ def peft_groups(adapters: list[tuple[str, tuple[int, ...], Callable[[], tuple]]]
                 yield pb
 
         groups.append(TensorGroup(specs, produce))
-    groups.sort(key=lambda g: natural_key(g.specs[0].key))
-    return groups, modules
+    expert_groups, parameters = _expert_groups(experts, dtype)
+    groups = sorted(groups + expert_groups, key=lambda g: natural_key(g.specs[0].key))
+    return groups, PeftTargets(modules, parameters)
+
+
+def _expert_groups(experts: dict[tuple[tuple[str, ...], str], dict[int, tuple]],
+                   dtype: np.dtype) -> tuple[list[TensorGroup], dict[str, int]]:
+    """Expert adapters as PEFT's ``ParamWrapper`` holds them on transformers' fused 3-D
+    parameters: per layer ``<experts>.lora_A.weight`` ``[E*r, in]``, ``lora_B.weight``
+    ``[out, r*E]`` (:func:`peft_layout` with ``experts``). Gate and up share ``gate_up_proj``:
+    one adapter of rank 2r, A side by side and B block-diagonal (:func:`fuse_adapters`),
+    exactly the two updates. Two parameters targeted on one module nest: PEFT wraps them in
+    the module's parameter order, so each one wrapped before the last gains ``base_layer.``."""
+    targeted: dict[str, list[int]] = {}
+    for (layers, _), parts in experts.items():
+        nesting = next(iter(parts.values()))[0].nesting
+        for module in layers:
+            targeted.setdefault(module, []).append(nesting)
+    groups, parameters = [], {}
+    for (layers, parameter), parts in experts.items():
+        fused, read, depth = next(iter(parts.values()))
+        a_shape, b_shape = read.shapes
+        n_experts, r = a_shape[depth - 1], a_shape[-1]
+        rank = r * len(parts)
+        n_in, n_out = math.prod(a_shape[depth:-1]), math.prod(b_shape[depth + 1:]) * fused.parts
+        specs = []
+        for module in layers:
+            wrap = ".base_layer" * sum(n > fused.nesting for n in targeted[module])
+            key = f"{ADAPTER_PREFIX}{module}{wrap}"
+            specs += [TensorSpec(f"{key}.lora_A.weight", (rank * n_experts, n_in), dtype),
+                      TensorSpec(f"{key}.lora_B.weight", (n_out, rank * n_experts), dtype)]
+            parameters[f"{module}.{parameter}"] = rank
+
+        def produce(parts=parts, n=fused.parts, depth=depth) -> Iterator[np.ndarray]:
+            read = {k: v[1]() for k, v in parts.items()}
+            a, b = fuse_adapters([read.get(k) for k in range(n)])
+            for _, pa, pb in peft_layout(a, b, depth, experts=True):
+                yield pa
+                yield pb
+
+        groups.append(TensorGroup(specs, produce))
+    return groups, parameters
 
 
 def adapter_groups(ckpt: RunCheckpoint, config: Any, adapters: dict[str, Adapter],
-                   dtype: np.dtype) -> tuple[list[TensorGroup], list[str]]:
-    """PEFT tensors for every adapter saved in a checkpoint, and the HF modules they sit on."""
+                   dtype: np.dtype) -> tuple[list[TensorGroup], PeftTargets]:
+    """PEFT tensors for every adapter saved in a checkpoint, and what they adapt."""
     table = family_table(config)
     items = []
     for kernel_path, ad in adapters.items():
@@ -268,7 +321,7 @@ def _peft_names(groups: list[TensorGroup], tied: bool) -> tuple[list[TensorGroup
     return renamed, sorted(modules, key=natural_key)
 
 
-def peft_target_modules(config: Any, adapted: list[str]) -> list[str] | str:
+def peft_target_modules(config: Any, adapted: list[str]) -> list[str] | str | None:
     """PEFT's ``target_modules``: short names (``q_proj``...) when they select exactly the
     adapted modules, else a regex over the full module names."""
     from jaxtune.models import abstract_model
@@ -278,8 +331,11 @@ def peft_target_modules(config: Any, adapted: list[str]) -> list[str] | str:
     kernels = []
     for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
         name = ".".join(map(str, path))
-        if name.endswith(".kernel"):
-            kernels += _hf_modules(table, name, tuple(var.get_value().shape))
+        if name.endswith(".kernel"):  # fused experts are no modules in transformers
+            kernels += [m for m in _hf_modules(table, name, tuple(var.get_value().shape))
+                        if _fused(config, m) is None]
+    if not adapted:
+        return None
     adapted_set = set(adapted)
     short = sorted({m.rsplit(".", 1)[-1] for m in adapted_set})
     if {m for m in kernels if m.rsplit(".", 1)[-1] in short} == adapted_set:
@@ -288,14 +344,30 @@ def peft_target_modules(config: Any, adapted: list[str]) -> list[str] | str:
 
 
 def adapter_config(*, rank: int, alpha: float, rslora: bool, dropout: float, base_path: str,
-                   target_modules: list[str] | str, modules_to_save: list[str],
-                   tied: bool = False) -> dict[str, Any]:
+                   target_modules: list[str] | str | None, modules_to_save: list[str],
+                   tied: bool = False,
+                   target_parameters: dict[str, int] | None = None) -> dict[str, Any]:
     """``adapter_config.json`` (PEFT fills every field left out with its default).
+
+    ``target_parameters``: fused expert parameters -> their rank. One of rank ``k * r``
+    (gate and up fused) gets ``rank_pattern`` and an ``alpha_pattern`` that keeps PEFT's
+    scale ``alpha / r`` (``alpha / sqrt(r)`` with rslora) the trained one. PEFT refuses
+    dropout on them; it does not act at inference, so it is written as 0.
 
     ``tied``: the model ties ``lm_head`` to the embedding; when the embedding is trained
     fully, PEFT must keep the two tied (``ensure_weight_tying``), as the trained model did.
     """
     tie = tied and any(m.endswith("embed_tokens") for m in modules_to_save)
+    params = target_parameters or {}
+    ranks = {k: v for k, v in params.items() if v != rank}
+    if len(set(ranks.values())) == 1:  # one rank for all: the short name selects them
+        ranks = {k.rsplit(".", 1)[-1]: v for k, v in ranks.items()}
+    scale = lora_scale(alpha, rank, rslora)
+    experts = {
+        "target_parameters": sorted(params, key=natural_key),
+        "rank_pattern": ranks,
+        "alpha_pattern": {k: scale * (math.sqrt(v) if rslora else v) for k, v in ranks.items()},
+    } if params else {}
     return {
         **({"ensure_weight_tying": True} if tie else {}),
         "peft_type": "LORA",
@@ -303,7 +375,7 @@ def adapter_config(*, rank: int, alpha: float, rslora: bool, dropout: float, bas
         "base_model_name_or_path": base_path,
         "r": rank,
         "lora_alpha": alpha,
-        "lora_dropout": dropout,
+        "lora_dropout": 0.0 if params else dropout,
         "use_rslora": rslora,
         "target_modules": target_modules,
         "modules_to_save": modules_to_save or None,
@@ -312,6 +384,7 @@ def adapter_config(*, rank: int, alpha: float, rslora: bool, dropout: float, bas
         "inference_mode": True,
         "init_lora_weights": True,
         "use_dora": False,
+        **experts,
     }
 
 
@@ -349,14 +422,15 @@ def save_peft_adapter(model: nnx.Module, out: Path, tokenizer, *, dtype: np.dtyp
     if len(ranks) != 1 or len(scales) != 1:
         raise ExportError(f"PEFT's adapter_config holds one rank and one alpha; these adapters "
                           f"have ranks {sorted(ranks)} and scales {sorted(scales)}.")
-    groups, adapted = peft_groups(items, config, dtype)
+    groups, targets = peft_groups(items, config, dtype)
     saved = hf_groups(model_sources(nnx.state(model, SavedParam)), config, dtype)
     saved, saved_modules = _peft_names(saved, config.tie_word_embeddings)
     rank, scale = ranks.pop(), scales.pop()
     cfg = adapter_config(rank=rank, alpha=scale * rank, rslora=False, dropout=0.0,
                          base_path=base_model_name_or_path,
-                         target_modules=peft_target_modules(config, adapted),
-                         modules_to_save=saved_modules, tied=config.tie_word_embeddings)
+                         target_modules=peft_target_modules(config, targets.modules),
+                         modules_to_save=saved_modules, tied=config.tie_word_embeddings,
+                         target_parameters=targets.parameters)
     with hf_folder.staged_output(out, overwrite) as tmp:
         _write_adapter_folder(tmp, groups + saved, cfg, tokenizer)
     return out
@@ -396,19 +470,21 @@ def export_lora_run(ckpt: RunCheckpoint, out: Path, *, mode: str, base_dir: Path
         exits.append(f"merged weights in {out} ({len(weight_map)} tensors, "
                      f"{np.dtype(out_dtype).name})")
     if mode in ("adapter", "both"):
-        groups, modules = adapter_groups(ckpt, config, adapters, adapter_dtype)
+        groups, targets = adapter_groups(ckpt, config, adapters, adapter_dtype)
         saved_groups, saved_modules = saved_module_groups(ckpt, config, adapter_dtype)
         lc = cfg.lora
         peft_cfg = adapter_config(rank=lc.rank, alpha=lc.alpha, rslora=lc.rslora,
                                   dropout=lc.dropout, base_path=cfg.model.path,
-                                  target_modules=peft_target_modules(config, modules),
+                                  target_modules=peft_target_modules(config, targets.modules),
                                   modules_to_save=saved_modules,
-                                  tied=config.tie_word_embeddings)
+                                  tied=config.tie_word_embeddings,
+                                  target_parameters=targets.parameters)
         with hf_folder.staged_output(adapter_out, overwrite) as tmp:
             _write_adapter_folder(tmp, groups + saved_groups, peft_cfg, tokenizer)
             if verify:
                 _verify_adapter(tmp, ckpt, base_dir, config, adapter_dtype, tokenizer, echo)
-        exits.append(f"PEFT adapter in {adapter_out} ({len(modules)} adapted modules, "
+        exits.append(f"PEFT adapter in {adapter_out} ({len(targets.modules)} adapted modules, "
+                     f"{len(targets.parameters)} expert parameters, "
                      f"{np.dtype(adapter_dtype).name})")
     echo(f"exported step {ckpt.step} of LoRA run {ckpt.run_dir}: " + "; ".join(exits))
     return out

@@ -139,6 +139,9 @@ class Family:
     ``layers_path`` is the module that holds the decoder layers (stacked or a list).
     ``declined`` pairs related model types the family does not build with the reason, so that a
     user of one is told what is missing rather than only that it is unknown.
+    ``fused_experts(hf_module)``: for a family whose transformers model holds experts fused
+    in 3-D parameters, where the expert projection ``hf_module`` (a checkpoint name, one
+    expert) lives in memory (:class:`FusedExpert`), else None; PEFT adapters name those.
     """
 
     name: str
@@ -149,6 +152,20 @@ class Family:
     architectures: dict[str, str]
     layers_path: str = "model.layers"
     declined: tuple[tuple[str, str], ...] = ()
+    fused_experts: Callable[[str], FusedExpert | None] | None = None
+
+
+@dataclass(frozen=True)
+class FusedExpert:
+    """Where transformers keeps one expert projection: ``module.parameter`` ``[E, out, in]``,
+    rows ``part`` of ``parts`` equal blocks (gate then up in ``gate_up_proj``); ``nesting``
+    is the parameter's place among the module's parameters (PEFT nests its wrappers so)."""
+
+    module: str  # model.layers.3.mlp.experts
+    parameter: str  # gate_up_proj
+    part: int
+    parts: int
+    nesting: int
 
 
 _FAMILIES: dict[str, Family] = {}

@@ -12,6 +12,9 @@ so the table never stacks its layers.
 
 from __future__ import annotations
 
+import re
+
+from jaxtune.models.family import FusedExpert
 from jaxtune.models.moe.config import MoeConfig
 from jaxtune.models.table import Rule, Transform
 
@@ -62,3 +65,19 @@ def hf_table(cfg: MoeConfig) -> tuple[Rule, ...]:
     else:
         rules.append(Rule(r"lm_head\.weight", "lm_head.kernel", Transform.LINEAR))
     return tuple(rules)
+
+
+#: transformers 5 in memory: ``mlp.experts.gate_up_proj`` [E, 2F, D] (gate rows, then up), then
+#: ``mlp.experts.down_proj`` [E, D, F], for all three model types (Mixtral too, not
+#: ``block_sparse_moe``).
+_FUSED = {"gate_proj": ("gate_up_proj", 0, 2, 0), "up_proj": ("gate_up_proj", 1, 2, 0),
+          "down_proj": ("down_proj", 0, 1, 1)}
+_EXPERT_MODULE = re.compile(r"(model\.layers\.\d+)\.(?:mlp|block_sparse_moe)\.experts\.\d+\.(\w+)")
+
+
+def fused_experts(hf_module: str) -> FusedExpert | None:
+    """Where transformers keeps the expert projection ``hf_module`` (checkpoint name)."""
+    m = _EXPERT_MODULE.fullmatch(hf_module)
+    if m is None:
+        return None
+    return FusedExpert(f"{m[1]}.mlp.experts", *_FUSED[_MIXTRAL_EXPERT.get(m[2], m[2])])
