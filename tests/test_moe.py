@@ -207,6 +207,47 @@ def test_peft_adapter_on_experts_loads_in_peft(variant, targets, scan, moe_hf_mo
     assert np.abs(adapted - plain).max() > 1e-2  # the expert adapters really act
 
 
+def test_trained_run_exports_expert_adapters_that_peft_loads(tmp_path, data_tokenizers):
+    """The run's own export (from its checkpoint, not a model in memory) writes the expert
+    adapters for peft: the PEFT model and the merged export give the trained model's logits."""
+    import peft
+    import torch
+
+    from jaxtune.config import config_from_dict
+    from jaxtune.trainer import train
+    from tests.fixtures_data import chat_rows, write_jsonl
+    from tests.fixtures_moe import make_moe_hf_model
+
+    model_type, overrides = MOE_VARIANTS["qwen2_moe"]
+    base = make_moe_hf_model(model_type, tmp_path / "base", **{**overrides, "vocab_size": 389})
+    cfg = config_from_dict({
+        "run": {"output_dir": str(tmp_path / "run"), "seed": 3},
+        "model": {"path": str(base), "tokenizer": data_tokenizers["chatml"],
+                  "scan_layers": True},
+        "lora": {"rank": 2, "alpha": 4, "targets": ["gate_proj", "up_proj", "down_proj",
+                                                    "q_proj"]},
+        "data": {"sources": [{"path": write_jsonl(tmp_path / "c.jsonl", chat_rows(12))}],
+                 "format": "chat", "seq_len": 32, "cache_dir": str(tmp_path / "cache")},
+        "optimizer": {"learning_rate": 3e-2, "schedule": "constant"},
+        "trainer": {"steps": 2, "global_batch_size": 2, "progress": False},
+        "logging": {"tensorboard": False, "stdout": False},
+        "export": {"enabled": True, "lora": "both", "dtype": "float32"},
+    })
+    trained = train(cfg).state.model()
+    ids = np.random.default_rng(1).integers(0, 389, (2, 11))
+    ref = np.asarray(trained(jnp.asarray(ids)))
+    adapter = tmp_path / "run" / "hf-adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["target_parameters"]
+    with torch.no_grad():
+        applied = peft.PeftModel.from_pretrained(hf_model(base), adapter).eval()
+        np.testing.assert_allclose(applied(torch.as_tensor(ids)).logits.numpy(), ref,
+                                   atol=1e-4, rtol=0)
+        merged = hf_model(tmp_path / "run" / "hf")(torch.as_tensor(ids)).logits.numpy()
+        plain = hf_model(base)(torch.as_tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(merged, ref, atol=1e-4, rtol=0)
+    assert np.abs(ref - plain).max() > 1e-3  # two steps moved the adapters off zero
+
+
 def test_router_loss_under_accumulation_is_the_micro_batch_mean(moe_hf_model):
     """With 2 micro-batches the step's router loss is the mean of each micro-batch's own."""
     from tests.train_helpers import make_stepper, put, synthetic_batch
