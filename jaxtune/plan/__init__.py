@@ -80,7 +80,7 @@ def step_flops(cfg, hf_config: dict, devices: list, platform: str, *, remat: str
             if probe_platform == "cpu":
                 probe_devices = jax.devices("cpu")[:1]
                 probe = dataclasses.replace(probe, mesh=dataclasses.replace(
-                    probe.mesh, data=1, fsdp=1, tensor=1, dcn_data=1))
+                    probe.mesh, data=1, fsdp=1, tensor=1, expert=1, dcn_data=1))
             built = build_train_step(probe, hf, probe_devices, probe_platform)
             flops = compiled_flops(_compile(built, probe_platform))
             if flops is None:
