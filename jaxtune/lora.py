@@ -49,7 +49,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from jaxtune.config import ConfigError, LoraConfig
 from jaxtune.models.family import family_table
-from jaxtune.models.layers import Linear
+from jaxtune.models.layers import Linear, project
 from jaxtune.models.table import STACK_AXES, ParamTable
 from jaxtune.quant import QuantizedKernel, quantize_kernel
 from jaxtune.sharding import Rules, host_array, state_shardings
@@ -160,11 +160,9 @@ class LoraAdapter(nnx.Module):
         n = self.num_in
         a = self.lora_a[...].astype(x.dtype)
         b = self.lora_b[...].astype(x.dtype)
-        contract = (tuple(range(x.ndim - n, x.ndim)), tuple(range(n)))
-        h = jax.lax.dot_general(x, a, (contract, ((), ())))
+        h = project(x, a, n)  # batch and length merged: see layers.project
         h = h * jnp.asarray(self.scale, h.dtype)  # scaling the rank-r side is cheapest
-        u = jax.lax.dot_general(h, b, (((h.ndim - 1,), (0,)), ((), ())),
-                                preferred_element_type=y.dtype)
+        u = project(h, b, 1, y.dtype)
         return y + u.astype(y.dtype)
 
     def add_grouped(self, y_MO: jax.Array, x_MI: jax.Array,

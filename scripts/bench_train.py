@@ -142,6 +142,26 @@ def timed(runner, steps: int) -> float:
     return (time.perf_counter() - tick) / steps
 
 
+def alternating_rates(runners: list, tokens: int, rounds: int, steps: int,
+                      warmup: int) -> list[list[float]]:
+    """Tokens/s of each runner per round: a warm-up, then ``rounds`` timed rounds of
+    ``steps`` steps, the runners' order flipped every round so machine noise hits all alike."""
+    for r in runners:
+        timed(r, warmup)
+    rates: list[list[float]] = [[] for _ in runners]
+    order = list(range(len(runners)))
+    for i in range(rounds):
+        for j in order if i % 2 == 0 else order[::-1]:
+            rates[j].append(tokens / timed(runners[j], steps))
+    return rates
+
+
+def paired_ratio(ours: list[float], theirs: list[float]) -> tuple[float, float, float]:
+    """(median, min, max) of the per-round ratios ours[r] / theirs[r]."""
+    paired = [a / b for a, b in zip(ours, theirs, strict=True)]
+    return statistics.median(paired), min(paired), max(paired)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--sizes", default="S,M")
@@ -177,14 +197,9 @@ def main() -> None:
         th = None if args.no_torch or platform != "cpu" else TorchRunner(size, args.threads,
                                                                           args.family)
         runners = [r for r in (jx, th) if r is not None]
-        for r in runners:
-            timed(r, args.warmup)
-        rates: dict[int, list[float]] = {id(r): [] for r in runners}
-        for i in range(args.rounds):
-            for r in runners if i % 2 == 0 else runners[::-1]:  # flip the order each round
-                rates[id(r)].append(tokens / timed(r, args.steps))
+        rates = alternating_rates(runners, tokens, args.rounds, args.steps, args.warmup)
         fpt = flops_per_token(jx.model_config, size["seq_len"])
-        rows.append((name, rates[id(jx)], rates[id(th)] if th is not None else [], fpt))
+        rows.append((name, rates[0], rates[1] if th is not None else [], fpt))
         del jx, th, runners
 
     def mfu(tps: float, fpt: float) -> float:
@@ -200,13 +215,12 @@ def main() -> None:
     for name, jt, tt, _ in rows:
         if not tt:
             continue
-        paired = [j / t for j, t in zip(jt, tt, strict=True)]
+        _, low, high = paired_ratio(jt, tt)
         print(f"{name}: ratio of medians {statistics.median(jt) / statistics.median(tt):.2f}, "
-              f"paired ratios {min(paired):.2f}-{max(paired):.2f}")
+              f"paired ratios {low:.2f}-{high:.2f}")
     for name, jt, tt, _ in rows:
         if tt:
-            paired = [j / t for j, t in zip(jt, tt, strict=True)]
-            print(f"ratio {name}: {statistics.median(paired):.2f}")
+            print(f"ratio {name}: {paired_ratio(jt, tt)[0]:.2f}")
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

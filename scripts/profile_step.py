@@ -149,7 +149,8 @@ def _torch_class(op: str) -> str | None:
     if op in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::linear",
               "aten::matmul"):
         return "matmul"
-    if "attention" in op or "flash" in op or op in ("aten::_softmax", "aten::_softmax_backward_data"):
+    if "attention" in op or "flash" in op or op in ("aten::_softmax",
+                                                    "aten::_softmax_backward_data"):
         return "attention"
     if any(s in op for s in ("log_softmax", "nll_loss", "cross_entropy")):
         return "loss (vocabulary)"
