@@ -120,5 +120,5 @@ def test_auto_picks_splash_only_when_compiling_for_tpu():
         assert resolve_attention_impl("xla", jnp.bfloat16, 128) == "xla"
     with compiling_for("gpu"):
         assert resolve_attention_impl("auto", jnp.bfloat16, 128) == "cudnn"
-        assert resolve_attention_impl("auto", jnp.float32, 128) == "xla"
+        assert resolve_attention_impl("auto", jnp.float32, 128) == "pallas_gpu"
     assert target_platform() == "cpu"

@@ -1,10 +1,11 @@
-"""Attention kernels beyond XLA's: Pallas splash attention for TPU (``splash.py``).
+"""Attention kernels beyond XLA's: Pallas splash attention for TPU (``splash.py``) and jax's
+Pallas Triton flash attention for GPU (``pallas_gpu.py``).
 
 Which kernel a model picks depends on the platform the program is *compiled for*, which is not
 always the one this process runs on: ``jaxtune plan`` builds a TPU or GPU program on a CPU
 host. :func:`target_platform` answers the question for the whole package (layers ask it
-when they resolve ``attention: auto``; the splash wrapper asks it to decide between the
-compiled Mosaic kernel and the CPU interpreter), and :func:`compiling_for` sets it.
+when they resolve ``attention: auto``; the kernel wrappers ask it to decide between the
+compiled kernel (Mosaic, Triton) and the CPU interpreter), and :func:`compiling_for` sets it.
 
 This module stays import-light: Pallas is imported only when a kernel is built.
 """

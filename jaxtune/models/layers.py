@@ -315,16 +315,20 @@ def apply_rope(x_BTNH: jax.Array, cos_BTh: jax.Array, sin_BTh: jax.Array) -> jax
 
 # --------------------------------------------------------------------------- attention
 
-ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash", "pallas_gpu")
 
 
 def resolve_attention_impl(choice: str, dtype: Any, head_dim: int, *,
                            softcap: bool = False) -> str:
-    """Pick the attention kernel: ``auto`` takes splash on TPU, cuDNN flash where it applies.
+    """Pick the attention kernel: ``auto`` takes splash on TPU; on GPU cuDNN flash where it
+    applies, else the Pallas Triton kernel (``pallas_gpu``: float32 compute, head dims above
+    128), else XLA with a one-line note.
 
     The platform is the one being compiled for (``jaxtune.kernels.target_platform``).
-    ``softcap``: the model soft-caps attention logits, which cuDNN's fused kernel cannot do;
-    ``auto`` then takes XLA (with a one-line note) and an explicit ``cudnn`` is an error."""
+    ``softcap``: the model soft-caps attention logits, which neither GPU kernel can do;
+    ``auto`` then takes XLA (with a one-line note) and an explicit ``cudnn`` is an error.
+    An explicit ``pallas_gpu`` (like ``splash``) is taken on any platform: off GPU it runs in
+    Pallas' interpret mode, and a case it cannot take falls back to XLA with a note."""
     if choice not in ATTENTION_IMPLS:
         raise JaxtuneError(f"attention='{choice}' is not one of {', '.join(ATTENTION_IMPLS)}.")
     platform = target_platform()
@@ -339,17 +343,25 @@ def resolve_attention_impl(choice: str, dtype: Any, head_dim: int, *,
             else (f"it needs bfloat16/float16 compute, not {jnp.dtype(dtype).name}") if not half \
             else f"it needs a head dim that is a multiple of 8 and <= 128, not {head_dim}"
         raise JaxtuneError(f"model.attention: cudnn cannot be used: {why}. Use attention: auto "
-                           "(cuDNN where it applies, XLA elsewhere).")
+                           "(cuDNN where it applies, then the Pallas GPU kernel, XLA elsewhere).")
     if choice == "cudnn" and softcap:
         raise JaxtuneError("model.attention: cudnn cannot be used: this model soft-caps its "
                            "attention logits, which cuDNN's fused kernel cannot do. Use "
                            "attention: auto or xla.")
-    if choice != "auto":
-        return choice
-    if on_gpu and half and fits and softcap:
+    if choice != "auto" or not on_gpu:
+        return choice if choice != "auto" else "xla"
+    if softcap:
         _softcap_note()
         return "xla"
-    return "cudnn" if on_gpu and half and fits else "xla"
+    if half and fits:
+        return "cudnn"
+    from jaxtune.kernels.pallas_gpu import static_reason
+
+    reason = static_reason(dtype, head_dim)
+    if reason is None:
+        return "pallas_gpu"
+    _auto_note(reason)
+    return "xla"
 
 
 @functools.lru_cache(maxsize=1)
@@ -357,7 +369,17 @@ def _softcap_note() -> None:
     import logging
 
     logging.getLogger(__name__).warning(
-        "attention: auto uses XLA attention, not cuDNN: cuDNN cannot soft-cap attention logits.")
+        "attention: auto uses XLA attention: cuDNN and the Pallas GPU kernel cannot soft-cap "
+        "attention logits.")
+
+
+@functools.lru_cache(maxsize=8)
+def _auto_note(reason: str) -> None:
+    import logging
+
+    logging.getLogger(__name__).warning(
+        "attention: auto uses XLA attention: cuDNN does not apply and the Pallas GPU kernel "
+        "cannot run: %s.", reason)
 
 
 @struct.dataclass
@@ -437,6 +459,18 @@ def dot_product_attention(
         return splash_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=mask.q_segment_ids_BT,
                                 window=window, fallback=fallback, attn_logits_soft_cap=softcap,
                                 scale=scale)
+    if implementation == "pallas_gpu" and mask.aligned:
+        # Pallas Triton kernel (index-causal with segment ids, as splash); falls back to XLA
+        # where it cannot run (windows, soft-capping, odd head dims or lengths).
+        from jaxtune.kernels.pallas_gpu import pallas_gpu_attention
+
+        def fallback(q, k, v, *, segment_ids_BT, window):
+            return dot_product_attention(q, k, v, mask=mask, window=window, implementation="xla",
+                                         softcap=softcap, scale=scale)
+
+        return pallas_gpu_attention(q_BTNH, k_BSKH, v_BSKH,
+                                    segment_ids_BT=mask.q_segment_ids_BT, window=window,
+                                    softcap=softcap, fallback=fallback, scale=scale)
     t, s = q_BTNH.shape[1], k_BSKH.shape[1]
     if implementation == "xla" and mask.aligned and t == s and t >= 2 * _CAUSAL_BLOCK:
         return _blocked_causal_attention(q_BTNH, k_BSKH, v_BSKH, mask, window, softcap, scale)

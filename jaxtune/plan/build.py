@@ -92,6 +92,15 @@ def build_train_step(cfg: TrainConfig, hf_config: dict[str, Any], devices: list,
         # What the layers will run, not what was asked: the kernel falls back (with a warning
         # while tracing) when scanned layers mix sliding and full windows (Gemma 2 / 3).
         attention = "xla (splash cannot take the per-layer windows of scanned mixed layers)"
+    windows = model_config.layer_windows()
+    windowed = sum(w is not None and w < cfg.data.seq_len for w in windows)
+    if attention == "pallas_gpu" and windowed:
+        # The Triton kernel has no sliding window: those layers fall back to XLA (with a note),
+        # all of them when scanned layers mix windows (the window is then a per-layer array).
+        mixed = m.scan_layers and len(set(windows)) > 1
+        attention = ("xla (the pallas_gpu kernel has no sliding window)"
+                     if windowed == len(windows) or mixed
+                     else f"pallas_gpu (XLA on the {windowed} sliding-window layers)")
     if cfg.lora.rank > 0:
         from jaxtune.lora import TRAINABLE as trainable
     else:

@@ -98,3 +98,17 @@ def test_gpu_target_compiles_and_is_compared_with_hbm(tiny_dir, tmp_path_factory
     assert not result.fits and not result.memory.oom_message
     assert result.memory.peak > 80 * GIB
     assert "DOES NOT FIT" in format_plan(cfg, result)
+
+
+def test_pallas_gpu_attention_compiles_for_8xh100(tiny_dir):
+    """float32 compute, which cuDNN cannot take: auto picks the Pallas Triton kernel, lowered to
+    Triton inside shard_map (GQA heads split over tensor=2) and compiled by XLA's GPU compiler,
+    which checks the kernel's shared memory against the H100's."""
+    cfg = _cfg(tiny_dir, "--model.compute_dtype=float32", "--mesh.fsdp=4", "--mesh.tensor=2")
+    built = build_train_step(cfg, TINY, compile_only_devices(parse_target("8xh100")), "gpu")
+    assert built.attention == "pallas_gpu"
+    lowered = lower(built, "gpu")
+    # Forward, remat's forward again, the backward's preprocessing and the fused backward.
+    assert lowered.as_text().count("__gpu$xla.gpu.triton") >= 3
+    stats = lowered.compile().memory_analysis()
+    assert stats.argument_size_in_bytes > 0 and stats.temp_size_in_bytes > 0
