@@ -188,3 +188,20 @@ def test_compiler_flops_agree_with_the_mfu_formula_for_llama_8b():
     counted = step_flops(cfg, hf, remat="none", full_finetune=True)
     formula = metrics.flops_per_token(model_config, 2048) * 2048
     assert 0.9 < counted / formula < 1.1, counted / formula
+
+
+def test_plan_names_the_attention_a_soft_capped_model_runs_on_gpu():
+    # Gemma 2 soft-caps its attention logits, which neither cuDNN nor the Pallas GPU kernel
+    # can: its layers take XLA attention, and the plan must say so rather than cudnn.
+    import jax
+
+    from jaxtune.plan.build import build_train_step
+
+    hf = dict(model_type="gemma2", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=2, num_key_value_heads=1, head_dim=32, vocab_size=128,
+              query_pre_attn_scalar=32, sliding_window=4096, attn_logit_softcapping=50.0,
+              final_logit_softcapping=30.0, max_position_embeddings=256)
+    cfg = load_config(None, ["--model.path=x", "--model.compute_dtype=bfloat16",
+                             "--data.seq_len=256", "--trainer.global_batch_size=1"])
+    built = build_train_step(cfg, hf, jax.devices("cpu")[:1], "gpu")
+    assert built.attention == "xla"

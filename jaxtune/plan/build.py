@@ -85,8 +85,10 @@ def build_train_step(cfg: TrainConfig, hf_config: dict[str, Any], devices: list,
         return model
 
     with compiling_for(platform):
+        # As the family's model resolves it (a soft-capped Gemma 2 takes XLA on GPU).
+        softcap = getattr(model_config, "attention_softcap", None) is not None
         attention = resolve_attention_impl(m.attention, _dtype(m.compute_dtype),
-                                           model_config.head_dim)
+                                           model_config.head_dim, softcap=softcap)
         abstract = nnx.eval_shape(make)
     if attention == "splash" and m.scan_layers and len(set(model_config.layer_windows())) > 1:
         # What the layers will run, not what was asked: the kernel falls back (with a warning
