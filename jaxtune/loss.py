@@ -165,6 +165,11 @@ def chunked_token_terms(
                                                       tuple(consts))
 
 
+#: Name scope of the loss's vocabulary work (the LM head's matmuls included), so profiles of
+#: any backend can attribute it (``scripts/profile_step.py``).
+LOSS_SCOPE = "vocab_loss"
+
+
 def _fused_terms(unembed_flat: Callable[..., jax.Array], z_loss: float):
     """The chunk scan as a custom-VJP function of ``(hidden_KBSD, targets_KBS, mask_KBS,
     consts)``.
@@ -186,6 +191,7 @@ def _fused_terms(unembed_flat: Callable[..., jax.Array], z_loss: float):
 
     @jax.custom_vjp
     def terms(hidden_KBSD, targets_KBS, mask_KBS, consts):
+        @jax.named_scope(LOSS_SCOPE)
         def body(carry, xs):
             hidden_BSD, targets_BS, mask_BS = xs
             nll, z = _token_terms(project(hidden_BSD, consts), targets_BS.reshape(-1),
@@ -208,6 +214,7 @@ def _fused_terms(unembed_flat: Callable[..., jax.Array], z_loss: float):
             return project(hidden_BSD, [next(it) if w else c
                                         for w, c in zip(want, consts, strict=True)])
 
+        @jax.named_scope(LOSS_SCOPE)
         def body(carry, xs):
             acc, nll_sum, z_sum = carry
             hidden_BSD, targets_BS, mask_BS = xs

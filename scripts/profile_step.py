@@ -27,6 +27,8 @@ import re
 import tempfile
 import time
 
+from jaxtune.loss import LOSS_SCOPE
+
 CLASSES = ("matmul", "attention", "loss (vocabulary)", "norms + RoPE", "activations",
            "optimizer update", "copies + layout", "other")
 
@@ -83,6 +85,8 @@ def _hlo_classes(hlo_text: str) -> dict[str, str]:
     def classify(opcode: str, name: str, op_name: str, frame_id: int | None) -> str:
         if opcode in ("copy", "transpose") or name.startswith(("copy", "transpose")):
             return "copies + layout"
+        if LOSS_SCOPE in op_name:  # the chunked loss's scope: its LM head matmuls too
+            return "loss (vocabulary)"
         chain = stack(frame_id) if frame_id is not None else []
         # The update and the loss own everything they call (the LM head's matmuls included:
         # the loss computes the logits chunk by chunk); elsewhere the innermost function rules.
