@@ -15,6 +15,7 @@ are comparable between the frameworks; the step's wall time is printed beside th
 
     python scripts/profile_step.py --sizes S,M
     python scripts/profile_step.py --sizes M --top 15          # also the 15 costliest HLO ops
+    python scripts/profile_step.py --lora --steps 2            # the quickstart's LoRA job
 """
 
 from __future__ import annotations
@@ -218,6 +219,28 @@ def format_breakdown(name: str, jx: dict, jx_wall: float, th: dict | None,
     return "\n".join(lines)
 
 
+def profile_lora_job(args) -> None:
+    """The quickstart's LoRA job, as ``scripts/bench_quickstart_lora.py`` builds both sides."""
+    from jaxtune.config import load_config
+    from scripts.bench_quickstart_lora import JaxtuneJob, TorchPeftJob
+    from scripts.make_smollm2 import default_dir
+
+    run_dir = tempfile.mkdtemp(prefix="jaxtune-profile-")
+    cfg = load_config("configs/quickstart.yaml", [
+        f"--model.path={default_dir()}", f"--run.output_dir={run_dir}",
+        "--checkpoint.enabled=false", "--export.enabled=false"])
+    jx = JaxtuneJob(cfg, 1)
+    jx_classes, jx_wall, ops = profile_jaxtune(jx, args.steps, args.top)
+    th_classes = th_wall = None
+    if not args.no_torch:
+        th = TorchPeftJob(cfg, jx.host_batches, args.threads)
+        vocab = jx.trainer.model_config.vocab_size
+        th_classes, th_wall = profile_torch(th, args.steps, vocab)
+    print(format_breakdown("lora", jx_classes, jx_wall, th_classes, th_wall))
+    for op, ms, cls in ops:
+        print(f"  {ms:8.1f}  {cls:<18} {op}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--sizes", default="S,M")
@@ -225,12 +248,18 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="PyTorch intra-op threads")
     p.add_argument("--top", type=int, default=0, help="also list the N costliest HLO ops")
     p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--lora", action="store_true",
+                   help="profile the quickstart's LoRA job (scripts/bench_quickstart_lora.py) "
+                        "instead of the --sizes models")
     args = p.parse_args()
 
     from jaxtune.hardware import describe_machine
     from scripts.bench_train import SIZES, JaxRunner, TorchRunner
 
     print(f"machine {describe_machine()}\n")
+    if args.lora:
+        profile_lora_job(args)
+        return
     for name in args.sizes.split(","):
         jx = JaxRunner(SIZES[name], "float32")
         jx_classes, jx_wall, ops = profile_jaxtune(jx, args.steps, args.top)
