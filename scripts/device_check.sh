@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU readiness in one prepared run (< 8 minutes on one H100/H200) for when a GPU machine is
-# available: (1) the attention kernel tests on the real device (cuDNN flash attention in bf16
-# against XLA's, and the splash reference), (2) scripts/bench_train.py in bf16 with MFU against
+# available: (1) the attention kernel tests on the real device (cuDNN flash attention and the
+# Pallas Triton kernel in bf16 against XLA's and the float32 reference), (2) scripts/bench_train.py in bf16 with MFU against
 # the device's peak, (3) a one-minute LoRA fine-tune of the SmolLM2 fixture. Prints one summary
 # block and writes the figures to $OUT_DIR/device_check.json (default runs/device_check) for
 # docs/benchmarks.md.
@@ -21,7 +21,8 @@ print(f"{d.platform} {d.device_kind} x{jax.device_count()}")
 EOF
 device=$(tail -1 "$out_dir/device.txt")
 
-# 1. Kernel tests on the device: cuDNN attention (bf16) vs XLA on the model's own shapes.
+# 1. Kernel tests on the device: cuDNN and the Pallas (Triton) kernel in bf16 vs XLA, on the
+#    model's own shapes.
 timeout 150 python - <<'EOF' > "$out_dir/kernels.txt" 2>&1
 import jax, jax.numpy as jnp, numpy as np
 from jaxtune.models.layers import AttentionMask, dot_product_attention
@@ -33,7 +34,7 @@ v = jax.random.normal(k[2], (2, 1024, 2, 128), jnp.bfloat16)
 seg = jnp.concatenate([jnp.ones((2, 600), jnp.int32), 2 * jnp.ones((2, 424), jnp.int32)], 1)
 worst = 0.0
 for window in (None, 256):
-    for impl in ("cudnn", "xla"):
+    for impl in ("cudnn", "pallas_gpu", "xla"):  # pallas_gpu: XLA (noted) for the window
         got = jax.jit(lambda q, k, v: dot_product_attention(
             q, k, v, mask=AttentionMask.causal(jnp.broadcast_to(jnp.arange(1024), (2, 1024)), seg),
             window=window, implementation=impl))(q, kk, v)
