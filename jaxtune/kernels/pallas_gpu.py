@@ -30,16 +30,15 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec
 
 from jaxtune.kernels import target_platform
-from jaxtune.sharding import current_mesh_rules, logical_to_spec
+from jaxtune.kernels.specs import attention_specs
+from jaxtune.sharding import current_mesh_rules
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +157,8 @@ def pallas_gpu_attention(
     current = current_mesh_rules()
     spec = None
     if reason is None and current is not None:
-        spec, reason = _specs(q_BTNH, k_BSKH, *current)
+        spec, reason = attention_specs(q_BTNH, k_BSKH, *current, heads_first=False,
+                                       kernel="the kernel")
     # The fallback computes the same function (soft cap, window and scale: the caller's).
     if reason is not None and fallback is not None:
         _note(reason)
@@ -182,26 +182,3 @@ def pallas_gpu_attention(
                          check_vma=False)(q_BTNH, k_BSKH, v_BSKH, *args)
 
 
-def _specs(q_BTNH, k_BSKH, mesh, rules):
-    """shard_map specs for ``[B, T, N, H]`` q and ``[B, S, K, H]`` k/v, or the reason none fit."""
-    b, t, n, h = q_BTNH.shape
-    kv = k_BSKH.shape[2]
-    q_spec = logical_to_spec(("batch", "seq", "heads", "head_dim"), rules, mesh, (b, t, n, h))
-    kv_spec = logical_to_spec(("batch", "seq", "kv_heads", "head_dim"), rules, mesh,
-                              (b, t, kv, h))
-    q_parts, kv_parts = _pad(q_spec), _pad(kv_spec)
-    if q_parts[0] != kv_parts[0]:
-        return None, "query and key rows are split differently over the mesh"
-    if q_parts[2] != kv_parts[2]:
-        # Each device must hold whole KV groups: its query heads' keys and values.
-        return None, (f"the {kv} KV heads cannot be split like the {n} query heads over mesh "
-                      f"axes {q_parts[2]} (make 'tensor' divide {math.gcd(n, kv)})")
-    if q_parts[1] is not None or q_parts[3] is not None or kv_parts[1] is not None:
-        return None, "the sequence or head dim is sharded (the kernel needs whole sequences)"
-    seg_spec = PartitionSpec(q_parts[0], None)
-    return (mesh, q_spec, kv_spec, seg_spec), None
-
-
-def _pad(spec: PartitionSpec) -> tuple:
-    parts = tuple(spec)
-    return parts + (None,) * (4 - len(parts))

@@ -24,16 +24,15 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec
 
 from jaxtune.kernels import target_platform
-from jaxtune.sharding import current_mesh_rules, logical_to_spec
+from jaxtune.kernels.specs import attention_specs
+from jaxtune.sharding import current_mesh_rules
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +169,8 @@ def splash_attention(
     current = current_mesh_rules()
     spec = None
     if reason is None and current is not None:
-        spec, reason = _specs(q_BTNH, k_BSKH, *current)
+        spec, reason = attention_specs(q_BTNH, k_BSKH, *current, heads_first=True,
+                                       kernel="splash")
     # The fallback computes the same function (soft cap and scale included: the caller's).
     if reason is not None and fallback is not None:
         _note(reason)
@@ -202,27 +202,4 @@ def splash_attention(
     return jnp.swapaxes(out_BNTH, 1, 2)
 
 
-def _specs(q_BTNH, k_BSKH, mesh, rules):
-    """shard_map specs for ``[B, N, T, H]`` q and ``[B, K, S, H]`` k/v, or the reason none fit."""
-    b, t, n, h = q_BTNH.shape
-    kv = k_BSKH.shape[2]
-    q_spec = logical_to_spec(("batch", "heads", "seq", "head_dim"), rules, mesh, (b, n, t, h))
-    kv_spec = logical_to_spec(("batch", "kv_heads", "seq", "head_dim"), rules, mesh,
-                              (b, kv, t, h))
-    q_parts, kv_parts = _pad(q_spec), _pad(kv_spec)
-    if q_parts[0] != kv_parts[0]:
-        return None, "query and key rows are split differently over the mesh"
-    if q_parts[1] != kv_parts[1]:
-        # Each device must hold whole KV groups: its query heads' keys and values.
-        return None, (f"the {kv} KV heads cannot be split like the {n} query heads over mesh "
-                      f"axes {q_parts[1]} (make 'tensor' divide {math.gcd(n, kv)})")
-    if q_parts[2] is not None or q_parts[3] is not None:
-        return None, "the sequence or head dim is sharded (splash needs whole sequences)"
-    seg_spec = PartitionSpec(q_parts[0], None)
-    return (mesh, q_spec, kv_spec, seg_spec), None
-
-
-def _pad(spec: PartitionSpec) -> tuple:
-    parts = tuple(spec)
-    return parts + (None,) * (4 - len(parts))
 

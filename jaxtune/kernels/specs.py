@@ -1,0 +1,49 @@
+"""``shard_map`` specs for an attention kernel: rows and heads split over the mesh as the
+logical rules say, whole sequences on every device.
+
+Mosaic (splash) and Triton kernels cannot be partitioned by XLA, so each wrapper runs its
+kernel inside ``shard_map`` with these specs; attention never mixes rows or KV groups, so each
+device's share is exact on its own.
+"""
+
+from __future__ import annotations
+
+import math
+
+from jax.sharding import PartitionSpec
+
+from jaxtune.sharding import logical_to_spec
+
+
+def attention_specs(q_BTNH, k_BSKH, mesh, rules, *, heads_first: bool, kernel: str):
+    """``((mesh, q_spec, kv_spec, seg_spec), None)`` for q ``[B, T, N, H]`` and k/v
+    ``[B, S, K, H]`` laid out for the kernel as ``[B, N, T, H]`` (``heads_first``) or as they
+    are; or ``(None, reason)`` when no split fits (the caller falls back to XLA and says why).
+    """
+    b, t, n, h = q_BTNH.shape
+    kv = k_BSKH.shape[2]
+    if heads_first:
+        q_axes, kv_axes = ("batch", "heads", "seq", "head_dim"), ("batch", "kv_heads", "seq",
+                                                                  "head_dim")
+        q_shape, kv_shape, heads, seq = (b, n, t, h), (b, kv, t, h), 1, 2
+    else:
+        q_axes, kv_axes = ("batch", "seq", "heads", "head_dim"), ("batch", "seq", "kv_heads",
+                                                                  "head_dim")
+        q_shape, kv_shape, heads, seq = (b, t, n, h), (b, t, kv, h), 2, 1
+    q_spec = logical_to_spec(q_axes, rules, mesh, q_shape)
+    kv_spec = logical_to_spec(kv_axes, rules, mesh, kv_shape)
+    q_parts, kv_parts = _pad(q_spec), _pad(kv_spec)
+    if q_parts[0] != kv_parts[0]:
+        return None, "query and key rows are split differently over the mesh"
+    if q_parts[heads] != kv_parts[heads]:
+        # Each device must hold whole KV groups: its query heads' keys and values.
+        return None, (f"the {kv} KV heads cannot be split like the {n} query heads over mesh "
+                      f"axes {q_parts[heads]} (make 'tensor' divide {math.gcd(n, kv)})")
+    if any(p is not None for p in (q_parts[seq], q_parts[3], kv_parts[seq], kv_parts[3])):
+        return None, f"the sequence or head dim is sharded ({kernel} needs whole sequences)"
+    return (mesh, q_spec, kv_spec, PartitionSpec(q_parts[0], None)), None
+
+
+def _pad(spec: PartitionSpec) -> tuple:
+    parts = tuple(spec)
+    return parts + (None,) * (4 - len(parts))
