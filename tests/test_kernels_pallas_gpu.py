@@ -16,16 +16,14 @@ from jaxtune.kernels import compiling_for
 from jaxtune.kernels.pallas_gpu import _note, block_sizes, pallas_gpu_attention, unsupported_reason
 from jaxtune.kernels.splash import reference_attention
 from jaxtune.models import layers
-from jaxtune.models.layers import AttentionMask, dot_product_attention, resolve_attention_impl
+from jaxtune.models.layers import dot_product_attention, resolve_attention_impl
+from tests.kernel_helpers import assert_same_out_and_grads, out_and_grads, qkv, training_mask
 
 T, H, BLOCK = 256, 64, 128
 
 
 def _qkv(n: int, kv: int, h: int = H, t: int = T, seed: int = 0):
-    kq, kk, kv_ = jax.random.split(jax.random.key(seed), 3)
-    return (jax.random.normal(kq, (1, t, n, h), jnp.float32),
-            jax.random.normal(kk, (1, t, kv, h), jnp.float32),
-            jax.random.normal(kv_, (1, t, kv, h), jnp.float32))
+    return qkv(n, kv, rows=1, t=t, h=h, seed=seed)
 
 
 def _packed_segments() -> jax.Array:
@@ -41,33 +39,16 @@ CASES = {
 }
 
 
-def _out_and_grads(fn, q, k, v):
-    """One jitted program (interpret mode is slow op by op): output and input gradients."""
-    cot = jax.random.normal(jax.random.key(9), q.shape, jnp.float32)
-
-    def run(q, k, v):
-        out, vjp = jax.vjp(fn, q, k, v)
-        return out, vjp(cot)
-    return jax.jit(run)(q, k, v)
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_kernel_matches_reference_forward_and_grads(case):
     opts = dict(CASES[case])
     q, k, v = _qkv(opts.pop("n"), opts.pop("kv"), opts.pop("h", H))
     seg = opts.pop("segment_ids_BT", None)
-    got, got_grads = _out_and_grads(lambda q, k, v: pallas_gpu_attention(
+    got = out_and_grads(lambda q, k, v: pallas_gpu_attention(
         q, k, v, segment_ids_BT=seg, interpret=True, block=BLOCK), q, k, v)
-    want, want_grads = _out_and_grads(lambda q, k, v: reference_attention(
+    want = out_and_grads(lambda q, k, v: reference_attention(
         q, k, v, segment_ids_BT=seg), q, k, v)
-    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
-    for name, g, w in zip("qkv", got_grads, want_grads, strict=True):
-        np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4, err_msg=f"d{name}")
-
-
-def _mask(q, seg):
-    b, t = q.shape[:2]
-    return AttentionMask.causal(jnp.broadcast_to(jnp.arange(t), (b, t)), seg)
+    assert_same_out_and_grads(got, want)
 
 
 def test_layers_dispatch_to_the_kernel_and_match_xla():
@@ -77,13 +58,10 @@ def test_layers_dispatch_to_the_kernel_and_match_xla():
 
     def attend(impl):
         return lambda q, k, v: dot_product_attention(
-            q, k, v, mask=_mask(q, seg), window=None, implementation=impl, scale=0.3)
+            q, k, v, mask=training_mask(q, seg), window=None, implementation=impl, scale=0.3)
 
-    got, got_grads = _out_and_grads(attend("pallas_gpu"), q, k, v)
-    want, want_grads = _out_and_grads(attend("xla"), q, k, v)
-    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
-    for g, w in zip(got_grads, want_grads, strict=True):
-        np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4)
+    assert_same_out_and_grads(out_and_grads(attend("pallas_gpu"), q, k, v),
+                              out_and_grads(attend("xla"), q, k, v))
 
 
 @pytest.mark.parametrize("change, note", [
@@ -95,7 +73,8 @@ def test_layers_dispatch_to_the_kernel_and_match_xla():
 def test_unsupported_case_falls_back_to_xla_with_a_note(caplog, change, note):
     _note.cache_clear()  # one note per reason and process
     q, k, v = _qkv(2, 2, change.get("h", 32), change.get("t", 64))
-    kw = dict(mask=_mask(q, None), window=change.get("window"), softcap=change.get("softcap"))
+    kw = dict(mask=training_mask(q, None), window=change.get("window"),
+              softcap=change.get("softcap"))
     with caplog.at_level(logging.WARNING, logger="jaxtune.kernels.pallas_gpu"):
         got = dot_product_attention(q, k, v, implementation="pallas_gpu", **kw)
     want = dot_product_attention(q, k, v, implementation="xla", **kw)

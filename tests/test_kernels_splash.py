@@ -13,17 +13,14 @@ import pytest
 
 from jaxtune.kernels import compiling_for, target_platform
 from jaxtune.kernels.splash import reference_attention, splash_attention, unsupported_reason
-from jaxtune.models.layers import AttentionMask, dot_product_attention, resolve_attention_impl
+from jaxtune.models.layers import dot_product_attention, resolve_attention_impl
+from tests.kernel_helpers import assert_same_out_and_grads, out_and_grads, qkv, training_mask
 
 T, H, BLOCK = 256, 64, 128
 
 
 def _qkv(n: int, kv: int, seed: int = 0):
-    kq, kk, kv_ = jax.random.split(jax.random.key(seed), 3)
-    q = jax.random.normal(kq, (2, T, n, H), jnp.float32)
-    k = jax.random.normal(kk, (2, T, kv, H), jnp.float32)
-    v = jax.random.normal(kv_, (2, T, kv, H), jnp.float32)
-    return q, k, v
+    return qkv(n, kv, rows=2, t=T, h=H, seed=seed)
 
 
 def _packed_segments() -> jax.Array:
@@ -47,14 +44,6 @@ def test_splash_matches_reference_forward_and_grads(case):
     opts = dict(CASES[case])
     q, k, v = _qkv(opts.pop("n"), opts.pop("kv"))
     seg, window = opts.pop("segment_ids_BT", None), opts.pop("window", None)
-    cot = jax.random.normal(jax.random.key(9), q.shape, jnp.float32)
-
-    def out_and_grads(fn):  # one jitted program: interpret mode is slow op by op
-        def run(q, k, v):
-            out, vjp = jax.vjp(fn, q, k, v)
-            return out, vjp(cot)
-        return jax.jit(run)(q, k, v)
-
     def kernel(q, k, v):
         return splash_attention(q, k, v, segment_ids_BT=seg, window=window, interpret=True,
                                 block=BLOCK, **opts)
@@ -62,17 +51,7 @@ def test_splash_matches_reference_forward_and_grads(case):
     def ref(q, k, v):
         return reference_attention(q, k, v, segment_ids_BT=seg, window=window, **opts)
 
-    got, got_grads = out_and_grads(kernel)
-    want, want_grads = out_and_grads(ref)
-    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
-    for name, g, w in zip("qkv", got_grads, want_grads, strict=True):
-        np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4, err_msg=f"d{name}")
-
-
-def _mask(q, seg):
-    """The model's training mask for a ``[B, T, ...]`` batch: positions 0..T-1, segments."""
-    b, t = q.shape[:2]
-    return AttentionMask.causal(jnp.broadcast_to(jnp.arange(t), (b, t)), seg)
+    assert_same_out_and_grads(out_and_grads(kernel, q, k, v), out_and_grads(ref, q, k, v))
 
 
 def test_reference_equals_the_models_xla_attention():
@@ -81,7 +60,7 @@ def test_reference_equals_the_models_xla_attention():
     seg = _packed_segments()
     for window in (None, 96):
         want = jax.jit(lambda q, k, v, w=window: dot_product_attention(
-            q, k, v, mask=_mask(q, seg), window=w, implementation="xla"))(q, k, v)
+            q, k, v, mask=training_mask(q, seg), window=w, implementation="xla"))(q, k, v)
         got = jax.jit(lambda q, k, v, w=window: reference_attention(
             q, k, v, segment_ids_BT=seg, window=w))(q, k, v)
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
@@ -91,9 +70,9 @@ def test_layers_dispatch_to_splash_and_match_xla():
     q, k, v = _qkv(2, 1)
     seg = _packed_segments()
     want = dot_product_attention(
-            q, k, v, mask=_mask(q, seg), window=None, implementation="xla")
+            q, k, v, mask=training_mask(q, seg), window=None, implementation="xla")
     got = jax.jit(lambda q, k, v: dot_product_attention(
-            q, k, v, mask=_mask(q, seg), window=None, implementation="splash"))(q, k, v)
+            q, k, v, mask=training_mask(q, seg), window=None, implementation="splash"))(q, k, v)
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
@@ -101,10 +80,10 @@ def test_unsupported_length_falls_back_to_xla_with_a_note(caplog):
     q, k, v = (x[:, :100] for x in _qkv(2, 2))
     with caplog.at_level(logging.WARNING, logger="jaxtune.kernels.splash"):
         got = dot_product_attention(
-            q, k, v, mask=_mask(q, None), window=None,
+            q, k, v, mask=training_mask(q, None), window=None,
                                     implementation="splash")
     want = dot_product_attention(
-            q, k, v, mask=_mask(q, None), window=None, implementation="xla")
+            q, k, v, mask=training_mask(q, None), window=None, implementation="xla")
     np.testing.assert_allclose(got, want, atol=1e-6)
     assert "sequence length 100 is not a multiple of 128" in caplog.text
     assert unsupported_reason(q, k, jnp.asarray([4, 8])) is not None  # array window

@@ -37,8 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxtune.kernels import target_platform
-from jaxtune.kernels.specs import attention_specs
-from jaxtune.sharding import current_mesh_rules
+from jaxtune.kernels.specs import mesh_specs, shard_attention
 
 log = logging.getLogger(__name__)
 
@@ -154,11 +153,9 @@ def pallas_gpu_attention(
     if reason is None and blocks is None:
         raise ValueError(f"block {block} must be one of {FORWARD_BLOCKS} dividing the sequence "
                          f"length {t}.")
-    current = current_mesh_rules()
     spec = None
-    if reason is None and current is not None:
-        spec, reason = attention_specs(q_BTNH, k_BSKH, *current, heads_first=False,
-                                       kernel="the kernel")
+    if reason is None:
+        spec, reason = mesh_specs(q_BTNH, k_BSKH, heads_first=False, kernel="the kernel")
     # The fallback computes the same function (soft cap, window and scale: the caller's).
     if reason is not None and fallback is not None:
         _note(reason)
@@ -170,15 +167,6 @@ def pallas_gpu_attention(
     scale = h ** -0.5 if scale is None else float(scale)
     seg_BT = None if segment_ids_BT is None else segment_ids_BT.astype(jnp.int32)
     local = functools.partial(_local_mha, scale=scale, blocks=blocks, interpret=interpret)
-    if spec is None:  # no mesh: one device (or a test)
-        return local(q_BTNH, k_BSKH, v_BSKH, seg_BT)
-    mesh, q_spec, kv_spec, seg_spec = spec
-    if seg_BT is None:
-        body, in_specs, args = (lambda q, k, v: local(q, k, v, None)), (q_spec, kv_spec,
-                                                                        kv_spec), ()
-    else:
-        body, in_specs, args = local, (q_spec, kv_spec, kv_spec, seg_spec), (seg_BT,)
-    return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=q_spec,
-                         check_vma=False)(q_BTNH, k_BSKH, v_BSKH, *args)
+    return shard_attention(local, spec, q_BTNH, k_BSKH, v_BSKH, seg_BT)
 
 

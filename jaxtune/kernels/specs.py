@@ -9,10 +9,37 @@ device's share is exact on its own.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
+import jax
 from jax.sharding import PartitionSpec
 
-from jaxtune.sharding import logical_to_spec
+from jaxtune.sharding import current_mesh_rules, logical_to_spec
+
+
+def mesh_specs(q_BTNH, k_BSKH, *, heads_first: bool, kernel: str):
+    """:func:`attention_specs` over the mesh and rules of the enclosing
+    :func:`jaxtune.sharding.activation_rules`; ``(None, None)`` outside one (one device)."""
+    current = current_mesh_rules()
+    if current is None:
+        return None, None
+    return attention_specs(q_BTNH, k_BSKH, *current, heads_first=heads_first, kernel=kernel)
+
+
+def shard_attention(local: Callable, spec, q, k, v, seg_BT):
+    """``local(q, k, v, seg_BT)`` on each device's rows and heads as ``spec`` (from
+    :func:`mesh_specs`) splits them, or once on the whole arrays when ``spec`` is None.
+    ``seg_BT`` may be None (no packing): it is then not an operand of the ``shard_map``."""
+    if spec is None:  # no mesh: one device (or a test)
+        return local(q, k, v, seg_BT)
+    mesh, q_spec, kv_spec, seg_spec = spec
+    if seg_BT is None:
+        body, in_specs, args = (lambda q, k, v: local(q, k, v, None)), (q_spec, kv_spec,
+                                                                        kv_spec), ()
+    else:
+        body, in_specs, args = local, (q_spec, kv_spec, kv_spec, seg_spec), (seg_BT,)
+    return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=q_spec,
+                         check_vma=False)(q, k, v, *args)
 
 
 def attention_specs(q_BTNH, k_BSKH, mesh, rules, *, heads_first: bool, kernel: str):

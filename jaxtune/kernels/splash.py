@@ -31,8 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxtune.kernels import target_platform
-from jaxtune.kernels.specs import attention_specs
-from jaxtune.sharding import current_mesh_rules
+from jaxtune.kernels.specs import mesh_specs, shard_attention
 
 log = logging.getLogger(__name__)
 
@@ -166,11 +165,9 @@ def splash_attention(
     the length) overrides :func:`block_size` for every kernel block.
     """
     reason = unsupported_reason(q_BTNH, k_BSKH, window)
-    current = current_mesh_rules()
     spec = None
-    if reason is None and current is not None:
-        spec, reason = attention_specs(q_BTNH, k_BSKH, *current, heads_first=True,
-                                       kernel="splash")
+    if reason is None:
+        spec, reason = mesh_specs(q_BTNH, k_BSKH, heads_first=True, kernel="splash")
     # The fallback computes the same function (soft cap and scale included: the caller's).
     if reason is not None and fallback is not None:
         _note(reason)
@@ -190,16 +187,5 @@ def splash_attention(
                          f"length {q_BTNH.shape[1]}.")
     local = functools.partial(_local_splash, window=window, soft_cap=attn_logits_soft_cap,
                               interpret=interpret, block=block)
-    if spec is None:  # no mesh: one device (or a test)
-        out_BNTH = local(q_BNTH, k_BKSH, v_BKSH, seg_BT)
-    else:
-        mesh, q_spec, kv_spec, seg_spec = spec
-        in_specs = (q_spec, kv_spec, kv_spec) + ((seg_spec,) if seg_BT is not None else ())
-        body = local if seg_BT is not None else (lambda q, k, v: local(q, k, v, None))
-        args = (q_BNTH, k_BKSH, v_BKSH) + ((seg_BT,) if seg_BT is not None else ())
-        out_BNTH = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=q_spec,
-                                 check_vma=False)(*args)
+    out_BNTH = shard_attention(local, spec, q_BNTH, k_BKSH, v_BKSH, seg_BT)
     return jnp.swapaxes(out_BNTH, 1, 2)
-
-
-
