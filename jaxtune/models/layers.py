@@ -56,9 +56,9 @@ def _normal(std: float = INIT_STD) -> Initializer:
 # --------------------------------------------------------------------------- Linear
 
 
-def merge_rows(x: jax.Array, num_in: int) -> tuple[jax.Array, tuple[int, ...]]:
-    """``x`` with every axis before its trailing ``num_in`` merged into one rows axis, and the
-    merged axes' shape (to restore the result's with ``y.reshape(lead + y.shape[1:])``).
+def over_rows(x: jax.Array, num_in: int, matmul: Callable[..., jax.Array]) -> jax.Array:
+    """``matmul(rows, dimension_numbers)`` over ``x`` with every axis before its trailing
+    ``num_in`` merged into one rows axis, the result's leading axes restored.
 
     A projection over rows has a plain ``[rows, in]^T . [rows, out]`` weight gradient. With
     batch and length separate, XLA:CPU first writes each output gradient out transposed (a
@@ -66,18 +66,17 @@ def merge_rows(x: jax.Array, num_in: int) -> tuple[jax.Array, tuple[int, ...]]:
     forward + backward half its time (450 -> 230 ms at 8 x 512 tokens, 512 -> 1376). The TPU
     and GPU compilers merge these axes themselves; the result is the same, bit for bit."""
     lead = x.shape[:x.ndim - num_in]
-    return x.reshape((-1,) + x.shape[len(lead):]), lead
+    rows = x.reshape((-1,) + x.shape[len(lead):])
+    y = matmul(rows, ((tuple(range(1, rows.ndim)), tuple(range(num_in))), ((), ())))
+    return y.reshape(lead + y.shape[1:])
 
 
 def project(x: jax.Array, kernel: jax.Array, num_in: int,
             out_dtype: Any = None) -> jax.Array:
     """``x . kernel`` over the trailing ``num_in`` axes of ``x`` (the leading ``num_in`` of
-    ``kernel``), as a matmul over merged rows (:func:`merge_rows`)."""
-    rows, lead = merge_rows(x, num_in)
-    contract = (tuple(range(1, rows.ndim)), tuple(range(num_in)))
-    y = jax.lax.dot_general(rows, kernel, (contract, ((), ())),
-                            preferred_element_type=out_dtype)
-    return y.reshape(lead + y.shape[1:])
+    ``kernel``), as a matmul over merged rows (:func:`over_rows`)."""
+    return over_rows(x, num_in, lambda rows, dims: jax.lax.dot_general(
+        rows, kernel, dims, preferred_element_type=out_dtype))
 
 
 class Linear(nnx.Module):
@@ -121,10 +120,8 @@ class Linear(nnx.Module):
         if isinstance(self.kernel, nnx.Variable):
             y = project(x, self.kernel[...].astype(x.dtype), self.num_in, out_dtype)
         else:  # a quantised kernel (jaxtune.quant.QuantizedKernel), over merged rows too
-            rows, lead = merge_rows(x, self.num_in)
-            contract = (tuple(range(1, rows.ndim)), tuple(range(self.num_in)))
-            y = self.kernel.dot(rows, (contract, ((), ())), out_dtype)
-            y = y.reshape(lead + y.shape[1:])
+            y = over_rows(x, self.num_in, lambda rows, dims: self.kernel.dot(rows, dims,
+                                                                             out_dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
         if self.lora is not None:
@@ -348,8 +345,10 @@ def resolve_attention_impl(choice: str, dtype: Any, head_dim: int, *,
         raise JaxtuneError("model.attention: cudnn cannot be used: this model soft-caps its "
                            "attention logits, which cuDNN's fused kernel cannot do. Use "
                            "attention: auto or xla.")
-    if choice != "auto" or not on_gpu:
-        return choice if choice != "auto" else "xla"
+    if choice != "auto":
+        return choice
+    if not on_gpu:
+        return "xla"
     if softcap:
         _softcap_note()
         return "xla"
