@@ -63,7 +63,7 @@ def build_train_step(cfg: TrainConfig, hf_config: dict[str, Any], devices: list,
     from jaxtune.mesh import check_batch, make_mesh
     from jaxtune.models import get_family
     from jaxtune.models.build import single_device_mesh
-    from jaxtune.models.layers import resolve_attention_impl
+    from jaxtune.models.layers import Attention
     from jaxtune.objectives import make_objective
     from jaxtune.sharding import make_rules
     from jaxtune.train_step import jit_train_step, train_step
@@ -85,11 +85,12 @@ def build_train_step(cfg: TrainConfig, hf_config: dict[str, Any], devices: list,
         return model
 
     with compiling_for(platform):
-        # As the family's model resolves it (a soft-capped Gemma 2 takes XLA on GPU).
-        softcap = getattr(model_config, "attention_softcap", None) is not None
-        attention = resolve_attention_impl(m.attention, _dtype(m.compute_dtype),
-                                           model_config.head_dim, softcap=softcap)
         abstract = nnx.eval_shape(make)
+    # What the family's model resolved ``attention`` to for the target (a soft-capped Gemma 2
+    # takes XLA on GPU), read from its attention layers rather than resolved again here.
+    impls = {mod.implementation for _, mod in nnx.iter_graph(abstract)
+             if isinstance(mod, Attention)}
+    attention = ", ".join(sorted(impls)) or m.attention
     if attention == "splash" and m.scan_layers and len(set(model_config.layer_windows())) > 1:
         # What the layers will run, not what was asked: the kernel falls back (with a warning
         # while tracing) when scanned layers mix sliding and full windows (Gemma 2 / 3).
