@@ -149,7 +149,7 @@ class TrainerConfig:
     loss_fn: str = ""  # replacement loss 'pkg.module:function'; empty uses the objective's
     train_step: str = ""  # replacement train step 'pkg.module:function'
     z_loss: float = 0.0  # weight of the z-loss (log-partition squared) regulariser
-    loss_chunk_size: int = 1024  # tokens per chunk of the vocabulary projection in the loss
+    loss_chunk_size: int = 256  # tokens per chunk of the vocabulary projection in the loss
     progress: bool = True  # show a progress bar
     sample_every: int = 0  # write greedy answers to samples.jsonl every N steps; 0 disables
     sample_prompts: str = ""  # jsonl of prompts to answer; empty: the first held-out chats

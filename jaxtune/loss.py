@@ -15,11 +15,13 @@ and ``unembed(hidden) -> [..., V]`` float32 logits.
 
 The vocabulary projection is the memory peak of fine-tuning (150k+ vocabularies make
 ``[B, T, V]`` float32 logits larger than the model's activations), so :func:`cross_entropy_loss`
-never builds it: the sequence is scanned in chunks of S positions (all rows at once, so the batch
-stays sharded), and a custom VJP computes each chunk's logit gradient in the same pass, so
-neither the forward nor the backward keeps more than one chunk's ``[B, S, V]`` logits and no
-chunk is projected twice. Axis letters: B batch, T seq, D embed, V vocab, K chunks, S positions
-per chunk.
+never builds it: each device's trained tokens are gathered first and projected in chunks of C
+tokens (all devices at once, so the batch stays sharded; chunks with no trained token are
+skipped, so masked prompt tokens cost no vocabulary work), and a custom VJP computes each
+chunk's logit gradient in the same pass, so neither the forward nor the backward keeps more
+than one chunk's ``[G, C, V]`` logits and no chunk is projected twice. Axis letters: B batch,
+T seq, D embed, V vocab, K chunks, G devices along the batch, C tokens per device per chunk
+(S positions per row in the per-sequence sums).
 """
 
 from __future__ import annotations
@@ -41,12 +43,13 @@ from jaxtune.models.family import hidden_states_and_aux
 Batch = dict[str, jax.Array]
 LossFn = Callable[[Any, Batch], tuple[jax.Array, dict[str, jax.Array]]]
 
-#: Tokens each device projects to the vocabulary at a time (``trainer.loss_chunk_size``). On
-#: 2 CPU cores (vocab 8192, hidden 512, 4096 tokens, value_and_grad) 512-1024 were fastest:
-#: ~20% faster than jax.checkpoint per chunk and ~35% faster than the full logits; 2048 is
-#: slower again. A chunk's float32 logits take ``4 * C * V / tensor`` bytes per device (600 MB
-#: at C=1024, V=150k, no tensor parallelism), so lower it on small-memory accelerators.
-DEFAULT_CHUNK_SIZE = 1024
+#: Tokens each device projects to the vocabulary at a time (``trainer.loss_chunk_size``). Chunks
+#: without a trained token are skipped, so smaller chunks skip more of chat data's masked
+#: tokens: on 2 CPU cores the quickstart's LoRA job (vocab 49k, 55% of tokens trained) ran
+#: 212 -> 236 -> 242 tok/s at 1024 / 512 / 256, and fully trained batches (vocab 8192) were as
+#: fast at 256 as at 1024. A chunk's float32 logits take ``4 * C * V / tensor`` bytes per
+#: device (150 MB at C=256, V=150k, no tensor parallelism).
+DEFAULT_CHUNK_SIZE = 256
 
 
 class ImportPathError(JaxtuneError):
@@ -138,30 +141,44 @@ def chunked_token_terms(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``(nll_sum + z_loss * z_sum, nll_sum, z_sum)`` over all tokens, a chunk at a time.
 
-    Chunks are slabs of ``S`` positions of every row, ``[B, S]``, so the batch axis stays
-    sharded over the devices and each device projects only its own rows; ``S`` is chosen so a
-    device sees about ``chunk_size`` tokens per chunk. The sequence is padded with masked
-    positions to a multiple of ``S``. Only one chunk's ``[B, S, V]`` logits are ever live: under
-    differentiation the backward work is fused into the forward scan (see
-    :func:`_fused_terms`). Only the first output may be differentiated; the sums are metrics.
+    Only trained tokens reach the vocabulary. Each device's tokens (its rows of the batch,
+    ``G`` groups when the batch is split over ``G`` devices) are reordered so its trained
+    tokens come first, in order, and cut into chunks of ``chunk_size`` tokens; a chunk with no
+    trained token on any device is skipped, its logits never computed (chat data trains on
+    about half its tokens: the prompts, the padding and the template's markup are masked). The
+    batch axis stays sharded: a device projects only its own tokens. Only one chunk's
+    ``[G, C, V]`` logits are ever live: under differentiation the backward work is fused into
+    the forward scan (see :func:`_fused_terms`). Only the first output may be differentiated;
+    the sums are metrics.
     """
     b, t, d = hidden_BTD.shape
-    rows_per_device = max(1, b // _batch_shards(b))
-    s = max(1, min(t, -(-chunk_size // rows_per_device)))
-    num_chunks = -(-t // s)
-    pad = num_chunks * s - t
-    if pad:  # padded positions have mask 0, so they add nothing to the sums or the gradients
-        hidden_BTD = jnp.pad(hidden_BTD, ((0, 0), (0, pad), (0, 0)))
-        targets_BT = jnp.pad(targets_BT, ((0, 0), (0, pad)))
-        mask_BT = jnp.pad(mask_BT, ((0, 0), (0, pad)))
-    # [B, K*S, ...] -> [K, B, S, ...]: the scan runs over K; B keeps its sharding.
-    hidden_KBSD = jnp.moveaxis(hidden_BTD.reshape(b, num_chunks, s, d), 1, 0)
-    targets_KBS = jnp.moveaxis(targets_BT.reshape(b, num_chunks, s), 1, 0)
-    mask_KBS = jnp.moveaxis(mask_BT.reshape(b, num_chunks, s), 1, 0)
+    groups = _batch_shards(b)
+    groups = groups if b % groups == 0 else 1
+    n = b // groups * t  # tokens per device
+    c = max(1, min(n, chunk_size))
+    num_chunks = -(-n // c)
+    hidden_GND = hidden_BTD.reshape(groups, n, d)
+    targets_GN = targets_BT.reshape(groups, n)
+    mask_GN = mask_BT.reshape(groups, n)
+    # Trained tokens first (a stable sort keeps their order); the gather's transpose puts each
+    # token's gradient back in its place.
+    order_GN = jnp.argsort((mask_GN == 0).astype(jnp.int32), axis=1, stable=True)
+    hidden_GND = jnp.take_along_axis(hidden_GND, order_GN[:, :, None], axis=1)
+    targets_GN = jnp.take_along_axis(targets_GN, order_GN, axis=1)
+    mask_GN = jnp.take_along_axis(mask_GN, order_GN, axis=1)
+    pad = num_chunks * c - n
+    if pad:  # padded tokens have mask 0, so they add nothing to the sums or the gradients
+        hidden_GND = jnp.pad(hidden_GND, ((0, 0), (0, pad), (0, 0)))
+        targets_GN = jnp.pad(targets_GN, ((0, 0), (0, pad)))
+        mask_GN = jnp.pad(mask_GN, ((0, 0), (0, pad)))
+    # [G, K*C, ...] -> [K, G, C, ...]: the scan runs over K; G keeps the batch's sharding.
+    hidden_KGCD = jnp.moveaxis(hidden_GND.reshape(groups, num_chunks, c, d), 1, 0)
+    targets_KGC = jnp.moveaxis(targets_GN.reshape(groups, num_chunks, c), 1, 0)
+    mask_KGC = jnp.moveaxis(mask_GN.reshape(groups, num_chunks, c), 1, 0)
     # Make the arrays unembed closes over (the head weights, traced for the gradient) explicit
     # arguments, so the custom VJP can return their gradients.
-    unembed_flat, consts = jax.closure_convert(unembed, hidden_KBSD[0].reshape(b * s, d))
-    return _fused_terms(unembed_flat, float(z_loss))(hidden_KBSD, targets_KBS, mask_KBS,
+    unembed_flat, consts = jax.closure_convert(unembed, hidden_KGCD[0].reshape(groups * c, d))
+    return _fused_terms(unembed_flat, float(z_loss))(hidden_KGCD, targets_KGC, mask_KGC,
                                                       tuple(consts))
 
 
@@ -171,7 +188,7 @@ LOSS_SCOPE = "vocab_loss"
 
 
 def _fused_terms(unembed_flat: Callable[..., jax.Array], z_loss: float):
-    """The chunk scan as a custom-VJP function of ``(hidden_KBSD, targets_KBS, mask_KBS,
+    """The chunk scan as a custom-VJP function of ``(hidden_KGCD, targets_KGC, mask_KGC,
     consts)``.
 
     Why not ``jax.checkpoint`` per chunk and autodiff: that recomputes every chunk's logits in
@@ -179,47 +196,58 @@ def _fused_terms(unembed_flat: Callable[..., jax.Array], z_loss: float):
     the forward pass needs 3 (2 when the head is frozen) and measured ~20% faster on CPU.
     """
 
-    def project(hidden_BSD, consts):
-        # Rows x positions flattened to one token axis N = B*S (still split by rows over the
-        # devices): XLA fuses the 2-D softmax / gather / one-hot better, keeping fewer [N, V]
-        # buffers live than with [B, S, V].
-        b, s, d = hidden_BSD.shape
-        hidden_BSD = sharding.constrain(hidden_BSD, ("batch", "seq", "embed"))
-        hidden_ND = sharding.constrain(hidden_BSD.reshape(b * s, d), ("batch", "embed"))
+    def project(hidden_GCD, consts):
+        # Devices x tokens flattened to one token axis N = G*C (still split over the devices):
+        # XLA fuses the 2-D softmax / gather / one-hot better, keeping fewer [N, V] buffers live
+        # than with [G, C, V].
+        g, c, d = hidden_GCD.shape
+        hidden_GCD = sharding.constrain(hidden_GCD, ("batch", "seq", "embed"))
+        hidden_ND = sharding.constrain(hidden_GCD.reshape(g * c, d), ("batch", "embed"))
         logits_NV = unembed_flat(hidden_ND, *consts).astype(jnp.float32)
         return sharding.constrain(logits_NV, ("batch", "vocab"))
 
     @jax.custom_vjp
-    def terms(hidden_KBSD, targets_KBS, mask_KBS, consts):
+    def terms(hidden_KGCD, targets_KGC, mask_KGC, consts):
         @jax.named_scope(LOSS_SCOPE)
         def body(carry, xs):
-            hidden_BSD, targets_BS, mask_BS = xs
-            nll, z = _token_terms(project(hidden_BSD, consts), targets_BS.reshape(-1),
-                                  mask_BS.reshape(-1))
-            return (carry[0] + nll, carry[1] + z), None
+            hidden_GCD, targets_GC, mask_GC = xs
+
+            def chunk(carry):
+                nll, z = _token_terms(project(hidden_GCD, consts), targets_GC.reshape(-1),
+                                      mask_GC.reshape(-1))
+                return carry[0] + nll, carry[1] + z
+
+            return jax.lax.cond(jnp.any(mask_GC != 0), chunk, lambda carry: carry, carry), None
 
         zero = jnp.zeros((), jnp.float32)
         (nll_sum, z_sum), _ = jax.lax.scan(body, (zero, zero),
-                                           (hidden_KBSD, targets_KBS, mask_KBS))
+                                           (hidden_KGCD, targets_KGC, mask_KGC))
         return nll_sum + z_loss * z_sum, nll_sum, z_sum
 
-    def fwd(hidden_KBSD, targets_KBS, mask_KBS, consts):
-        hidden_KBSD, targets_KBS, mask_KBS = hidden_KBSD.value, targets_KBS.value, mask_KBS.value
+    def fwd(hidden_KGCD, targets_KGC, mask_KGC, consts):
+        hidden_KGCD, targets_KGC, mask_KGC = hidden_KGCD.value, targets_KGC.value, mask_KGC.value
         want = [c.perturbed for c in consts]  # skip the head's gradient when it is frozen
         consts = [c.value for c in consts]
         diff_consts = [c for w, c in zip(want, consts, strict=True) if w]
 
-        def logits_fn(hidden_BSD, diff_consts):
+        def logits_fn(hidden_GCD, diff_consts):
             it = iter(diff_consts)
-            return project(hidden_BSD, [next(it) if w else c
+            return project(hidden_GCD, [next(it) if w else c
                                         for w, c in zip(want, consts, strict=True)])
 
-        @jax.named_scope(LOSS_SCOPE)
         def body(carry, xs):
+            # A chunk without trained tokens (they are sorted first) adds nothing: skip it.
+            return jax.lax.cond(jnp.any(xs[2] != 0), chunk, skip, carry, xs)
+
+        def skip(carry, xs):
+            return carry, jnp.zeros_like(xs[0])
+
+        @jax.named_scope(LOSS_SCOPE)
+        def chunk(carry, xs):
             acc, nll_sum, z_sum = carry
-            hidden_BSD, targets_BS, mask_BS = xs
-            logits_NV, pullback = jax.vjp(logits_fn, hidden_BSD, diff_consts)
-            targets_N, mask_N = targets_BS.reshape(-1), mask_BS.reshape(-1)
+            hidden_GCD, targets_GC, mask_GC = xs
+            logits_NV, pullback = jax.vjp(logits_fn, hidden_GCD, diff_consts)
+            targets_N, mask_N = targets_GC.reshape(-1), mask_GC.reshape(-1)
             lse_N = jax.nn.logsumexp(logits_NV, axis=-1)
             safe_N = jnp.where(mask_N != 0, targets_N, 0)
             target_N = jnp.take_along_axis(logits_NV, safe_N[:, None], axis=-1)[:, 0]
@@ -228,25 +256,25 @@ def _fused_terms(unembed_flat: Callable[..., jax.Array], z_loss: float):
             scale_N = mask_N * (1.0 + 2.0 * z_loss * lse_N)
             onehot_NV = jax.nn.one_hot(safe_N, logits_NV.shape[-1], dtype=jnp.float32)
             dlogits_NV = probs_NV * scale_N[:, None] - onehot_NV * mask_N[:, None]
-            dhidden_BSD, dconsts = pullback(dlogits_NV)
+            dhidden_GCD, dconsts = pullback(dlogits_NV)
             # Sum the head gradient over chunks in float32 even when the weights are bf16.
             acc = [a + g.astype(jnp.float32) for a, g in zip(acc, dconsts, strict=True)]
             nll_sum = nll_sum + jnp.sum((lse_N - target_N) * mask_N)
             z_sum = z_sum + jnp.sum(jnp.square(lse_N) * mask_N)
-            return (acc, nll_sum, z_sum), dhidden_BSD
+            return (acc, nll_sum, z_sum), dhidden_GCD
 
         zero = jnp.zeros((), jnp.float32)
         acc0 = [jnp.zeros(c.shape, jnp.float32) for c in diff_consts]
-        (acc, nll_sum, z_sum), dhidden_KBSD = jax.lax.scan(
-            body, (acc0, zero, zero), (hidden_KBSD, targets_KBS, mask_KBS))
+        (acc, nll_sum, z_sum), dhidden_KGCD = jax.lax.scan(
+            body, (acc0, zero, zero), (hidden_KGCD, targets_KGC, mask_KGC))
         it = iter(acc)
         # None marks a frozen array (no gradient); residuals may hold only arrays and None.
         dconsts = [next(it).astype(c.dtype) if w else None
                    for w, c in zip(want, consts, strict=True)]
-        return (nll_sum + z_loss * z_sum, nll_sum, z_sum), (dhidden_KBSD, dconsts)
+        return (nll_sum + z_loss * z_sum, nll_sum, z_sum), (dhidden_KGCD, dconsts)
 
     def bwd(residuals, cotangents):
-        dhidden_KBSD, dconsts = residuals
+        dhidden_KGCD, dconsts = residuals
         g_total, g_nll, g_z = cotangents
         for name, g in (("nll_sum", g_nll), ("z_sum", g_z)):
             if not isinstance(g, jax.custom_derivatives.SymbolicZero):
@@ -255,7 +283,7 @@ def _fused_terms(unembed_flat: Callable[..., jax.Array], z_loss: float):
                     f"differentiated; '{name}' is for metrics."
                 )
         dconsts = tuple(None if d is None else (g_total * d).astype(d.dtype) for d in dconsts)
-        dhidden = (g_total * dhidden_KBSD).astype(dhidden_KBSD.dtype)
+        dhidden = (g_total * dhidden_KGCD).astype(dhidden_KGCD.dtype)
         return dhidden, None, None, dconsts
 
     terms.defvjp(fwd, bwd, symbolic_zeros=True)
@@ -367,8 +395,8 @@ def chunked_sequence_logps(
     """Per-row sums of the masked target log-probs, ``[B]`` float32, a chunk at a time.
 
     What preference objectives (DPO, ORPO, SimPO) need: ``log p(completion | prompt)`` for each
-    row. Chunked like :func:`chunked_token_terms` (slabs of ``S`` positions of every row, so
-    the batch stays sharded), and each chunk is rematerialised in the backward pass, so only
+    row. Chunked in slabs of ``S`` positions of every row (rows keep their identity, and the
+    batch stays sharded), and each chunk is rematerialised in the backward pass, so only
     one chunk's ``[B, S, V]`` logits are ever live. Differentiable.
     """
     b, t, d = hidden_BTD.shape

@@ -93,6 +93,41 @@ def test_chunked_equals_full_logits(model, chunk_size, z_loss):
                                rtol=1e-6)
 
 
+def test_untrained_chunks_are_skipped_and_gradients_land_in_place():
+    """Trained tokens are gathered first and all-masked chunks never reach the vocabulary: the
+    loss and the gradients equal the full logits', every gradient lands on its own token, and
+    NaN hidden states at masked tokens stay out (their chunks are never projected)."""
+    b, t, d, v = 2, 9, 8, 11
+    rng = np.random.default_rng(0)
+    mask = np.zeros((b, t), np.float32)
+    mask[0, t - 3:] = 1.0  # 6 trained tokens: at the end of one row, scattered in the other
+    mask[1, [1, 4, 6]] = 1.0
+    mask = jnp.asarray(mask)
+    h = jnp.asarray(rng.standard_normal((b, t, d)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((d, v)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, v, (b, t)), jnp.int32)
+
+    def chunked(h, w):  # chunks of 3: the 6 trained tokens fill 2 chunks, 4 are skipped
+        return chunked_token_terms(lambda x: x @ w, h, targets, mask, chunk_size=3)[0]
+
+    def full(h, w):
+        logits = h @ w
+        lse = jax.nn.logsumexp(logits, -1)
+        tgt = jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
+        return jnp.sum((lse - tgt) * mask)
+
+    (got, (dh, dw)), (want, (rdh, rdw)) = [jax.jit(jax.value_and_grad(f, (0, 1)))(h, w)
+                                           for f in (chunked, full)]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_allclose(dh, rdh, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dw, rdw, rtol=1e-5, atol=1e-6)
+    assert not np.any(np.asarray(dh)[np.asarray(mask) == 0])
+    poisoned = jnp.where(mask[..., None] != 0, h, jnp.nan)
+    loss, (dh_p, dw_p) = jax.jit(jax.value_and_grad(chunked, (0, 1)))(poisoned, w)
+    np.testing.assert_allclose(loss, want, rtol=1e-6)
+    assert np.isfinite(np.asarray(dw_p)).all() and np.isfinite(np.asarray(dh_p)).all()
+
+
 def test_accumulated_equals_full_batch(model):
     """Micro-batch contributions over a shared denominator sum to the full-batch loss/grads."""
     batch = make_batch(1, rows=4)

@@ -523,8 +523,19 @@ _CAUSAL_BLOCK = 128
 
 def _blocked_causal_attention(q_BTNH, k_BSKH, v_BSKH, mask: AttentionMask, window,
                               softcap=None, scale=None):
-    """Causal attention computed per query block against the keys that block can see."""
-    t = q_BTNH.shape[1]
+    """Causal attention computed per query block against the keys that block can see.
+
+    q, k and v are put head-major (``[B, K, G, T, H]``, ``[B, K, S, H]``) once, before the
+    blocks, so every block's matmuls batch over contiguous heads and slice the sequence axis
+    in place; slicing ``[B, T, N, H]`` per block made XLA copy (transpose) each block's q, k and
+    v again, forward and backward (measured on 2 CPU cores, forward + backward: 8x512, 8 heads
+    of 64, 157 -> 146 ms; 8x256, 9 heads over 3 KV heads, 42 -> 35 ms).
+    """
+    b, t, n, h = q_BTNH.shape
+    kv = k_BSKH.shape[2]
+    scale = h ** -0.5 if scale is None else scale
+    q_BKGTH = q_BTNH.reshape(b, t, kv, n // kv, h).transpose(0, 2, 3, 1, 4)
+    k_BKSH, v_BKSH = k_BSKH.transpose(0, 2, 1, 3), v_BSKH.transpose(0, 2, 1, 3)
     block = max(_CAUSAL_BLOCK, -(-t // 8))
     outs = []
     for start in range(0, t, block):
@@ -533,9 +544,28 @@ def _blocked_causal_attention(q_BTNH, k_BSKH, v_BSKH, mask: AttentionMask, windo
         if isinstance(window, int):  # keys before the window of the block's first query
             first = max(0, (start - window + 1) // block * block)
         allowed = mask.allowed(window, slice(start, end), slice(first, end))
-        outs.append(_masked_attention(q_BTNH[:, start:end], k_BSKH[:, first:end],
-                                      v_BSKH[:, first:end], allowed, softcap, scale))
-    return jnp.concatenate(outs, axis=1)
+        outs.append(_grouped_attention(q_BKGTH[:, :, :, start:end], k_BKSH[:, :, first:end],
+                                       v_BKSH[:, :, first:end], allowed, softcap, scale))
+    out_BKGTH = jnp.concatenate(outs, axis=3)
+    return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+
+
+def _grouped_attention(q_BKGTH, k_BKSH, v_BKSH, allowed_B1TS, softcap, scale):
+    """Head-major attention of one query block, with the numerics of :func:`_masked_attention`
+    (``jax.nn.dot_product_attention``'s without a soft-cap: float32 logits, scaled after the
+    matmul; with one: transformers' eager order)."""
+    if softcap is None:
+        logits_BKGTS = jnp.einsum("BKGTH,BKSH->BKGTS", q_BKGTH, k_BKSH,
+                                  preferred_element_type=jnp.float32) * jnp.float32(scale)
+    else:
+        logits_BKGTS = jnp.einsum("BKGTH,BKSH->BKGTS", q_BKGTH, k_BKSH) * jnp.asarray(
+            scale, q_BKGTH.dtype)
+        logits_BKGTS = logits_BKGTS.astype(jnp.float32)
+        logits_BKGTS = softcap * jnp.tanh(logits_BKGTS / softcap)
+    logits_BKGTS = jnp.where(allowed_B1TS[:, :, None], logits_BKGTS,
+                             jnp.finfo(jnp.float32).min)
+    probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BKSH.dtype)
+    return jnp.einsum("BKGTS,BKSH->BKGTH", probs_BKGTS, v_BKSH)
 
 
 @struct.dataclass
