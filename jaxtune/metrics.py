@@ -200,6 +200,22 @@ def memory_stats(device: Any = None) -> dict[str, float]:
     return out
 
 
+def compiled_memory(compiled: Any) -> str:
+    """XLA's accounting of a compiled step per device, in words ("" where the backend keeps
+    none): its temporaries are the activations the backward pass keeps, the part that
+    ``model.remat``, ``model.scan_layers`` and ``trainer.grad_accum_steps`` change."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # not every backend implements it
+        return ""
+    if m is None:
+        return ""
+    gib = float(1 << 30)
+    held = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+    return (f"{m.temp_size_in_bytes / gib:.2f} GiB of temporaries and {held / gib:.2f} GiB "
+            "of state, batch and outputs per device")
+
+
 # --------------------------------------------------------------------------- writers
 
 #: Short names and formats for the stdout line; other metrics print under their own name.

@@ -291,7 +291,9 @@ class Trainer:
     def _compile(self, batch):
         tick = time.perf_counter()
         compiled = self.train_step.lower(self.state, batch).compile()
-        log.info("compiled the train step in %.1f s", time.perf_counter() - tick)
+        took = time.perf_counter() - tick
+        memory = self._metrics.compiled_memory(compiled)
+        log.info("compiled the train step in %.1f s%s", took, f" ({memory})" if memory else "")
         return compiled
 
     def _eval_and_log(self, step: int) -> dict[str, float]:

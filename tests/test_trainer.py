@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import pytest
 
@@ -41,6 +42,9 @@ def test_train_writes_run_dir_and_learns(recipe, caplog):
         result = train(cfg)
     # The time left, from step 2 (the first timed without the compile): 4 steps, 2 evals.
     assert "of training left for 4 steps, plus 2 evaluation(s)" in caplog.text
+    # What the step's activations need, the figure remat / scan / micro-batches change.
+    assert re.search(r"compiled the train step in [\d.]+ s \([\d.]+ GiB of temporaries",
+                     caplog.text), caplog.text
     run_dir = cfg.run.output_dir
     assert os.path.isfile(os.path.join(run_dir, "config.yaml"))
     lines = [json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl"))]
