@@ -52,7 +52,7 @@ class JaxtuneJob:
 class TorchPeftJob:
     """transformers + peft on the same host batches: the loop a user would write."""
 
-    def __init__(self, cfg, host_batches: list, threads: int):
+    def __init__(self, cfg, host_batches: list, threads: int, micro_batches: int = 1):
         import torch
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
@@ -76,18 +76,27 @@ class TorchPeftJob:
             targets = torch.as_tensor(b["targets"]).long().masked_fill(~mask, -100)
             self.batches.append((torch.as_tensor(b["input_ids"]).long(),
                                  torch.as_tensor(b["positions"]).long(), targets))
+        self.micro_batches = micro_batches
         self.i = 0
 
     def step(self) -> float:
+        """One optimizer step; with micro-batches, each backward adds its share of the mean
+        over the whole batch's trained tokens (what jaxtune's accumulation computes)."""
         ids, positions, targets = self.batches[self.i % len(self.batches)]
         self.i += 1
-        logits = self.model(input_ids=ids, position_ids=positions).logits
-        loss = self.torch.nn.functional.cross_entropy(
-            logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
-        loss.backward()
+        trained = (targets != -100).sum()
+        total = 0.0
+        for rows in zip(*(t.chunk(self.micro_batches) for t in (ids, positions, targets)),
+                        strict=True):
+            logits = self.model(input_ids=rows[0], position_ids=rows[1]).logits
+            loss = self.torch.nn.functional.cross_entropy(
+                logits.flatten(0, 1), rows[2].flatten(), ignore_index=-100,
+                reduction="sum") / trained
+            loss.backward()
+            total += loss.item()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        return loss.item()
+        return total
 
 
 def main() -> None:
@@ -98,6 +107,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--batches", type=int, default=4, help="distinct batches cycled through")
     p.add_argument("--threads", type=int, default=2, help="PyTorch intra-op threads")
+    p.add_argument("--torch-micro-batches", type=int, default=None,
+                   help="PyTorch's micro-batches per step (default: the recipe's "
+                        "trainer.grad_accum_steps, as TRL's gradient_accumulation_steps would)")
     args, overrides = p.parse_known_args()
 
     from jaxtune.config import load_config
@@ -115,10 +127,13 @@ def main() -> None:
     print(f"machine {describe_machine()}")
     print(f"job: {cfg.model.path}, LoRA r{cfg.lora.rank} alpha {cfg.lora.alpha} on "
           f"{','.join(cfg.lora.targets)}, {cfg.trainer.global_batch_size} x {cfg.data.seq_len} "
-          f"tokens, remat {cfg.model.remat}, scan_layers {cfg.model.scan_layers}; "
+          f"tokens, remat {cfg.model.remat}, scan_layers {cfg.model.scan_layers}, "
+          f"micro-batches {cfg.trainer.grad_accum_steps}; "
           f"{args.rounds} rounds x {args.steps} steps")
     jx = JaxtuneJob(cfg, args.batches)
-    th = TorchPeftJob(cfg, jx.host_batches, args.threads)
+    torch_micro = args.torch_micro_batches or cfg.trainer.grad_accum_steps
+    th = TorchPeftJob(cfg, jx.host_batches, args.threads, torch_micro)
+    print(f"PyTorch: {torch_micro} micro-batch{'es' if torch_micro > 1 else ''} per step")
     trained = sum(float(b["loss_mask"].sum()) for b in jx.host_batches) / (tokens * args.batches)
     print(f"batches: {args.batches} packed batches, {trained:.0%} of tokens trained")
     jt, tt = alternating_rates([jx, th], tokens, args.rounds, args.steps, args.warmup)
