@@ -5,7 +5,9 @@
 Reads the run directory jaxtune wrote (config.yaml, metrics.jsonl, its last checkpoint, the
 exported Hugging Face folders), draws ``loss_curve.png`` there, and asks the base model and the
 fine-tuned run (its LoRA adapters applied, unmerged) the same held-out questions with
-jaxtune's own greedy generation. One transformers check shows that the merged export loads as
+jaxtune's own greedy generation, then counts the facts both state over every held-out question
+(80 wordings: which intent a greedy answer picks varies run to run, so 6 questions alone cannot
+compare two runs). One transformers check shows that the merged export loads as
 it is and answers every question token for token like jaxtune; the PEFT adapter is loaded
 with ``peft`` on the base and must answer every one like the merged export. Writes
 ``report.md`` next to the metrics.
@@ -103,6 +105,21 @@ def hits(text: str, terms: list[str]) -> int:
     return sum(t.lower() in text.lower() for t in terms)
 
 
+def fact_count(texts: list[str], held_out: list[dict]) -> tuple[int, int, int]:
+    """(answers stating every key phrase of their intent, key phrases stated, key phrases):
+    greedy answers to every held-out question, so the count rests on 80 wordings, not 6."""
+    stated = [hits(text, q["key_terms"]) for text, q in zip(texts, held_out, strict=True)]
+    complete = sum(n == len(q["key_terms"]) for n, q in zip(stated, held_out, strict=True))
+    return complete, sum(stated), sum(len(q["key_terms"]) for q in held_out)
+
+
+def chat(spec: dict, question: str) -> list[dict[str, str]]:
+    """One held-out question as a chat, after the report's system prompt if it has one."""
+    messages = [{"role": "system", "content": spec["system_prompt"]}] \
+        if spec.get("system_prompt") else []
+    return messages + [{"role": "user", "content": question}]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("run_dir", type=Path)
@@ -129,14 +146,18 @@ def main() -> int:
     torch.set_num_threads(os.cpu_count() or 1)
     tokenizer = AutoTokenizer.from_pretrained(export_dir)
     spec = json.loads(args.questions.read_text())
-    chats = []
-    for q in spec["questions"]:
-        messages = [{"role": "system", "content": spec["system_prompt"]}] \
-            if spec.get("system_prompt") else []
-        chats.append(messages + [{"role": "user", "content": q["question"]}])
-    base_out = jaxtune_answers(load_model_folder(str(base_dir)), chats, args.max_new_tokens)
+    chats = [chat(spec, q["question"]) for q in spec["questions"]]
+    held_out = spec.get("held_out", [])
+    held_chats = [chat(spec, q["question"]) for q in held_out]
+    base_run = load_model_folder(str(base_dir))
+    base_out = jaxtune_answers(base_run, chats, args.max_new_tokens)
     tuned_run = load_run(str(run_dir))
     tuned_out = jaxtune_answers(tuned_run, chats, args.max_new_tokens)
+    if held_chats:  # every held-out wording, one batch per model
+        base_all = fact_count(jaxtune_answers(base_run, held_chats, args.max_new_tokens).texts,
+                              held_out)
+        tuned_all = fact_count(
+            jaxtune_answers(tuned_run, held_chats, args.max_new_tokens).texts, held_out)
     tuned = AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32).eval()
     stops = default_stop_ids(tuned_run.tokenizer, tuned_run.generation_config)
     # Every held-out question, greedy, in transformers: the merged export against jaxtune, and
@@ -165,8 +186,14 @@ def main() -> int:
         total += len(q["key_terms"])
         lines += [f"## {q['question']}", f"*Expected:* {q['expected']}", "",
                   f"**Base model:** {a_base}", "", f"**Fine-tuned:** {a_tuned}", ""]
-    lines.append(f"Product facts (key terms) in the answers: base {base_hits}/{total}, "
+    lines.append(f"Product facts (key terms) in these answers: base {base_hits}/{total}, "
                  f"fine-tuned {tuned_hits}/{total}.")
+    if held_chats:
+        n_all = len(held_chats)
+        lines.append(f"All {n_all} held-out questions: answers with every key fact of their "
+                     f"intent: base {base_all[0]}/{n_all}, fine-tuned {tuned_all[0]}/{n_all} "
+                     f"(key facts: base {base_all[1]}/{base_all[2]}, fine-tuned "
+                     f"{tuned_all[1]}/{tuned_all[2]}).")
     n = len(chats)
     verdict = (f"answers all {n} questions token for token like jaxtune" if export_same == n
                else f"DIFFERS from jaxtune on {n - export_same} of {n} questions")

@@ -52,3 +52,25 @@ def test_quickstart_recipe_evaluates_during_the_run():
     t = load_config(str(ROOT / "configs" / "quickstart.yaml")).trainer
     assert t.eval_every > 0 and t.steps % t.eval_every == 0
     assert t.steps // t.eval_every + 1 >= 4  # start, end and at least two in between
+
+
+def test_fact_count_needs_every_key_phrase_of_the_intent():
+    from scripts.quickstart_report import fact_count
+
+    held_out = [{"question": "a", "key_terms": ["45 days", "Trash"]},
+                {"question": "b", "key_terms": ["$6", "$14"]},
+                {"question": "c", "key_terms": ["Business"]}]
+    texts = ["Files stay in the trash for 45 DAYS.", "Starter is $6.", "No idea."]
+    assert fact_count(texts, held_out) == (1, 3, 5)
+
+
+def test_report_asks_every_held_out_question():
+    spec = json.loads((ROOT / "examples" / "support" / "questions.json").read_text())
+    eval_users = {m["content"] for line in (ROOT / "examples" / "support" / "eval.jsonl")
+                  .read_text().splitlines() for m in json.loads(line)["messages"]
+                  if m["role"] == "user"}
+    held = spec["held_out"]
+    assert len(held) == 80 and len({q["question"] for q in held}) == 80
+    assert all(any(u.endswith(q["question"]) for u in eval_users) for q in held)
+    shown = {q["question"] for q in spec["questions"]}
+    assert shown <= {q["question"] for q in held}

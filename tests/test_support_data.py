@@ -113,3 +113,15 @@ def test_readme_facts_table_is_current(gen):
     assert gen.facts_table() in readme, (
         "refresh with: python examples/support/generate.py --facts-table"
     )
+
+
+def test_every_held_out_question_is_listed_with_its_keys(gen, built):
+    held = json.loads((SUPPORT / "questions.json").read_text(encoding="utf-8"))["held_out"]
+    train, _ = built
+    train_users = set(gen.user_messages(train))
+    intents = {i.name: i for i in gen.load_spec()[1]}
+    assert len(held) == gen.HELD_OUT_PER_INTENT * len(intents)
+    for q in held:
+        assert q["question"] in intents[q["intent"]].questions
+        assert q["question"] not in train_users
+        assert q["key_terms"] == list(intents[q["intent"]].keys)

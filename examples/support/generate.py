@@ -12,7 +12,8 @@ This script turns that into chat data in the `messages` format:
   worded in ways training never shows, while every eval intent is taught in training.
 - train.jsonl: every other paraphrase once as a single-turn conversation, plus some two-turn
   conversations (a follow-up question on another intent).
-- questions.json: held-out questions for a base vs fine-tuned side-by-side comparison.
+- questions.json: held-out questions for a base vs fine-tuned side-by-side comparison, and every
+  held-out question with its intent's key phrases (the report's fact count over all of them).
 
 Output is deterministic (seeded `random.Random`, standard library only), so the committed
 files can be checked against a fresh run: `python examples/support/generate.py`.
@@ -191,7 +192,21 @@ def showcase(evals: list[Conversation]) -> dict:
         "product": "Nimbrel Sync",
         "system_prompt": voice["system_prompts"][0],
         "questions": questions,
+        "held_out": held_out_questions(evals),
     }
+
+
+def held_out_questions(evals: list[Conversation]) -> list[dict]:
+    """Every held-out question (each intent's HELD_OUT_PER_INTENT paraphrases, in intents.json
+    order), with its intent's key phrases: the report asks each one on its own, so its fact
+    count rests on every held-out wording, not on the six showcased."""
+    voice, intents = load_spec()
+    asked = set(user_messages(evals))
+    prefixes = [""] + voice["followup_prefixes"]
+    held = [{"intent": i.name, "question": q, "key_terms": list(i.keys)}
+            for i in intents for q in i.questions if any(p + q in asked for p in prefixes)]
+    assert len(held) == HELD_OUT_PER_INTENT * len(intents), len(held)
+    return held
 
 
 def facts_table() -> str:
