@@ -44,8 +44,9 @@ class ModelConfig:
     compute_dtype: str = "float32"  # activation / matmul dtype: float32 | bfloat16 | float16
     scan_layers: bool = False  # stack layers on a 'layers' axis and run them with lax.scan
     remat: str = "none"  # activation checkpointing: none | full | dots_saveable | minimal
-    # auto: splash on TPU; on GPU cuDNN, else pallas_gpu (float32, head dim > 128), else XLA
-    attention: str = "auto"  # kernel: auto | xla | cudnn | splash (TPU) | pallas_gpu (GPU Pallas)
+    # auto: splash on TPU; on GPU cuDNN, else pallas_gpu (float32, head dim > 128), else XLA;
+    # on CPU cpu_flash (float32, no soft-cap), else XLA
+    attention: str = "auto"  # kernel: auto | xla | cudnn | splash | pallas_gpu | cpu_flash
     overrides: dict[str, Any] = field(default_factory=dict)  # HF config fields to override
 
 
@@ -370,7 +371,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.compute_dtype": ("float32", "bfloat16", "float16"),
     "model.remat": ("none", "full", "dots_saveable", "minimal"),
-    "model.attention": ("auto", "xla", "cudnn", "splash", "pallas_gpu"),
+    "model.attention": ("auto", "xla", "cudnn", "splash", "pallas_gpu", "cpu_flash"),
     "lora.quantize_base": ("none", "int8", "nf4"),
     "data.format": ("text", "completion", "alpaca", "chat", "preference"),
     "trainer.preference.loss_type": ("sigmoid", "ipo", "hinge", "robust"),

@@ -36,7 +36,7 @@ CLASSES = ("matmul", "attention", "loss (vocabulary)", "norms + RoPE", "activati
 # Innermost jaxtune / optax function that emitted an HLO instruction -> its class. Checked
 # innermost first: a projection inside Attention.__call__ is a matmul, not attention.
 _FUNCTION_CLASSES = (
-    (re.compile(r"(^|\.)(_masked_attention|_blocked_causal_attention|_grouped_attention"
+    (re.compile(r"(^|\.)(_masked_attention|_blocked_causal_attention|_grouped_attention|cpu_attention|_attention_fwd|_attention_bwd|_forward|_local"
                 r"|dot_product_attention"
                 r"|splash_attention)$"), "attention"),
     (re.compile(r"(^|\.)(apply_rope|rope_cos_sin)$|RMSNorm\."), "norms + RoPE"),

@@ -99,7 +99,7 @@ def test_reasons_and_block_sizes():
 def test_auto_picks_the_kernel_on_gpu_where_cudnn_does_not_apply(caplog):
     for note in (layers._auto_note, layers._softcap_note):  # once per process: start afresh
         note.cache_clear()
-    assert resolve_attention_impl("auto", jnp.float32, 128) == "xla"  # CPU
+    assert resolve_attention_impl("auto", jnp.float32, 128) == "cpu_flash"  # CPU
     assert resolve_attention_impl("pallas_gpu", jnp.float32, 128) == "pallas_gpu"  # interpret
     with compiling_for("gpu"):
         assert resolve_attention_impl("auto", jnp.bfloat16, 128) == "cudnn"

@@ -1,5 +1,6 @@
-"""Attention kernels beyond XLA's: Pallas splash attention for TPU (``splash.py``) and jax's
-Pallas Triton flash attention for GPU (``pallas_gpu.py``).
+"""Attention kernels beyond XLA's: Pallas splash attention for TPU (``splash.py``), jax's
+Pallas Triton flash attention for GPU (``pallas_gpu.py``) and a fused C++ kernel for CPU
+(``cpu_attention.py``).
 
 Which kernel a model picks depends on the platform the program is *compiled for*, which is not
 always the one this process runs on: ``jaxtune plan`` builds a TPU or GPU program on a CPU
@@ -17,6 +18,11 @@ import threading
 from collections.abc import Iterator
 
 _context = threading.local()
+
+#: ``checkpoint_name`` of what a fused attention kernel's forward keeps for its backward (its
+#: output and each row's log-sum-exp): the remat policies that keep matmul outputs keep these
+#: too, so the backward does not run the kernel's forward again (``jaxtune.models.stack``).
+KERNEL_RESIDUALS = "attention_kernel_residuals"
 
 #: jax.default_backend() names and the names a target may give.
 _PLATFORMS = {"cpu": "cpu", "tpu": "tpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu"}

@@ -321,14 +321,15 @@ def apply_rope(x_BTNH: jax.Array, cos_BTh: jax.Array, sin_BTh: jax.Array) -> jax
 
 # --------------------------------------------------------------------------- attention
 
-ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash", "pallas_gpu")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash", "pallas_gpu", "cpu_flash")
 
 
 def resolve_attention_impl(choice: str, dtype: Any, head_dim: int, *,
                            softcap: bool = False) -> str:
     """Pick the attention kernel: ``auto`` takes splash on TPU; on GPU cuDNN flash where it
     applies, else the Pallas Triton kernel (``pallas_gpu``: float32 compute, head dims above
-    128), else XLA with a one-line note.
+    128), else XLA with a one-line note; on CPU the fused C++ kernel (``cpu_flash``) in
+    float32 without a soft-cap, else XLA.
 
     The platform is the one being compiled for (``jaxtune.kernels.target_platform``).
     ``softcap``: the model soft-caps attention logits, which neither GPU kernel can do;
@@ -354,8 +355,16 @@ def resolve_attention_impl(choice: str, dtype: Any, head_dim: int, *,
         raise JaxtuneError("model.attention: cudnn cannot be used: this model soft-caps its "
                            "attention logits, which cuDNN's fused kernel cannot do. Use "
                            "attention: auto or xla.")
+    if choice == "cpu_flash" and platform != "cpu":
+        raise JaxtuneError(f"model.attention: cpu_flash is the CPU kernel, and this program is "
+                           f"compiled for {platform}. Use attention: auto.")
     if choice != "auto":
         return choice
+    if platform == "cpu":
+        # The kernel is float32 and cannot soft-cap; where it cannot be built or sharded it
+        # falls back to XLA itself, with a note (jaxtune.kernels.cpu_attention).
+        f32 = jnp.dtype(dtype) == jnp.dtype(jnp.float32)
+        return "cpu_flash" if f32 and not softcap else "xla"
     if not on_gpu:
         return "xla"
     if softcap:
@@ -479,6 +488,17 @@ def dot_product_attention(
         return pallas_gpu_attention(q_BTNH, k_BSKH, v_BSKH,
                                     segment_ids_BT=mask.q_segment_ids_BT, window=window,
                                     softcap=softcap, fallback=fallback, scale=scale)
+    if implementation == "cpu_flash" and mask.aligned:
+        # The fused C++ kernel through XLA's FFI (index-causal with segment ids, as splash);
+        # falls back to XLA where it cannot run (not float32, soft-capping, no compiler).
+        from jaxtune.kernels.cpu_attention import cpu_attention
+
+        def fallback(q, k, v, *, segment_ids_BT, window):
+            return dot_product_attention(q, k, v, mask=mask, window=window, implementation="xla",
+                                         softcap=softcap, scale=scale)
+
+        return cpu_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=mask.q_segment_ids_BT,
+                             window=window, softcap=softcap, fallback=fallback, scale=scale)
     t, s = q_BTNH.shape[1], k_BSKH.shape[1]
     if implementation == "xla" and mask.aligned and t == s and t >= 2 * _CAUSAL_BLOCK:
         return _blocked_causal_attention(q_BTNH, k_BSKH, v_BSKH, mask, window, softcap, scale)

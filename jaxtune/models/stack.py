@@ -24,13 +24,21 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxtune.errors import JaxtuneError
+from jaxtune.kernels import KERNEL_RESIDUALS
 
+_policies = jax.checkpoint_policies
+# A fused attention kernel's output and log-sum-exp are what its backward reads: keeping them
+# costs one [B, T, N, H] array a layer and saves running the kernel's forward again.
+_KERNEL_RESIDUALS = _policies.save_only_these_names(KERNEL_RESIDUALS)
 REMAT_POLICIES = {
     "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,  # keep only each layer's input
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,  # keep every matmul output
+    "full": _policies.nothing_saveable,  # keep only each layer's input
+    # keep every matmul output
+    "dots_saveable": _policies.save_from_both_policies(_policies.dots_saveable,
+                                                       _KERNEL_RESIDUALS),
     # keep weight-matmul outputs, recompute attention scores and elementwise ops
-    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "minimal": _policies.save_from_both_policies(_policies.dots_with_no_batch_dims_saveable,
+                                                 _KERNEL_RESIDUALS),
 }
 
 
