@@ -6,6 +6,12 @@ scan over layers gives them) and the fallbacks."""
 from __future__ import annotations
 
 import logging
+import os
+import platform
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -57,6 +63,41 @@ def test_kernel_matches_reference_forward_and_grads(case):
     want = out_and_grads(lambda q, k, v: reference_attention(q, k, v, segment_ids_BT=seg,
                                                              window=window), q, k, v)
     assert_same_out_and_grads(got, want, tol=2e-5)
+
+
+def _has_avx2() -> bool:
+    try:
+        return " avx2" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or not _has_avx2(),
+                    reason="the AVX2 build needs an x86 CPU with AVX2")
+def test_the_avx2_build_matches_the_reference():
+    """The kernel built for AVX2 (8-float vectors, a 4-row micro-kernel), as an AVX2-only
+    machine builds it, whatever vector width this CPU has: in its own process, since the FFI
+    targets are registered once per process."""
+    script = textwrap.dedent(f"""
+        from jaxtune.kernels import cpu_attention as ca
+        from jaxtune.kernels.splash import reference_attention
+        from tests.kernel_helpers import assert_same_out_and_grads, out_and_grads, qkv
+        from tests.test_kernels_cpu_attention import CASES, _segments
+        assert ca.MARCH == "x86-64-v3" and ca.unavailable_reason() is None
+        for rows, t, n, kv, h, packed, window in CASES.values():
+            q, k, v = qkv(n, kv, rows=rows, t=t, h=h)
+            seg = _segments(rows, t) if packed else None
+            got = out_and_grads(lambda q, k, v: ca.cpu_attention(
+                q, k, v, segment_ids_BT=seg, window=window), q, k, v)
+            want = out_and_grads(lambda q, k, v: reference_attention(
+                q, k, v, segment_ids_BT=seg, window=window), q, k, v)
+            assert_same_out_and_grads(got, want, tol=2e-5)
+        print("{len(CASES)} cases ok")
+    """)
+    env = {**os.environ, "JAXTUNE_CPU_ATTENTION_MARCH": "x86-64-v3", "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, cwd=Path(__file__).resolve().parents[1], timeout=900)
+    assert done.returncode == 0 and f"{len(CASES)} cases ok" in done.stdout, done.stderr[-3000:]
 
 
 def test_layers_dispatch_to_the_kernel_and_match_xla(caplog):

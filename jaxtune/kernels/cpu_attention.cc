@@ -46,6 +46,15 @@ typedef float vf __attribute__((vector_size(4 * kLanes)));
 typedef float vfu __attribute__((vector_size(4 * kLanes), aligned(4)));  // unaligned access
 typedef int32_t vi __attribute__((vector_size(4 * kLanes)));
 
+// An empty asm that takes a vector in a register: the compiler must materialise it there.
+#if defined(__x86_64__)
+#define KEEP_IN_REGISTER(x) "+v"(x)
+#elif defined(__aarch64__)
+#define KEEP_IN_REGISTER(x) "+w"(x)
+#else
+#define KEEP_IN_REGISTER(x) "+g"(x)
+#endif
+
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 inline vf load(const float* p) { return *reinterpret_cast<const vfu*>(p); }
 inline void store(float* p, vf x) { *reinterpret_cast<vfu*>(p) = x; }
@@ -63,7 +72,7 @@ inline void micro(int64_t depth, const float* A, int64_t a_rs, int64_t a_cs, con
     // Keep B's vectors in registers: folded into each FMA as a memory operand, they would be
     // loaded once per row and make the loop load-bound.
     vf b0 = load(B + p * ldb), b1 = NV > 1 ? load(B + p * ldb + kLanes) : vf{};
-    __asm__("" : "+v"(b0), "+v"(b1));
+    __asm__("" : KEEP_IN_REGISTER(b0), KEEP_IN_REGISTER(b1));
     const vf b[2] = {b0, b1};
     for (int r = 0; r < kRows; ++r) {
       const float a = A[r * a_rs + p * a_cs];

@@ -54,7 +54,10 @@ from jaxtune.kernels.specs import mesh_specs, shard_attention
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_attention.cc")
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
+#: The instruction set: this CPU's own by default; ``JAXTUNE_CPU_ATTENTION_MARCH`` names
+#: another (the tests build the AVX2 code path, ``x86-64-v3``, on AVX-512 machines too).
+MARCH = os.environ.get("JAXTUNE_CPU_ATTENTION_MARCH", "native")
+FLAGS = ("-O3", f"-march={MARCH}", "-std=c++17", "-shared", "-fPIC")
 _TARGETS = {"jaxtune_cpu_attention_fwd": "JaxtuneCpuAttentionForward",
             "jaxtune_cpu_attention_bwd": "JaxtuneCpuAttentionBackward"}
 
