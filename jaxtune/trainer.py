@@ -216,6 +216,8 @@ class Trainer:
             if self.sampler is not None and self.sampler.due(step, t.steps):
                 self.sampler(step, self.state.model(), self.writer)
             self._save(step)
+            if pending is None:  # step N was read back before evaluating or saving: the next
+                self._last_done = time.perf_counter()  # step's time starts after those
             last = step
             if self._preemption_requested(step):
                 preempted = True

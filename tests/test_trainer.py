@@ -57,6 +57,27 @@ def test_train_writes_run_dir_and_learns(recipe, caplog):
     assert result.history[-1]["loss"] < result.history[0]["loss"]
 
 
+def test_step_time_leaves_out_the_evaluation_before_it(recipe, monkeypatch):
+    """The step after an evaluation is timed from the evaluation's end: an evaluation that
+    takes 1000 s (on a fake clock) shows in no step's time or tokens/s."""
+    import jaxtune.trainer as trainer_module
+    from jaxtune.trainer import Trainer
+
+    clock = {"skew": 0.0}
+    real = trainer_module.time.perf_counter
+    monkeypatch.setattr(trainer_module.time, "perf_counter", lambda: real() + clock["skew"])
+    evaluate = Trainer.evaluate
+
+    def slow_evaluate(self, *args, **kwargs):
+        clock["skew"] += 1000.0
+        return evaluate(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "evaluate", slow_evaluate)
+    result = train(recipe(name="eval-time"))
+    assert [e["step"] for e in result.evals] == [0, 3, 6]
+    assert max(h["step_time_s"] for h in result.history) < 1000, result.history
+
+
 def test_nan_stops_run_naming_the_step(recipe):
     cfg = recipe(name="nan", trainer={"loss_fn": "tests.losses_for_tests:nan_at_step_3",
                                       "eval_every": 0})

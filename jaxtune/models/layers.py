@@ -464,41 +464,31 @@ def dot_product_attention(
     ``scale`` multiplies the logits (default ``1/sqrt(H)``); ``softcap`` then maps them to
     ``softcap * tanh(logits / softcap)`` before the mask (Gemma 2), on every path.
     """
-    if implementation == "splash" and mask.aligned:
-        # Pallas TPU kernel (index-causal with segment ids, which is this mask when queries
-        # are the keys; it soft-caps itself); falls back to XLA where it cannot run.
+    def xla(q, k, v, *, segment_ids_BT, window):
+        # What a kernel falls back to where it cannot run: the same function (window, soft-cap
+        # and scale included) in XLA ops.
+        return dot_product_attention(q, k, v, mask=mask, window=window, implementation="xla",
+                                     softcap=softcap, scale=scale)
+
+    # The kernels read the mask as index-causal with segment ids, which is this mask when the
+    # queries are the keys; each falls back to XLA where it cannot run.
+    if implementation == "splash" and mask.aligned:  # Pallas TPU kernel (soft-caps itself)
         from jaxtune.kernels.splash import splash_attention
 
-        def fallback(q, k, v, *, segment_ids_BT, window):
-            return dot_product_attention(q, k, v, mask=mask, window=window, implementation="xla",
-                                         softcap=softcap, scale=scale)
-
         return splash_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=mask.q_segment_ids_BT,
-                                window=window, fallback=fallback, attn_logits_soft_cap=softcap,
+                                window=window, fallback=xla, attn_logits_soft_cap=softcap,
                                 scale=scale)
-    if implementation == "pallas_gpu" and mask.aligned:
-        # Pallas Triton kernel (index-causal with segment ids, as splash); falls back to XLA
-        # where it cannot run (windows, soft-capping, odd head dims or lengths).
+    if implementation == "pallas_gpu" and mask.aligned:  # Pallas Triton kernel
         from jaxtune.kernels.pallas_gpu import pallas_gpu_attention
-
-        def fallback(q, k, v, *, segment_ids_BT, window):
-            return dot_product_attention(q, k, v, mask=mask, window=window, implementation="xla",
-                                         softcap=softcap, scale=scale)
 
         return pallas_gpu_attention(q_BTNH, k_BSKH, v_BSKH,
                                     segment_ids_BT=mask.q_segment_ids_BT, window=window,
-                                    softcap=softcap, fallback=fallback, scale=scale)
-    if implementation == "cpu_flash" and mask.aligned:
-        # The fused C++ kernel through XLA's FFI (index-causal with segment ids, as splash);
-        # falls back to XLA where it cannot run (not float32, soft-capping, no compiler).
+                                    softcap=softcap, fallback=xla, scale=scale)
+    if implementation == "cpu_flash" and mask.aligned:  # the C++ kernel behind XLA's FFI
         from jaxtune.kernels.cpu_attention import cpu_attention
 
-        def fallback(q, k, v, *, segment_ids_BT, window):
-            return dot_product_attention(q, k, v, mask=mask, window=window, implementation="xla",
-                                         softcap=softcap, scale=scale)
-
         return cpu_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=mask.q_segment_ids_BT,
-                             window=window, softcap=softcap, fallback=fallback, scale=scale)
+                             window=window, softcap=softcap, fallback=xla, scale=scale)
     t, s = q_BTNH.shape[1], k_BSKH.shape[1]
     if implementation == "xla" and mask.aligned and t == s and t >= 2 * _CAUSAL_BLOCK:
         return _blocked_causal_attention(q_BTNH, k_BSKH, v_BSKH, mask, window, softcap, scale)
