@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -31,6 +32,9 @@ from tests.fixtures_data import chat_rows, write_jsonl
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Runs the real CLI; prints each step's loss and, per process, the source rows of each batch.
+# Each such line is one write(2) of a whole line, which other writers to the pipe (gloo's C++
+# logging shares it) cannot split; they can still leave half a line of theirs before it, so the
+# parser finds the marker anywhere in a line (:func:`e2e_lines`).
 LAUNCHER = textwrap.dedent("""
     import json, os, sys
     import jax
@@ -39,19 +43,23 @@ LAUNCHER = textwrap.dedent("""
 
     finish, next_batch = trainer.Trainer._finish_step, loader.BatchIterator.__next__
 
+    def emit(line):
+        sys.stdout.flush()
+        os.write(1, (line + "\\n").encode())
+
     def printed_finish(self, step, *args, **kwargs):
         if os.environ.get("E2E_FAIL") == f"{jax.process_index()}:{step}":
             from jaxtune.errors import JaxtuneError
             raise JaxtuneError(f"injected failure at step {step}")
         values = finish(self, step, *args, **kwargs)
-        print(f"E2E-LOSS {jax.process_index()} {step} {values['loss']!r}", flush=True)
+        emit(f"E2E-LOSS {jax.process_index()} {step} {values['loss']!r}")
         return values
 
     def recorded_next(self):
         batch = next_batch(self)
         if self.train:
-            print(f"E2E-ROWS {self.process_index} {self.batches} "
-                  f"{json.dumps(self.last_examples)}", flush=True)
+            emit(f"E2E-ROWS {self.process_index} {self.batches} "
+                 f"{json.dumps(self.last_examples)}")
         return batch
 
     trainer.Trainer._finish_step = printed_finish
@@ -101,20 +109,29 @@ def start(recipe_path: str, run_dir: str, devices: int, args: list[str],
                             env=env, cwd=ROOT)
 
 
-def finish(procs: list[subprocess.Popen], timeout: float = 240) -> list[dict]:
-    """Wait for the processes; per process: rc, {step: loss}, {step: rows}, output."""
+def e2e_lines(text: str):
+    """``(kind, fields)`` of each launcher line (``LOSS`` or ``ROWS``), wherever it starts."""
+    for line in text.splitlines():
+        found = re.search(r"E2E-(LOSS|ROWS) (.*)$", line)
+        if found:
+            yield found.group(1), found.group(2)
+
+
+def finish(procs: list[subprocess.Popen], timeout: float = 900) -> list[dict]:
+    """Wait for the processes (the timeout only bounds a hang: a loaded machine is slow); per
+    process: rc, {step: loss}, {step: rows}, output."""
     out = []
     try:
         for p in procs:
             text = p.communicate(timeout=timeout)[0]
             losses, rows, pids = {}, {}, set()
-            for line in text.splitlines():
-                if line.startswith("E2E-LOSS "):
-                    _, pid, step, value = line.split()
+            for kind, fields in e2e_lines(text):
+                if kind == "LOSS":
+                    pid, step, value = fields.split()
                     losses[int(step)] = float(value)
                     pids.add(int(pid))
-                elif line.startswith("E2E-ROWS "):
-                    _, _, step, data = line.split(" ", 3)
+                else:
+                    _, step, data = fields.split(" ", 2)
                     rows[int(step)] = [tuple(map(tuple, r)) for r in json.loads(data)]
             out.append({"rc": p.returncode, "losses": losses, "rows": rows, "pids": pids,
                         "out": text})
@@ -202,7 +219,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_saved_step(recipe):
         f"--distributed.coordinator_address=127.0.0.1:{port}",
         "--distributed.num_processes=2", f"--distributed.process_id={i}"]) for i in range(2)]
     for line in procs[1].stdout:
-        if line.startswith("E2E-LOSS 1 3 "):
+        if "E2E-LOSS 1 3 " in line:
             procs[1].send_signal(signal.SIGTERM)
             break
     runs = finish(procs, timeout=600)
@@ -231,7 +248,7 @@ def test_an_error_in_one_process_stops_the_other_at_once(recipe):
     try:
         for line in procs[1].stdout:
             head.append(line)
-            if line.startswith("error: injected failure"):
+            if "error: injected failure" in line:
                 break
         failed_at = time.monotonic()
         procs[0].wait(timeout=600)
