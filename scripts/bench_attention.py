@@ -14,8 +14,12 @@ in alternating rounds. Prints the median milliseconds of each and the ratios to 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
-import time
+import sys
+from types import SimpleNamespace
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # name: (batch, length, query heads, KV heads, head dim, packed)
 SHAPES = {
@@ -91,20 +95,18 @@ def main() -> None:
     args = parser.parse_args()
 
     from jaxtune.hardware import describe_machine
+    from scripts.bench_train import alternating_rates
 
     print(f"machine {describe_machine()}")
     for name in args.shapes.split(","):
         shape = SHAPES[name]
         runners = {"cpu_flash": jax_runner(shape, "cpu_flash"), "xla": jax_runner(shape, "xla"),
                    "torch sdpa": torch_runner(shape, args.threads)}
-        times = {label: [] for label in runners}
-        for r in range(args.rounds):
-            order = list(runners) if r % 2 == 0 else list(runners)[::-1]
-            for label in order:
-                start = time.perf_counter()
-                for _ in range(args.calls):
-                    runners[label]()
-                times[label].append((time.perf_counter() - start) / args.calls * 1e3)
+        # bench_train's alternation (order flipped every round); one "token" per call, so a
+        # rate is calls per second.
+        rates = alternating_rates([SimpleNamespace(step=run) for run in runners.values()], 1,
+                                  args.rounds, args.calls, warmup=1)
+        times = {label: [1e3 / r for r in rs] for label, rs in zip(runners, rates, strict=True)}
         b, t, n, kv, h, packed = shape
         print(f"\n{name}: batch {b}, length {t}, {n} heads over {kv} KV heads of {h}"
               f"{', packed' if packed else ''}; forward + backward, ms (min-max)")

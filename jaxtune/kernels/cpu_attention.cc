@@ -1,9 +1,10 @@
 // Fused causal attention for XLA:CPU, forward and backward, as XLA FFI handlers.
 //
 // Built and loaded by jaxtune/kernels/cpu_attention.py (g++ -O3 -march=native, once per
-// machine); that module holds the contract, the pure-XLA reference it is tested against, and
-// why it exists: XLA:CPU runs attention as many small batched matmuls and row reductions over
-// materialised [B, N, T, S] probabilities, three times the time of a fused kernel.
+// machine); that module holds the contract and why the kernel exists: XLA:CPU runs attention
+// as many small batched matmuls and row reductions over materialised [B, N, T, S]
+// probabilities, three times the time of a fused kernel. The tests compare it with the
+// pure-XLA reference in jaxtune/kernels/splash.py.
 //
 // Axis letters: B batch, T length (queries are the keys), N query heads, K key/value heads,
 // G = N / K query heads per KV head, H head dim. Inputs keep the model's [B, T, N, H] layout;
@@ -11,9 +12,9 @@
 // its G query heads and 64-row query blocks, so no unit writes another's outputs (the
 // backward's dK / dV accumulate inside the unit). A query i sees key j when j <= i, both have
 // the same segment id and, with a window w > 0 (a scalar operand, so a scan over layers can
-// give each layer its own), i - j < w. The forward keeps each block's
-// whole row of logits (not an online softmax): two passes, as XLA's softmax, and the log-sum-
-// exp it saves lets the backward recompute the probabilities without storing them.
+// give each layer its own), i - j < w. The forward keeps each block's whole row of logits (not
+// an online softmax): two passes, as XLA's softmax, and the log-sum-exp it saves lets the
+// backward recompute the probabilities without storing them.
 #include <algorithm>
 #include <atomic>
 #include <cmath>

@@ -49,7 +49,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxtune.kernels import KERNEL_RESIDUALS
-from jaxtune.kernels.specs import mesh_specs, shard_attention
+from jaxtune.kernels.specs import shard_attention, spec_or_fallback
 
 log = logging.getLogger(__name__)
 
@@ -202,15 +202,11 @@ def cpu_attention(
     keys. ``fallback(q, k, v, segment_ids_BT=..., window=...)`` runs when the kernel cannot
     (see :func:`unsupported_reason`), after a one-line note; without one that case raises.
     """
-    reason = unsupported_reason(q_BTNH, k_BSKH, window, softcap)
-    spec = None
-    if reason is None:
-        spec, reason = mesh_specs(q_BTNH, k_BSKH, heads_first=False, kernel="the kernel")
-    if reason is not None and fallback is not None:
-        _note(reason)
-        return fallback(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=segment_ids_BT, window=window)
-    if reason is not None:
-        raise ValueError(f"cpu_flash attention cannot run here: {reason}.")
+    spec, out = spec_or_fallback("cpu_flash", unsupported_reason(q_BTNH, k_BSKH, window, softcap),
+                                 _note, fallback, q_BTNH, k_BSKH, v_BSKH,
+                                 segment_ids_BT=segment_ids_BT, window=window, heads_first=False)
+    if out is not None:
+        return out
     h = q_BTNH.shape[-1]
     scale = h ** -0.5 if scale is None else float(scale)
     # 0 tells the kernel "no window"; a traced window (one per scanned layer) is an operand too.

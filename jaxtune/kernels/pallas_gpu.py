@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxtune.kernels import target_platform
-from jaxtune.kernels.specs import mesh_specs, shard_attention
+from jaxtune.kernels.specs import shard_attention, spec_or_fallback
 
 log = logging.getLogger(__name__)
 
@@ -153,15 +153,11 @@ def pallas_gpu_attention(
     if reason is None and blocks is None:
         raise ValueError(f"block {block} must be one of {FORWARD_BLOCKS} dividing the sequence "
                          f"length {t}.")
-    spec = None
-    if reason is None:
-        spec, reason = mesh_specs(q_BTNH, k_BSKH, heads_first=False, kernel="the kernel")
     # The fallback computes the same function (soft cap, window and scale: the caller's).
-    if reason is not None and fallback is not None:
-        _note(reason)
-        return fallback(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=segment_ids_BT, window=window)
-    if reason is not None:
-        raise ValueError(f"pallas_gpu attention cannot run here: {reason}.")
+    spec, out = spec_or_fallback("pallas_gpu", reason, _note, fallback, q_BTNH, k_BSKH, v_BSKH,
+                                 segment_ids_BT=segment_ids_BT, window=window, heads_first=False)
+    if out is not None:
+        return out
     if interpret is None:
         interpret = target_platform() != "gpu"
     scale = h ** -0.5 if scale is None else float(scale)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 from jax.sharding import PartitionSpec
@@ -24,6 +25,34 @@ def mesh_specs(q_BTNH, k_BSKH, *, heads_first: bool, kernel: str):
     if current is None:
         return None, None
     return attention_specs(q_BTNH, k_BSKH, *current, heads_first=heads_first, kernel=kernel)
+
+
+class Fallback(NamedTuple):
+    """What :func:`spec_or_fallback` decided: run the kernel with ``spec`` (``out`` None), or
+    return ``out``, the caller's XLA attention."""
+
+    spec: Any
+    out: jax.Array | None
+
+
+def spec_or_fallback(kernel: str, reason: str | None, note: Callable[[str], None],
+                     fallback: Callable[..., jax.Array] | None, q_BTNH, k_BSKH, v_BSKH, *,
+                     segment_ids_BT, window, heads_first: bool,
+                     mesh_label: str = "the kernel") -> Fallback:
+    """The one decision every kernel wrapper makes: ``reason`` (why the kernel cannot take
+    these inputs, or None), then whether the current mesh can split them (:func:`mesh_specs`,
+    whose reason names ``mesh_label``). Where either says no, ``fallback`` (the same function
+    in XLA ops) runs after ``note``; without a fallback that raises, naming ``kernel``."""
+    spec = None
+    if reason is None:
+        spec, reason = mesh_specs(q_BTNH, k_BSKH, heads_first=heads_first, kernel=mesh_label)
+    if reason is not None and fallback is not None:
+        note(reason)
+        return Fallback(None, fallback(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=segment_ids_BT,
+                                       window=window))
+    if reason is not None:
+        raise ValueError(f"{kernel} attention cannot run here: {reason}.")
+    return Fallback(spec, None)
 
 
 def shard_attention(local: Callable, spec, q, k, v, seg_BT):

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxtune.kernels import target_platform
-from jaxtune.kernels.specs import mesh_specs, shard_attention
+from jaxtune.kernels.specs import shard_attention, spec_or_fallback
 
 log = logging.getLogger(__name__)
 
@@ -164,16 +164,12 @@ def splash_attention(
     ``interpret`` defaults to "not compiling for TPU"; ``block`` (a multiple of 128 dividing
     the length) overrides :func:`block_size` for every kernel block.
     """
-    reason = unsupported_reason(q_BTNH, k_BSKH, window)
-    spec = None
-    if reason is None:
-        spec, reason = mesh_specs(q_BTNH, k_BSKH, heads_first=True, kernel="splash")
     # The fallback computes the same function (soft cap and scale included: the caller's).
-    if reason is not None and fallback is not None:
-        _note(reason)
-        return fallback(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=segment_ids_BT, window=window)
-    if reason is not None:
-        raise ValueError(f"splash attention cannot run here: {reason}.")
+    spec, out = spec_or_fallback("splash", unsupported_reason(q_BTNH, k_BSKH, window), _note,
+                                 fallback, q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=segment_ids_BT,
+                                 window=window, heads_first=True, mesh_label="splash")
+    if out is not None:
+        return out
     if interpret is None:
         interpret = target_platform() != "tpu"
     h = q_BTNH.shape[-1]
