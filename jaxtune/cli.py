@@ -103,7 +103,15 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+#: Commands whose CPU steps run faster with huge pages (jaxtune.host_memory).
+_HUGE_PAGE_COMMANDS = ("train", "generate")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    if argv is None and sys.argv[1:2] and sys.argv[1] in _HUGE_PAGE_COMMANDS:
+        from jaxtune.host_memory import reexec_with_huge_pages
+
+        reexec_with_huge_pages()  # the command line as started; returns where not wanted
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())

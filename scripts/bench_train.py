@@ -3,8 +3,12 @@
 Two Llama-shaped models with untied embeddings, random tokens, AdamW, f32 (bf16 compute on a
 GPU); ``--family gemma3`` gives the same sizes Gemma 3's architecture (tied embeddings, q/k
 norms, sandwich norms, GeGLU, 5 local layers with a 128-token window : 1 global). Both
-frameworks run in this process, in alternating rounds after a warm-up (the order flips every
-round), so machine noise hits both alike. Per framework it prints the median and the min-max
+frameworks run in alternating rounds after a warm-up (the order flips every round), so
+machine noise hits both alike. Each runs in a process of its own, started as its users start
+it: jaxtune with the environment ``jaxtune train`` runs under (huge pages for the step's
+temporaries where glibc and the kernel offer them, ``jaxtune.host_memory``), PyTorch with
+none. In one process they would share glibc's settings and heap, and each framework's idle
+threads would spin beside the other's step. Per framework it prints the median and the min-max
 tokens/s over the rounds; then the ratio of the medians and the median of the per-round paired
 ratios (jaxtune's round r over torch's round r). The ``ratio S:`` / ``ratio M:`` lines are the
 median paired ratio: one slow round on either side moves it least. The header names the CPU's
@@ -20,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import statistics
+import sys
 import time
 
 SIZES = {
@@ -59,6 +65,14 @@ def hf_config(size: dict, family: str = "llama"):
     )
 
 
+def model_config(size: dict, family: str = "llama"):
+    """jaxtune's config of the benchmark model (for its FLOPs per token)."""
+    from jaxtune.models import get_family
+
+    hf = hf_config(size, family).to_dict()
+    return get_family(hf["model_type"]).config_cls.from_hf_config(hf)
+
+
 class TorchRunner:
     """The reference: transformers' LlamaForCausalLM (or Gemma3ForCausalLM), sdpa attention,
     torch.optim.AdamW."""
@@ -95,7 +109,6 @@ class JaxRunner:
 
         from jaxtune.config import MeshConfig, OptimizerConfig, TrainerConfig
         from jaxtune.mesh import make_mesh
-        from jaxtune.models import get_family
         from jaxtune.models.build import init_model
         from jaxtune.objectives import make_loss_fn
         from jaxtune.optim import make_optimizer
@@ -106,8 +119,7 @@ class JaxRunner:
         self.jax = jax
         mesh = make_mesh(MeshConfig(data=-1))
         rules = make_rules()
-        hf = hf_config(size, family).to_dict()
-        cfg = get_family(hf["model_type"]).config_cls.from_hf_config(hf)
+        cfg = model_config(size, family)
         model = init_model(cfg, mesh=mesh, rules=rules, seed=0, param_dtype="float32",
                            compute_dtype=compute_dtype)
         self.model_config = model.config
@@ -133,6 +145,51 @@ class JaxRunner:
     def step(self) -> float:
         self.state, metrics = self.step_fn(self.state, self.batch)
         return float(metrics["loss"])  # blocks, so the timing covers the whole step
+
+
+class WorkerProcess:
+    """A runner in a process of its own (this script with ``--worker``): ``step()`` asks it for
+    one step and waits for the loss, so the caller times the step as for an in-process one."""
+
+    def __init__(self, framework: str, size_name: str, args: argparse.Namespace,
+                 env: dict[str, str]):
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", framework, "--sizes",
+               size_name, "--family", args.family, "--threads", str(args.threads)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, env=env, cwd=os.getcwd())
+        self._expect("BENCH-READY")
+
+    def _expect(self, marker: str) -> str:
+        for line in self.proc.stdout:  # the worker's other output (notes) is passed over
+            if line.startswith(marker):
+                return line[len(marker):].strip()
+        raise RuntimeError(f"benchmark worker {self.proc.args[3]} exited "
+                           f"(code {self.proc.wait()}) before '{marker}'; see its stderr above")
+
+    def step(self) -> float:
+        self.proc.stdin.write("step\n")
+        self.proc.stdin.flush()
+        return float(self._expect("BENCH-LOSS"))
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def worker_main(args: argparse.Namespace) -> None:
+    """``--worker``: build one runner, then run a step for each ``step`` line on stdin."""
+    size = SIZES[args.sizes]
+    if args.worker == "jaxtune":
+        import jax
+
+        platform = jax.devices()[0].platform
+        runner = JaxRunner(size, "float32" if platform == "cpu" else "bfloat16", args.family)
+    else:
+        runner = TorchRunner(size, args.threads, args.family)
+    print("BENCH-READY", flush=True)
+    for line in sys.stdin:
+        if line.strip() == "step":
+            print(f"BENCH-LOSS {runner.step()}", flush=True)
 
 
 def timed(runner, steps: int) -> float:
@@ -172,11 +229,16 @@ def main() -> None:
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
     p.add_argument("--family", default="llama", choices=FAMILIES,
                    help="architecture of both models (default: Llama)")
+    p.add_argument("--worker", choices=("jaxtune", "torch"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.worker:
+        worker_main(args)
+        return
 
     import jax
 
     from jaxtune.hardware import describe_machine
+    from jaxtune.host_memory import huge_page_environment
     from jaxtune.metrics import device_peak_flops, flops_per_token, measure_matmul_peak
 
     platform = jax.devices()[0].platform
@@ -193,14 +255,16 @@ def main() -> None:
     for name in args.sizes.split(","):
         size = SIZES[name]
         tokens = size["batch"] * size["seq_len"]
-        jx = JaxRunner(size, compute_dtype, args.family)
-        th = None if args.no_torch or platform != "cpu" else TorchRunner(size, args.threads,
-                                                                          args.family)
+        jx = WorkerProcess("jaxtune", name, args,
+                           huge_page_environment(os.environ) or dict(os.environ))
+        th = (None if args.no_torch or platform != "cpu"
+              else WorkerProcess("torch", name, args, dict(os.environ)))
         runners = [r for r in (jx, th) if r is not None]
         rates = alternating_rates(runners, tokens, args.rounds, args.steps, args.warmup)
-        fpt = flops_per_token(jx.model_config, size["seq_len"])
+        for r in runners:
+            r.close()
+        fpt = flops_per_token(model_config(size, args.family), size["seq_len"])
         rows.append((name, rates[0], rates[1] if th is not None else [], fpt))
-        del jx, th, runners
 
     def mfu(tps: float, fpt: float) -> float:
         return tps * fpt / (peak * jax.device_count()) if peak else float("nan")
