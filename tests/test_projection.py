@@ -74,7 +74,8 @@ def test_remat_policies_keep_projection_outputs(remat, dots):
     from jaxtune.models.stack import REMAT_POLICIES
 
     x = jax.random.normal(jax.random.key(5), (2, 3, 8))
-    w1, w2 = jax.random.normal(jax.random.key(6), (8, 8)), jax.random.normal(jax.random.key(7), (8, 4))
+    w1 = jax.random.normal(jax.random.key(6), (8, 8))
+    w2 = jax.random.normal(jax.random.key(7), (8, 4))
 
     def layer(x, w1, w2):
         return jnp.sum(jnp.sin(project(jnp.cos(project(x, w1, 1)), w2, 1)))
