@@ -24,6 +24,7 @@ process reads its own rows of each batch and writes its own shards of each check
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import socket
@@ -445,24 +446,46 @@ def _leave(client, me: int, num_processes: int, code: int) -> None:
 
 
 class _FailureWatch:
-    """Polls the coordinator for a failure another process reported; then exits with it."""
+    """Polls the coordinator for a failure another process reported; then exits with it.
+
+    The poll is a C++ call that releases the GIL. Python ends a daemon thread that wakes from
+    one after the interpreter began to finalise by unwinding it from inside that call, which
+    aborts the process ("terminate called after throwing an instance of ''"). A process that
+    finished first waits in JAX's shutdown barrier (an ``atexit`` hook) for the others, polling
+    all the while, so that abort hit whichever process was done first. :meth:`stop` runs as an
+    ``atexit`` hook registered after JAX's, so it runs before it: the thread has ended before
+    JAX shuts the client down.
+    """
 
     _thread: threading.Thread | None = None
+    _stop = threading.Event()
 
     @classmethod
     def start(cls, interval: float = 1.0) -> None:
         if cls._thread is None:
+            cls._stop.clear()
             cls._thread = threading.Thread(target=cls._run, args=(interval,), daemon=True,
                                            name="jaxtune-failure-watch")
             cls._thread.start()
+            atexit.register(cls.stop)
 
-    @staticmethod
-    def _run(interval: float) -> None:
-        while (client := _client()) is not None:
+    @classmethod
+    def stop(cls) -> None:
+        """End the watch and wait for its last poll (a no-op when it is not running)."""
+        thread, cls._thread = cls._thread, None
+        if thread is None:
+            return
+        cls._stop.set()
+        if thread is not threading.current_thread():
+            thread.join()
+
+    @classmethod
+    def _run(cls, interval: float) -> None:
+        while not cls._stop.is_set() and (client := _client()) is not None:
             try:
                 reported = client.key_value_try_get(_FAILURE_KEY)
             except Exception:  # not set (the normal case)
-                time.sleep(interval)
+                cls._stop.wait(interval)
                 continue
             print(f"error: stopping because {reported}", file=sys.stderr, flush=True)
             state = _state()

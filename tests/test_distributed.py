@@ -287,3 +287,42 @@ def test_process_0_leaves_only_after_the_others_said_they_are_leaving(monkeypatc
     silent = _FakeClient()
     distributed._leave(silent, 0, 2, 1)
     assert silent.calls == [("wait", "jaxtune/leaving/1")] and exits == [2, 130, 1]
+
+
+# The failure watch polls the coordinator with the GIL released. Python unwinds a daemon thread
+# that comes back from such a call after the interpreter began to finalise, which aborts the
+# process. Process 1 finishes first and sits in JAX's shutdown barrier until process 0 ends:
+# with the watch polling non-stop, that aborted process 1 every time before the watch was
+# stopped ahead of JAX's shutdown.
+_EXIT_LAUNCHER = """
+import atexit, sys, time
+from jaxtune import distributed
+from jaxtune.config import DistributedConfig
+
+start = distributed._FailureWatch.start.__func__
+distributed._FailureWatch.start = classmethod(lambda cls, interval=1.0: start(cls, 0.0))
+pid, address = int(sys.argv[1]), sys.argv[2]
+distributed.initialize(DistributedConfig(
+    initialize="explicit", coordinator_address=address, num_processes=2, process_id=pid,
+    timeout_seconds=%d))
+client = distributed._client()
+if pid == 1:  # registered last, so it runs first: process 1 is on its way out
+    atexit.register(lambda: client.key_value_set("test/exiting", "1"))
+else:  # stay until process 1 waits in the shutdown barrier, its watch (if any) polling
+    client.blocking_key_value_get("test/exiting", %d * 1000)
+    time.sleep(1.0)
+print("clean end", pid, flush=True)
+"""
+
+
+def test_a_process_that_ends_first_waits_for_the_others_without_aborting(tmp_path):
+    address = f"127.0.0.1:{free_port()}"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    code = _EXIT_LAUNCHER % (PATIENT, BOUND)
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(pid), address], env=env,
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for pid in (0, 1)]
+    codes, outs, _ = wait_all(procs)
+    for pid, (rc, out) in enumerate(zip(codes, outs, strict=True)):
+        assert rc == 0 and f"clean end {pid}" in out, (pid, rc, out[-2000:])
