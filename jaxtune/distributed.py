@@ -477,7 +477,10 @@ class _FailureWatch:
             return
         cls._stop.set()
         if thread is not threading.current_thread():
-            thread.join()
+            # A poll returns at once; only a watch already leaving (process 0 waiting for the
+            # others' goodbyes) takes longer, and it ends the process itself. Bounded anyway:
+            # a hung exit is worse than the abort this avoids.
+            thread.join(timeout=_LEAVE_WAIT_SECONDS + 30)
 
     @classmethod
     def _run(cls, interval: float) -> None:

@@ -10,7 +10,11 @@ PyTorch side is the loop a user would write: ``AutoModelForCausalLM`` (sdpa atte
 the loss over the masked targets; ``position_ids`` restart at every packed document, from which
 transformers builds the same block-diagonal causal mask jaxtune uses.
 
-Rounds alternate after a warm-up (the order flips every round). It prints the median and
+Each framework runs in a process of its own, as ``scripts/bench_train.py`` runs them: jaxtune
+with the environment ``jaxtune train`` runs under (``jaxtune.host_memory``), PyTorch with none.
+The jaxtune worker writes its host batches to a ``.npz`` file in a temporary directory, from
+which the PyTorch worker reads the same batches. Rounds alternate after a warm-up (the order
+flips every round), timed in this process. It prints the median and
 min-max tokens/s of each, the ratio of the medians, the spread of the per-round paired ratios
 and a ``ratio lora:`` line (the median paired ratio), with the CPU's description.
 
@@ -99,6 +103,38 @@ class TorchPeftJob:
         return total
 
 
+def save_batches(path: str, host_batches: list[dict]) -> None:
+    """The host batches as plain arrays (``<batch>/<key>``), read back without pickle."""
+    import numpy as np
+
+    np.savez(path, **{f"{i}/{k}": np.asarray(v) for i, b in enumerate(host_batches)
+                      for k, v in b.items()})
+
+
+def load_batches(path: str) -> list[dict]:
+    import numpy as np
+
+    with np.load(path, allow_pickle=False) as f:
+        batches: dict[int, dict] = {}
+        for name in f.files:
+            i, key = name.split("/", 1)
+            batches.setdefault(int(i), {})[key] = f[name]
+    return [batches[i] for i in sorted(batches)]
+
+
+def worker_main(args: argparse.Namespace, cfg) -> None:
+    """``--worker``: build one framework's job on the shared batches, then serve its steps."""
+    from scripts.bench_train import serve_steps
+
+    if args.worker == "jaxtune":
+        job = JaxtuneJob(cfg, args.batches)
+        save_batches(args.batches_file, job.host_batches)
+    else:
+        job = TorchPeftJob(cfg, load_batches(args.batches_file), args.threads,
+                           args.torch_micro_batches)
+    serve_steps(job)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("config", nargs="?", default="configs/quickstart.yaml")
@@ -110,19 +146,29 @@ def main() -> None:
     p.add_argument("--torch-micro-batches", type=int, default=None,
                    help="PyTorch's micro-batches per step (default: the recipe's "
                         "trainer.grad_accum_steps, as TRL's gradient_accumulation_steps would)")
+    p.add_argument("--worker", choices=("jaxtune", "torch"), help=argparse.SUPPRESS)
+    p.add_argument("--batches-file", help=argparse.SUPPRESS)
     args, overrides = p.parse_known_args()
 
     from jaxtune.config import load_config
-    from jaxtune.hardware import describe_machine
-    from scripts.bench_train import alternating_rates, paired_ratio
     from scripts.make_smollm2 import default_dir
 
     if not any(o.startswith("--model.path") for o in overrides):
         overrides.append(f"--model.path={default_dir()}")
-    run_dir = tempfile.mkdtemp(prefix="jaxtune-bench-lora-")
-    overrides += [f"--run.output_dir={run_dir}", "--checkpoint.enabled=false",
-                  "--export.enabled=false"]
+    if not args.worker:
+        run_dir = tempfile.mkdtemp(prefix="jaxtune-bench-lora-")
+        overrides += [f"--run.output_dir={run_dir}", "--checkpoint.enabled=false",
+                      "--export.enabled=false"]
     cfg = load_config(args.config, overrides)
+    args.torch_micro_batches = args.torch_micro_batches or cfg.trainer.grad_accum_steps
+    if args.worker:
+        worker_main(args, cfg)
+        return
+
+    from jaxtune.hardware import describe_machine
+    from jaxtune.host_memory import huge_page_environment
+    from scripts.bench_train import WorkerProcess, alternating_rates, paired_ratio
+
     tokens = cfg.trainer.global_batch_size * cfg.data.seq_len
     print(f"machine {describe_machine()}")
     print(f"job: {cfg.model.path}, LoRA r{cfg.lora.rank} alpha {cfg.lora.alpha} on "
@@ -130,13 +176,24 @@ def main() -> None:
           f"tokens, remat {cfg.model.remat}, scan_layers {cfg.model.scan_layers}, "
           f"micro-batches {cfg.trainer.grad_accum_steps}; "
           f"{args.rounds} rounds x {args.steps} steps")
-    jx = JaxtuneJob(cfg, args.batches)
-    torch_micro = args.torch_micro_batches or cfg.trainer.grad_accum_steps
-    th = TorchPeftJob(cfg, jx.host_batches, args.threads, torch_micro)
-    print(f"PyTorch: {torch_micro} micro-batch{'es' if torch_micro > 1 else ''} per step")
-    trained = sum(float(b["loss_mask"].sum()) for b in jx.host_batches) / (tokens * args.batches)
+    batches_file = os.path.join(run_dir, "batches.npz")
+
+    def command(framework: str) -> list[str]:
+        return [sys.executable, os.path.abspath(__file__), "--worker", framework,
+                "--batches-file", batches_file, "--batches", str(args.batches),
+                "--threads", str(args.threads),
+                "--torch-micro-batches", str(args.torch_micro_batches), args.config, *overrides]
+
+    jx = WorkerProcess(command("jaxtune"), huge_page_environment(os.environ) or dict(os.environ))
+    th = WorkerProcess(command("torch"), dict(os.environ))  # after jaxtune wrote the batches
+    micro = args.torch_micro_batches
+    print(f"PyTorch: {micro} micro-batch{'es' if micro > 1 else ''} per step")
+    host_batches = load_batches(batches_file)
+    trained = sum(float(b["loss_mask"].sum()) for b in host_batches) / (tokens * args.batches)
     print(f"batches: {args.batches} packed batches, {trained:.0%} of tokens trained")
     jt, tt = alternating_rates([jx, th], tokens, args.rounds, args.steps, args.warmup)
+    for worker in (jx, th):
+        worker.close()
     print(f"\n{'framework':<16}{'median tok/s':>13}{'min-max tok/s':>17}")
     for label, series in (("jaxtune", jt), ("torch + peft", tt)):
         print(f"{label:<16}{statistics.median(series):>13,.0f}"

@@ -148,13 +148,12 @@ class JaxRunner:
 
 
 class WorkerProcess:
-    """A runner in a process of its own (this script with ``--worker``): ``step()`` asks it for
-    one step and waits for the loss, so the caller times the step as for an in-process one."""
+    """A runner in a process of its own (a script's hidden ``--worker`` mode, started by
+    ``cmd``): ``step()`` asks it for one step and waits for the loss, so the caller times the
+    step as for an in-process one. The worker prints ``BENCH-READY`` once built, then answers
+    each ``step`` line on stdin with ``BENCH-LOSS <loss>``."""
 
-    def __init__(self, framework: str, size_name: str, args: argparse.Namespace,
-                 env: dict[str, str]):
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", framework, "--sizes",
-               size_name, "--family", args.family, "--threads", str(args.threads)]
+    def __init__(self, cmd: list[str], env: dict[str, str]):
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, env=env, cwd=os.getcwd())
         self._expect("BENCH-READY")
@@ -163,7 +162,7 @@ class WorkerProcess:
         for line in self.proc.stdout:  # the worker's other output (notes) is passed over
             if line.startswith(marker):
                 return line[len(marker):].strip()
-        raise RuntimeError(f"benchmark worker {self.proc.args[3]} exited "
+        raise RuntimeError(f"benchmark worker {' '.join(self.proc.args[1:4])} exited "
                            f"(code {self.proc.wait()}) before '{marker}'; see its stderr above")
 
     def step(self) -> float:
@@ -176,8 +175,16 @@ class WorkerProcess:
         self.proc.wait()
 
 
+def serve_steps(runner) -> None:
+    """A worker's side of :class:`WorkerProcess`: ready, then one step per ``step`` line."""
+    print("BENCH-READY", flush=True)
+    for line in sys.stdin:
+        if line.strip() == "step":
+            print(f"BENCH-LOSS {runner.step()}", flush=True)
+
+
 def worker_main(args: argparse.Namespace) -> None:
-    """``--worker``: build one runner, then run a step for each ``step`` line on stdin."""
+    """``--worker``: build one runner, then serve its steps."""
     size = SIZES[args.sizes]
     if args.worker == "jaxtune":
         import jax
@@ -186,10 +193,12 @@ def worker_main(args: argparse.Namespace) -> None:
         runner = JaxRunner(size, "float32" if platform == "cpu" else "bfloat16", args.family)
     else:
         runner = TorchRunner(size, args.threads, args.family)
-    print("BENCH-READY", flush=True)
-    for line in sys.stdin:
-        if line.strip() == "step":
-            print(f"BENCH-LOSS {runner.step()}", flush=True)
+    serve_steps(runner)
+
+
+def worker_command(framework: str, size_name: str, args: argparse.Namespace) -> list[str]:
+    return [sys.executable, os.path.abspath(__file__), "--worker", framework, "--sizes",
+            size_name, "--family", args.family, "--threads", str(args.threads)]
 
 
 def timed(runner, steps: int) -> float:
@@ -255,10 +264,10 @@ def main() -> None:
     for name in args.sizes.split(","):
         size = SIZES[name]
         tokens = size["batch"] * size["seq_len"]
-        jx = WorkerProcess("jaxtune", name, args,
+        jx = WorkerProcess(worker_command("jaxtune", name, args),
                            huge_page_environment(os.environ) or dict(os.environ))
         th = (None if args.no_torch or platform != "cpu"
-              else WorkerProcess("torch", name, args, dict(os.environ)))
+              else WorkerProcess(worker_command("torch", name, args), dict(os.environ)))
         runners = [r for r in (jx, th) if r is not None]
         rates = alternating_rates(runners, tokens, args.rounds, args.steps, args.warmup)
         for r in runners:
