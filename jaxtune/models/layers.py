@@ -71,28 +71,25 @@ def over_rows(x: jax.Array, num_in: int, matmul: Callable[..., jax.Array]) -> ja
     return y.reshape(lead + y.shape[1:])
 
 
-def _rows_dot(rows: jax.Array, kernel: jax.Array, num_in: int, out_dtype: Any) -> jax.Array:
-    dims = ((tuple(range(1, rows.ndim)), tuple(range(num_in))), ((), ()))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _rows_matmul(rows: jax.Array, kernel: jax.Array, dims, out_dtype: Any) -> jax.Array:
+    """``rows [R, *in] . kernel [*in, *out] -> [R, *out]`` with :func:`over_rows`'s dimension
+    numbers, whose weight gradient is written ``rows^T . dy`` (see :func:`project`)."""
     return jax.lax.dot_general(rows, kernel, dims, preferred_element_type=out_dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _rows_matmul(rows: jax.Array, kernel: jax.Array, num_in: int, out_dtype: Any) -> jax.Array:
-    """``rows [R, *in] . kernel [*in, *out] -> [R, *out]``, whose weight gradient is written
-    ``rows^T . dy`` (see :func:`project`)."""
-    return _rows_dot(rows, kernel, num_in, out_dtype)
-
-
-def _rows_matmul_fwd(rows, kernel, num_in, out_dtype):
+def _rows_matmul_fwd(rows, kernel, dims, out_dtype):
     # The matmul itself, not a call of _rows_matmul: the remat policies that keep matmul
     # outputs (dots_saveable, minimal) see it here. Behind a nested custom-VJP call they did
     # not, and the backward ran every projection again (the quickstart's temporaries fell from
     # 0.73 to 0.19 GiB and its step went from 8.4 to 10 s).
-    return _rows_dot(rows, kernel, num_in, out_dtype), (rows, kernel)
+    y = jax.lax.dot_general(rows, kernel, dims, preferred_element_type=out_dtype)
+    return y, (rows, kernel)
 
 
-def _rows_matmul_bwd(num_in, out_dtype, residuals, dy):
+def _rows_matmul_bwd(dims, out_dtype, residuals, dy):
     rows, kernel = residuals
+    num_in = len(dims[0][1])
     out_axes = tuple(range(1, dy.ndim))
     dx = jax.lax.dot_general(dy, kernel, ((out_axes, tuple(range(num_in, kernel.ndim))),
                                           ((), ())), preferred_element_type=out_dtype)
@@ -116,7 +113,7 @@ def project(x: jax.Array, kernel: jax.Array, num_in: int,
     out transposed, a strided copy of ``[rows, out]`` per projection (10-25 ms each at
     ``scripts/bench_train.py``'s M size). Same products and sums; the TPU and GPU compilers
     lay out either form alike."""
-    return over_rows(x, num_in, lambda rows, dims: _rows_matmul(rows, kernel, num_in, out_dtype))
+    return over_rows(x, num_in, lambda rows, dims: _rows_matmul(rows, kernel, dims, out_dtype))
 
 
 class Linear(nnx.Module):
