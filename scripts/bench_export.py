@@ -86,7 +86,7 @@ MEASURE = textwrap.dedent("""
     from pathlib import Path
     from jaxtune.data import load_tokenizer
     from jaxtune.export import export_run
-    from jaxtune.export.run_dir import open_run
+    from jaxtune.run_dir import open_run
     def rss_mib():
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmRSS:"):

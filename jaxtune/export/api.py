@@ -11,17 +11,22 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from jaxtune.errors import JaxtuneError
 from jaxtune.export import hf_folder
 from jaxtune.export.errors import ExportError
-from jaxtune.export.run_dir import RunCheckpoint, describe_size, open_run
 from jaxtune.export.safetensors_out import TensorGroup, parse_size
-from jaxtune.export.tensors import ParamSource, model_sources
+from jaxtune.export.tensors import model_sources
 from jaxtune.export.writer import read_generation_config, reference_model, write_hf_export
-from jaxtune.models import Family, get_family
+from jaxtune.run_dir import base_model, checkpoint_sources, open_run
 
 LORA_MODES = ("merged", "adapter", "both")
 Echo = Callable[[str], Any]
+
+
+def describe_size(nbytes: int) -> str:
+    for unit, div in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= div:
+            return f"{nbytes / div:.1f} {unit}"
+    return f"{nbytes} B"
 
 
 def _summary(groups: list[TensorGroup], weight_map: dict[str, str]) -> str:
@@ -31,52 +36,6 @@ def _summary(groups: list[TensorGroup], weight_map: dict[str, str]) -> str:
 
 
 # --------------------------------------------------------------------------- a run
-
-
-def _model_config(ckpt: RunCheckpoint) -> tuple[Path, dict[str, Any], Family, Any]:
-    """(base folder, its config.json, the family, the family config the run trained)."""
-    from jaxtune.weights import load_hf_config, resolve_model_dir
-
-    m = ckpt.config.model
-    if not m.path:
-        raise ExportError(f"The config of {ckpt.run_dir} has no model.path, so the original "
-                          "config.json is unknown.")
-    try:
-        base_dir = resolve_model_dir(m.path)
-    except JaxtuneError as e:  # say where the path came from (relative paths: the cwd)
-        raise ExportError(f"{e} (model.path in the config of {ckpt.run_dir}; the export reads "
-                          "the base model's config.json and tokenizer from there)") from None
-    base_hf = load_hf_config(base_dir)
-    hf = {**base_hf, **m.overrides}
-    family = get_family(hf.get("model_type"))
-    return base_dir, base_hf, family, family.config_cls.from_hf_config(hf)
-
-
-def checkpoint_sources(ckpt: RunCheckpoint, config: Any, family: Family) -> list[ParamSource]:
-    """A lazy source for every parameter of the model the run trained, read from ``ckpt``."""
-    from jaxtune.models import abstract_model
-
-    m = ckpt.config.model
-    abstract = abstract_model(config, param_dtype=m.dtype, scan_layers=m.scan_layers)
-    sources, missing, wrong = [], [], []
-    for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
-        name = ".".join(map(str, path))
-        shape = tuple(var.get_value().shape)
-        saved = ckpt.find(name)
-        if saved is None:
-            missing.append(name)
-        elif saved.shape != shape:
-            wrong.append(f"{name}: checkpoint {list(saved.shape)}, model {list(shape)}")
-        else:
-            sources.append(ckpt.source(name))
-    if missing or wrong:
-        raise ExportError(
-            f"Checkpoint {ckpt.directory}/{ckpt.step} does not hold the model its config "
-            f"describes: missing {missing[:6]}{' ...' * (len(missing) > 6)}, "
-            f"shape mismatches {wrong[:6]}. Was model.path or model.overrides changed after "
-            "training? Point them back at the model the run trained."
-        )
-    return sources
 
 
 def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
@@ -101,7 +60,8 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
     shard = max_shard_size or e.max_shard_size
     parse_size(shard)
     verify = e.verify if verify is None else verify
-    base_dir, base_hf, family, config = _model_config(ckpt)
+    base = base_model(ckpt)
+    base_dir, base_hf, config = base.directory, base.hf_config, base.config
     protect = (run_dir, base_dir)
     if not str(ckpt.directory).startswith(("gs://", "s3://")):
         protect += (Path(str(ckpt.directory)),)
@@ -123,7 +83,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
                                max_shard_size=shard,
                                tokenizer=tokenizer, verify=verify, overwrite=overwrite,
                                echo=echo)
-    sources = checkpoint_sources(ckpt, config, family)
+    sources = checkpoint_sources(ckpt, config)
 
     def check_written(tmp: Path) -> None:
         from jaxtune.export import verify as check

@@ -35,13 +35,13 @@ from flax import nnx
 from jaxtune.dtypes import numpy_dtype
 from jaxtune.export import hf_folder
 from jaxtune.export.errors import ExportError
-from jaxtune.export.run_dir import RunCheckpoint, SavedArray
 from jaxtune.export.safetensors_out import TensorGroup, TensorSpec, write_safetensors
 from jaxtune.export.tensors import ParamSource, hf_groups, model_sources, natural_key
 from jaxtune.export.writer import read_generation_config, reference_model, write_hf_export
 from jaxtune.lora import SavedParam, fuse_adapters, lora_delta, lora_scale, peft_layout
 from jaxtune.models.family import FusedExpert, family_of, family_table
 from jaxtune.models.table import ParamTable
+from jaxtune.run_dir import RunCheckpoint, SavedArray
 from jaxtune.sharding import host_array
 
 ADAPTER_CONFIG = "adapter_config.json"

@@ -1,10 +1,10 @@
 """What ``jaxtune generate`` reads: a model folder, a hub id or a run directory.
 
 A run directory (holding ``config.yaml``) gives its latest complete checkpoint (or
-``--step``): a LoRA run's adapters are applied to the unquantised base without merging
-(``jaxtune.export.lora_export.adapter_model``), a full fine-tune's parameters are read as
-they were saved. Both are float32, as the export's checks use them. The tokenizer is the
-run's (chat-template override included); the generation config is the base model's.
+``--step``) through :func:`jaxtune.run_dir.load_run`, the reader every command shares: a LoRA
+run's adapters applied to the unquantised base without merging, a full fine-tune's parameters
+as they were saved, both in float32; the run's tokenizer (chat-template override included) and
+the base model's generation config.
 """
 
 from __future__ import annotations
@@ -49,24 +49,10 @@ def load_model_folder(path: str, *, dtype: str = "float32", scan_layers: bool = 
 
 def load_run(run_dir: str, step: int | None = None) -> Loaded:
     """Checkpoint ``step`` (default: the latest) of a run, adapters applied, unmerged."""
-    from jaxtune.data import load_tokenizer
-    from jaxtune.export.api import _model_config, checkpoint_sources
-    from jaxtune.export.run_dir import open_run
-    from jaxtune.export.writer import read_generation_config, reference_model
+    from jaxtune.run_dir import load_run as read_run
 
-    ckpt = open_run(run_dir, step)
-    base_dir, _, family, config = _model_config(ckpt)
-    if ckpt.config.lora.rank > 0:
-        from jaxtune.export.lora_export import adapter_model
-
-        model = adapter_model(ckpt, base_dir)
-        kind = "LoRA adapters on " + str(base_dir)
-    else:
-        model = reference_model(config, checkpoint_sources(ckpt, config, family),
-                                ckpt.config.model.scan_layers)
-        kind = "full fine-tune of " + str(base_dir)
-    return Loaded(model, load_tokenizer(ckpt.config), read_generation_config(base_dir),
-                  f"{ckpt.run_dir} step {ckpt.step} ({kind})")
+    run = read_run(run_dir, step)
+    return Loaded(run.model, run.tokenizer, run.generation_config, run.description)
 
 
 def load(path: str, *, step: int | None = None, dtype: str = "float32",

@@ -8,8 +8,8 @@ import pytest
 
 from jaxtune.config import MeshConfig
 from jaxtune.export import export_run
-from jaxtune.export.run_dir import open_run
 from jaxtune.mesh import make_mesh
+from jaxtune.run_dir import open_run
 from tests.test_export import assert_same_tensors, checkpoint_run
 
 

@@ -1,10 +1,17 @@
-"""Reading a run directory: its checkpoints, the config saved with a step, and arrays on disk.
+"""Reading a run directory: the one reader that export, generate, eval, RL and distillation use.
 
 A run directory (``run.output_dir``) holds ``config.yaml`` and ``checkpoints/<step>/`` (or the
-``checkpoint.dir`` the config names), laid out by ``jaxtune.checkpoint``. Parameters are read
-straight from Orbax's saved arrays with TensorStore, one parameter (for stacked layers, one
-chunk-sized block of layers) at a time, so one CPU host can export a checkpoint written by a
-whole pod without ever holding the model.
+``checkpoint.dir`` the config names), laid out by ``jaxtune.checkpoint``.
+
+- :func:`open_run` gives a step's :class:`RunCheckpoint`: the config saved with it and its
+  arrays on disk, read straight from Orbax's files with TensorStore one parameter (for stacked
+  layers, one chunk-sized block of layers) at a time, so one CPU host can export a checkpoint
+  written by a whole pod without ever holding the model.
+- :func:`base_model` names the model the run started from (its folder, ``config.json``, family
+  and the family config the run trained).
+- :func:`load_run` builds the trained model in memory: a LoRA run's adapters applied to the
+  unquantised base without merging, a full fine-tune's parameters as saved; with the run's
+  tokenizer (chat-template override included) and the base's generation config.
 """
 
 from __future__ import annotations
@@ -19,8 +26,11 @@ from etils import epath
 
 from jaxtune.checkpoint import ITEMS
 from jaxtune.config import TrainConfig, config_from_dict, load_config
-from jaxtune.export.errors import ExportError
-from jaxtune.export.tensors import ParamSource
+from jaxtune.errors import JaxtuneError
+
+
+class RunDirError(JaxtuneError):
+    """A run directory, or the step asked for, is missing or cannot be read."""
 
 
 @dataclass(frozen=True)
@@ -71,11 +81,13 @@ class RunCheckpoint:
         try:
             return ts.open(spec, open=True, read=True, context=context).result()
         except Exception as e:  # noqa: BLE001 -- TensorStore raises ValueError / its own
-            raise ExportError(f"Cannot read {name} from {self.state_dir}: {e}") from None
+            raise RunDirError(f"Cannot read {name} from {self.state_dir}: {e}") from None
 
-    def source(self, path: str) -> ParamSource:
+    def source(self, path: str):
         """A lazy :class:`ParamSource` for model parameter ``path`` read from this step; reads
         go by blocks of the first axis (a stacked parameter's chunk along layers)."""
+        from jaxtune.export.tensors import ParamSource
+
         saved = self.find(path)
         assert saved is not None
         stacked = len(saved.shape) > 0
@@ -101,7 +113,7 @@ def _kvstore_url(path: epath.Path) -> str:
 def _read_run_config(run_dir: Path) -> TrainConfig:
     file = run_dir / "config.yaml"
     if not file.is_file():
-        raise ExportError(
+        raise RunDirError(
             f"{run_dir} is not a jaxtune run directory: it has no config.yaml. Give the "
             "run.output_dir of a training run (the folder holding config.yaml and checkpoints/)."
         )
@@ -125,7 +137,7 @@ def open_run(run_dir: str | Path, step: int | None = None) -> RunCheckpoint:
     """The checkpoint of ``step`` (default: the latest complete one) of a run directory."""
     run_dir = Path(run_dir).expanduser().absolute()  # TensorStore wants absolute paths
     if not run_dir.is_dir():
-        raise ExportError(
+        raise RunDirError(
             f"Run directory {run_dir} does not exist. A training run writes it (its "
             "run.output_dir, holding config.yaml and checkpoints/): train first, e.g. "
             "`jaxtune train configs/quickstart.yaml` writes runs/quickstart, or give the "
@@ -137,7 +149,7 @@ def open_run(run_dir: str | Path, step: int | None = None) -> RunCheckpoint:
         epath.Path(run_dir / "checkpoints")
     steps = complete_steps(directory)
     if not steps:
-        raise ExportError(
+        raise RunDirError(
             f"{directory} holds no complete checkpoint, so there is nothing to export from "
             f"{run_dir}. Train first (checkpoints are saved at the end of training unless "
             "checkpoint.enabled is false), or point at the run that has them."
@@ -145,7 +157,7 @@ def open_run(run_dir: str | Path, step: int | None = None) -> RunCheckpoint:
     if step is None:
         step = steps[-1]
     elif step not in steps:
-        raise ExportError(f"{directory} has no complete checkpoint of step {step}; complete "
+        raise RunDirError(f"{directory} has no complete checkpoint of step {step}; complete "
                           f"steps: {', '.join(map(str, steps))}.")
     import orbax.checkpoint as ocp
 
@@ -182,8 +194,105 @@ def _storage_flags(state_dir: epath.Path) -> tuple[bool, bool]:
     return bool(meta.get("use_ocdbt", True)), bool(meta.get("use_zarr3", False))
 
 
-def describe_size(nbytes: int) -> str:
-    for unit, div in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if nbytes >= div:
-            return f"{nbytes / div:.1f} {unit}"
-    return f"{nbytes} B"
+# --------------------------------------------------------------------------- the model
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """The model a run started from, as its config names it."""
+
+    directory: Path  # the base model's folder (a hub id resolved to its cached folder)
+    hf_config: dict[str, Any]  # its config.json as saved (without the run's overrides)
+    family: Any  # jaxtune.models.Family
+    config: Any  # the family config the run trained (config.json plus model.overrides)
+
+
+def base_model(ckpt: RunCheckpoint) -> BaseModel:
+    """The run's base model: folder, ``config.json``, family and the config it trained."""
+    from jaxtune.models import get_family
+    from jaxtune.weights import load_hf_config, resolve_model_dir
+
+    m = ckpt.config.model
+    if not m.path:
+        raise RunDirError(f"The config of {ckpt.run_dir} has no model.path, so the model it "
+                          "trained is unknown.")
+    try:
+        base_dir = resolve_model_dir(m.path)
+    except JaxtuneError as e:  # say where the path came from (relative paths: the cwd)
+        raise RunDirError(f"{e} (model.path in the config of {ckpt.run_dir}; the base model's "
+                          "config.json, weights and tokenizer are read from there)") from None
+    base_hf = load_hf_config(base_dir)
+    family = get_family({**base_hf, **m.overrides}.get("model_type"))
+    return BaseModel(Path(base_dir), base_hf,
+                     family, family.config_cls.from_hf_config({**base_hf, **m.overrides}))
+
+
+def checkpoint_sources(ckpt: RunCheckpoint, config: Any) -> list:
+    """A lazy :class:`~jaxtune.export.tensors.ParamSource` for every parameter of the model
+    the run trained (a full fine-tune's), read from ``ckpt``."""
+    from flax import nnx
+
+    from jaxtune.models import abstract_model
+
+    m = ckpt.config.model
+    abstract = abstract_model(config, param_dtype=m.dtype, scan_layers=m.scan_layers)
+    sources, missing, wrong = [], [], []
+    for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+        name = ".".join(map(str, path))
+        shape = tuple(var.get_value().shape)
+        saved = ckpt.find(name)
+        if saved is None:
+            missing.append(name)
+        elif saved.shape != shape:
+            wrong.append(f"{name}: checkpoint {list(saved.shape)}, model {list(shape)}")
+        else:
+            sources.append(ckpt.source(name))
+    if missing or wrong:
+        raise RunDirError(
+            f"Checkpoint {ckpt.directory}/{ckpt.step} does not hold the model its config "
+            f"describes: missing {missing[:6]}{' ...' * (len(missing) > 6)}, "
+            f"shape mismatches {wrong[:6]}. Was model.path or model.overrides changed after "
+            "training? Point them back at the model the run trained."
+        )
+    return sources
+
+
+@dataclass
+class LoadedRun:
+    """A run's trained model in memory (float32), with what it needs to be used."""
+
+    model: Any  # the NNX model: LoRA adapters applied unmerged, or the full fine-tune
+    tokenizer: Any  # the run's tokenizer (data.chat_template applied)
+    generation_config: dict[str, Any] | None  # the base model's generation_config.json
+    checkpoint: RunCheckpoint
+    base: BaseModel
+
+    @property
+    def description(self) -> str:
+        kind = "LoRA adapters on" if self.checkpoint.config.lora.rank > 0 \
+            else "full fine-tune of"
+        return (f"{self.checkpoint.run_dir} step {self.checkpoint.step} ({kind} "
+                f"{self.base.directory})")
+
+
+def load_run(run_dir: str | Path, step: int | None = None) -> LoadedRun:
+    """Checkpoint ``step`` (default: the latest) of a run as a float32 model in memory, laid
+    out as the run trained it (scanned layers or not).
+
+    A LoRA run's adapters are applied to the unquantised base without merging; a full
+    fine-tune's parameters are read as saved.
+    """
+    from jaxtune.data import load_tokenizer
+    from jaxtune.export.writer import read_generation_config, reference_model
+
+    ckpt = open_run(run_dir, step)
+    base = base_model(ckpt)
+    if ckpt.config.lora.rank > 0:
+        from jaxtune.export.lora_export import adapter_model
+
+        model = adapter_model(ckpt, base.directory)
+    else:
+        sources = checkpoint_sources(ckpt, base.config)
+        model = reference_model(base.config, sources, ckpt.config.model.scan_layers)
+    return LoadedRun(model, load_tokenizer(ckpt.config),
+                     read_generation_config(base.directory), ckpt, base)
