@@ -83,6 +83,10 @@ class RunCheckpoint:
         except Exception as e:  # noqa: BLE001 -- TensorStore raises ValueError / its own
             raise RunDirError(f"Cannot read {name} from {self.state_dir}: {e}") from None
 
+    def read_float32(self, saved: SavedArray) -> np.ndarray:
+        """A saved array, whole, as float32 (adapters and other small arrays)."""
+        return np.asarray(self.open(saved.name).read().result()).astype(np.float32)
+
     def source(self, path: str):
         """A lazy :class:`ParamSource` for model parameter ``path`` read from this step; reads
         go by blocks of the first axis (a stacked parameter's chunk along layers)."""
@@ -257,6 +261,32 @@ def checkpoint_sources(ckpt: RunCheckpoint, config: Any) -> list:
     return sources
 
 
+def adapter_model(ckpt: RunCheckpoint, base_dir: Path) -> Any:
+    """The run's adapter-applied model, unmerged, in float32 on the unquantised base."""
+    import dataclasses
+
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxtune.lora import apply_lora
+    from jaxtune.weights import from_pretrained
+
+    cfg = ckpt.config
+    base = from_pretrained(base_dir, dtype="float32", scan_layers=cfg.model.scan_layers,
+                           **cfg.model.overrides)
+    lora_cfg = dataclasses.replace(cfg.lora, quantize_base="none", base_dtype="", dropout=0.0)
+    model, trainable = apply_lora(base, lora_cfg, seed=cfg.run.seed)
+    flat = []
+    for path, var in nnx.to_flat_state(nnx.state(model, trainable)):
+        name = ".".join(map(str, path))
+        saved = ckpt.find(name)
+        if saved is None:
+            raise RunDirError(f"Checkpoint {ckpt.directory}/{ckpt.step} lacks {name}.")
+        flat.append((path, var.replace(jnp.asarray(ckpt.read_float32(saved)))))
+    nnx.update(model, nnx.from_flat_state(flat))
+    return model
+
+
 @dataclass
 class LoadedRun:
     """A run's trained model in memory (float32), with what it needs to be used."""
@@ -288,8 +318,6 @@ def load_run(run_dir: str | Path, step: int | None = None) -> LoadedRun:
     ckpt = open_run(run_dir, step)
     base = base_model(ckpt)
     if ckpt.config.lora.rank > 0:
-        from jaxtune.export.lora_export import adapter_model
-
         model = adapter_model(ckpt, base.directory)
     else:
         sources = checkpoint_sources(ckpt, base.config)

@@ -41,7 +41,7 @@ from jaxtune.export.writer import read_generation_config, reference_model, write
 from jaxtune.lora import SavedParam, fuse_adapters, lora_delta, lora_scale, peft_layout
 from jaxtune.models.family import FusedExpert, family_of, family_table
 from jaxtune.models.table import ParamTable
-from jaxtune.run_dir import RunCheckpoint, SavedArray
+from jaxtune.run_dir import RunCheckpoint, SavedArray, adapter_model
 from jaxtune.sharding import host_array
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -107,10 +107,6 @@ def base_sources(base_dir: Path, config: Any, scan_layers: bool) -> dict[str, Pa
 # --------------------------------------------------------------------------- merged
 
 
-def _whole(ckpt: RunCheckpoint, saved: SavedArray) -> np.ndarray:
-    return np.asarray(ckpt.open(saved.name).read().result()).astype(np.float32)
-
-
 def merged_source(ckpt: RunCheckpoint, base: ParamSource, adapter: Adapter,
                   scale: float) -> ParamSource:
     """``base + scale * A . B`` in float32, a block of layers at a time.
@@ -122,7 +118,7 @@ def merged_source(ckpt: RunCheckpoint, base: ParamSource, adapter: Adapter,
 
     def read(lo: int, hi: int) -> np.ndarray:
         if not cache:
-            cache["a"], cache["b"] = _whole(ckpt, adapter.a), _whole(ckpt, adapter.b)
+            cache["a"], cache["b"] = ckpt.read_float32(adapter.a), ckpt.read_float32(adapter.b)
         a, b = cache["a"], cache["b"]
         w = np.asarray(base.read(lo, hi), np.float32)
         if depth:
@@ -288,7 +284,8 @@ def adapter_groups(ckpt: RunCheckpoint, config: Any, adapters: dict[str, Adapter
         depth = table.stack_depth(kernel_path) or 0
         kernel_shape = tuple(ad.a.shape[:-1]) + tuple(ad.b.shape[depth + 1:])
         items.append((kernel_path, kernel_shape, _Reader(
-            (ad.a.shape, ad.b.shape), lambda ad=ad: (_whole(ckpt, ad.a), _whole(ckpt, ad.b)))))
+            (ad.a.shape, ad.b.shape),
+            lambda ad=ad: (ckpt.read_float32(ad.a), ckpt.read_float32(ad.b)))))
     return peft_groups(items, config, dtype)
 
 
@@ -491,29 +488,6 @@ def export_lora_run(ckpt: RunCheckpoint, out: Path, *, mode: str, base_dir: Path
 
 
 # --------------------------------------------------------------------------- verify
-
-
-def adapter_model(ckpt: RunCheckpoint, base_dir: Path) -> nnx.Module:
-    """The run's adapter-applied model, unmerged, in float32 on the unquantised base."""
-    import jax.numpy as jnp
-
-    from jaxtune.lora import apply_lora
-    from jaxtune.weights import from_pretrained
-
-    cfg = ckpt.config
-    base = from_pretrained(base_dir, dtype="float32", scan_layers=cfg.model.scan_layers,
-                           **cfg.model.overrides)
-    lora_cfg = dataclasses.replace(cfg.lora, quantize_base="none", base_dtype="", dropout=0.0)
-    model, trainable = apply_lora(base, lora_cfg, seed=cfg.run.seed)
-    flat = []
-    for path, var in nnx.to_flat_state(nnx.state(model, trainable)):
-        name = ".".join(map(str, path))
-        saved = ckpt.find(name)
-        if saved is None:
-            raise ExportError(f"Checkpoint {ckpt.directory}/{ckpt.step} lacks {name}.")
-        flat.append((path, var.replace(jnp.asarray(_whole(ckpt, saved)))))
-    nnx.update(model, nnx.from_flat_state(flat))
-    return model
 
 
 def _tolerance(dtype: np.dtype) -> float:
