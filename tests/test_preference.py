@@ -14,7 +14,7 @@ from flax import nnx
 from jaxtune.config import PreferenceConfig, TrainerConfig
 from jaxtune.data.errors import BadRowError
 from jaxtune.objectives import make_objective, reference_available
-from jaxtune.preference import (
+from jaxtune.objectives.preference import (
     dpo_loss,
     dpo_terms,
     orpo_loss,
@@ -114,8 +114,8 @@ def jbatch(preference_setup):
 @pytest.fixture(scope="module")
 def logps_vjp(models, jbatch):
     """``ours(terms) -> (loss, grads)``: the policy's summed log-probs and their pullback,
-    jitted once, so every loss formula (``jaxtune.preference.*_terms``) is checked with its
-    gradient through the model without compiling the model again."""
+    jitted once, so every loss formula (``jaxtune.objectives.preference.*_terms``) is checked
+    with its gradient through the model without compiling the model again."""
     policy, reference = models
     graphdef, params, rest = nnx.split(policy, nnx.Param, ...)
 
@@ -400,7 +400,7 @@ def test_model_router_loss_reaches_every_preference_objective(preference_setup, 
     """An MoE policy's router loss is added to DPO / ORPO / SimPO (the reference's is not)."""
     from flax import nnx
 
-    from jaxtune.preference import dpo_loss, orpo_loss, simpo_loss
+    from jaxtune.objectives.preference import dpo_loss, orpo_loss, simpo_loss
     from tests.fixtures_moe import MOE_TINY, MOE_VARIANTS, make_moe_hf_model
 
     model_type, overrides = MOE_VARIANTS["qwen3_moe"]

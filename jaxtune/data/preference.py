@@ -476,7 +476,7 @@ def make_pair_iterator(cfg, tokenizer, *, split: str, process_index: int | None 
                        reference_logps: np.ndarray | None = None) -> PreferenceBatchIterator:
     """The preference batch iterator of this process for ``split``. With
     ``trainer.preference.precompute_reference`` it adds the cached reference log-probs (see
-    :func:`jaxtune.preference.precompute_reference_logps`, run by the trainer first)."""
+    :func:`jaxtune.objectives.preference.precompute_reference_logps`, run by the trainer first)."""
     if split not in ("train", "eval"):
         raise DataError(f"split must be 'train' or 'eval', got '{split}'.")
     if process_index is None or process_count is None:

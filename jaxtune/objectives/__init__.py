@@ -18,8 +18,8 @@ objective, so SFT, DPO, ORPO or SimPO are each "one function" and never a traine
 
 An objective is callable as its loss, so it is passed to ``train_step`` as ``loss_fn``; a
 plain function there gets SFT's axes and normaliser. Objectives register themselves with
-:func:`register_objective`; ``sft`` is built in, ``dpo``, ``orpo`` and ``simpo`` come from
-:mod:`jaxtune.preference`.
+:func:`register_objective`, one file each in this package: ``sft`` (:mod:`.sft`), ``dpo``,
+``orpo`` and ``simpo`` (:mod:`.preference`). The registry is the only list.
 
 The reference model (DPO-style objectives) is :func:`reference_model` inside the loss: the
 frozen copy in the train state when the run keeps one (full fine-tuning), else the same model
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import math
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -41,7 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxtune.errors import JaxtuneError
-from jaxtune.loss import cross_entropy_loss, load_loss_fn
+from jaxtune.loss import load_loss_fn
 
 Batch = dict[str, jax.Array]
 
@@ -105,9 +104,9 @@ def eval_metrics_of(loss_fn: Any) -> Callable[[Mapping[str, float]], dict[str, f
 # --------------------------------------------------------------------------- registry
 
 _OBJECTIVES: dict[str, Callable[[Any], Objective]] = {}
-#: Modules whose objectives are built in; imported on first use of the registry (they build on
-#: this module, so it cannot import them at its top).
-_BUILTIN_MODULES = ("jaxtune.preference",)
+#: Modules whose objectives are built in, one file each; imported on first use of the registry
+#: (they build on this module, so it cannot import them at its top).
+_BUILTIN_MODULES = ("jaxtune.objectives.sft", "jaxtune.objectives.preference")
 
 
 def _load_builtins() -> None:
@@ -140,15 +139,6 @@ def make_objective(trainer_cfg: Any) -> Objective:
     if trainer_cfg.loss_fn:
         objective = objective.with_loss(load_loss_fn(trainer_cfg.loss_fn))
     return objective
-
-
-def _sft(trainer_cfg: Any) -> Objective:
-    return Objective("sft", functools.partial(cross_entropy_loss,
-                                              chunk_size=trainer_cfg.loss_chunk_size,
-                                              z_loss=trainer_cfg.z_loss))
-
-
-register_objective("sft", _sft)
 
 
 # --------------------------------------------------------------------------- reference
