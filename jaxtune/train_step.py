@@ -69,6 +69,14 @@ def split_micro_batches(batch: Batch, num_micro: int, batch_axes=None) -> Batch:
     return {k: split(v) if k in rows else v for k, v in batch.items()}
 
 
+def combine_aux(total: dict[str, jax.Array], micro: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Add one micro-batch's aux to the running total: sums add (every objective's metrics are
+    contributions to global means), keys ending in ``_max`` keep the largest value (maxima of
+    non-negative quantities, e.g. the largest sampler-vs-trainer log-prob difference)."""
+    return {k: jnp.maximum(total[k], v) if k.endswith("_max") else total[k] + v
+            for k, v in micro.items()}
+
+
 def _grads(state: TrainState, params: nnx.State, micro: Batch, loss_fn: LossFn):
     def objective(p: nnx.State):
         return loss_fn(nnx.merge(state.graphdef, p, state.frozen), micro)
@@ -110,7 +118,9 @@ def train_step(
             mb = {k: constrain(v, axes[k]) for k, v in mb.items()}
             mb = {**mb, **shared, "rng": jax.random.fold_in(step_rng, index)}
             loss, aux, grads = _grads(state, params, mb, loss_fn)
-            return jax.tree.map(jnp.add, carry, (loss, aux, grads)), None
+            acc_loss, acc_aux, acc_grads = carry
+            return (acc_loss + loss, combine_aux(acc_aux, aux),
+                    jax.tree.map(jnp.add, acc_grads, grads)), None
 
         zero_grads = jax.tree.map(jnp.zeros_like, params)
         first = jax.eval_shape(lambda: _grads(state, params, {**jax.tree.map(

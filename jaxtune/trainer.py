@@ -18,13 +18,17 @@ import time
 from typing import Any
 
 import jax
-import numpy as np
 
 from jaxtune import distributed
 from jaxtune.config import TrainConfig, save_config
 from jaxtune.errors import JaxtuneError
 
 log = logging.getLogger("jaxtune")
+
+
+#: Data formats with prompts only: an objective must list them (its producer generates the
+#: completions), so SFT cannot silently train on prompts alone.
+PROMPT_ONLY_FORMATS = ("prompt",)
 
 
 class TrainingDiverged(JaxtuneError):
@@ -47,6 +51,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         distributed.initialize(cfg.distributed)
         from jaxtune import data, loss, metrics, optim
+        from jaxtune.batches import make_batch_source
         from jaxtune.data.tokenizer import check_vocab_fits
         from jaxtune.mesh import check_batch, make_mesh
         from jaxtune.objectives import make_objective
@@ -107,7 +112,9 @@ class Trainer:
         self.eval_step = jit_eval_step(self.state, self.mesh, self.rules, loss_fn=self.loss_fn)
         if getattr(self.loss_fn, "prepare", None) is not None:
             self.loss_fn.prepare(self)  # e.g. precomputed reference log-probs, before training
-        self.train_iter = data.make_batch_iterator(cfg, self.tokenizer, split="train")
+        # Where each step's batch comes from: the data iterator, or the objective's producer
+        # (RL rollouts), resumable alike (jaxtune.batches).
+        self.batches = make_batch_source(self)
         self.sampler = None  # greedy answers every trainer.sample_every steps
         if cfg.trainer.sample_every:
             from jaxtune.generation.samples import TrainingSampler
@@ -151,17 +158,27 @@ class Trainer:
 
     def _check_objective(self, objective) -> None:
         formats = objective.data_formats
-        if formats is not None and self.cfg.data.format not in formats:
+        fmt = self.cfg.data.format
+        if formats is not None and fmt not in formats:
             raise JaxtuneError(
                 f"trainer.objective '{objective.name}' trains on data.format "
-                f"{' or '.join(formats)}, but data.format is '{self.cfg.data.format}'.")
+                f"{' or '.join(formats)}, but data.format is '{fmt}'.")
+        if formats is None and fmt in PROMPT_ONLY_FORMATS:
+            raise JaxtuneError(
+                f"data.format '{fmt}' holds prompts without answers, which trainer.objective "
+                f"'{objective.name}' cannot train on; use an objective that generates its own "
+                "completions (e.g. trainer.objective: grpo), or a format with answers.")
 
     # ------------------------------------------------------------------ evaluation
 
     def evaluate(self) -> dict[str, float] | None:
-        """Mean token NLL and perplexity over the eval split (None without eval data)."""
+        """The objective's held-out metrics (None without eval data): by default its loss over
+        the eval split (SFT: mean token NLL and perplexity); an objective with its own
+        ``evaluate`` (RL: rewards of answers to held-out prompts) computes them itself."""
         if not self.cfg.data.eval_sources:
             return None
+        if getattr(self.loss_fn, "evaluate", None) is not None:
+            return self.loss_fn.evaluate(self)
         from jaxtune import data
 
         it = data.make_batch_iterator(self.cfg, self.tokenizer, split="eval")
@@ -193,18 +210,21 @@ class Trainer:
         self._estimate_at = start + 2  # the first step timed without the compile around it
         bar = self._progress(start)
         for step in range(start + 1, t.steps + 1):
-            host_batch = next(self.train_iter)
-            batch = self.to_global(host_batch)
+            if pending is not None and self.batches.on_policy:
+                # The next batch is generated from the state step N-1 produced: read that
+                # step back first (a diverged step stops here, before any generation).
+                history.append(self._finish_step(*pending, bar))
+                pending = None
+            produced = self.batches.next(self.state)
             if compiled is None:
-                compiled = self._compile(batch)
+                compiled = self._compile(produced.batch)
                 self._last_done = time.perf_counter()
+            dispatched = time.perf_counter()
             with jax.transfer_guard("disallow"):
-                self.state, step_metrics = compiled(self.state, batch)
+                self.state, step_metrics = compiled(self.state, produced.batch)
             if pending is not None:  # step N is queued; now read step N-1 back
                 history.append(self._finish_step(*pending, bar))
-            pending = (step, step_metrics, float(sum(  # tokens (both sides of preference pairs)
-                np.count_nonzero(v) for k, v in host_batch.items()
-                if k.endswith("segment_ids"))))
+            pending = (step, step_metrics, produced, dispatched)
             evaluate = t.eval_every and step % t.eval_every == 0 and step != t.steps
             # A step is saved only once its metrics are read back and finite (a NaN raises
             # there). The save waits for the step anyway, to copy the state off the device.
@@ -253,11 +273,13 @@ class Trainer:
         self.writer = self._metrics.MetricsWriter(self.cfg, self.run_dir, enabled=self.main,
                                                   start_step=start, relog_evals=evaluate_start)
 
-    def _finish_step(self, step: int, step_metrics, tokens: float, bar) -> dict[str, float]:
+    def _finish_step(self, step: int, step_metrics, produced, dispatched: float,
+                     bar) -> dict[str, float]:
         """Read one step's metrics back (blocking on that step only), check, log."""
         values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
         now = time.perf_counter()
         elapsed, self._last_done = now - self._last_done, now
+        tokens = produced.tokens
         if not (math.isfinite(values["loss"]) and math.isfinite(values.get("grad_norm", 0.0))):
             raise TrainingDiverged(
                 f"Loss is {values['loss']} (grad norm {values.get('grad_norm')}) at step {step}. "
@@ -266,6 +288,10 @@ class Trainer:
                 f"with 'jaxtune inspect-data'. {self._diverged_resume_note(step)}"
             )
         values.update(self._throughput(elapsed, tokens))
+        # The step's own time (dispatch to its metrics on the host) beside its whole time,
+        # which also holds producing its batch (RL: generating and scoring the rollouts).
+        values["train_time_s"] = now - dispatched
+        values.update(produced.metrics)
         values.update(self._metrics.memory_stats())
         values["step"] = step
         if step == self._estimate_at:
@@ -307,10 +333,9 @@ class Trainer:
         if "eval_perplexity" in result:
             log.info("step %d: eval loss %.4f, perplexity %.2f", step, result["eval_loss"],
                      result["eval_perplexity"])
-        else:  # another objective's eval metrics (e.g. rewards of preference pairs)
-            extra = ", ".join(f"{k[5:]} {v:.4g}" for k, v in result.items()
-                              if k.startswith("eval_") and k != "eval_loss")
-            log.info("step %d: eval loss %.4f, %s", step, result["eval_loss"], extra)
+        else:  # another objective's eval metrics (rewards of preference pairs or of answers)
+            log.info("step %d: eval %s", step, ", ".join(
+                f"{k[5:]} {v:.4g}" for k, v in result.items() if k.startswith("eval_")))
         return result
 
     # ------------------------------------------------------------------ checkpoints
@@ -318,7 +343,7 @@ class Trainer:
     def _restore(self) -> int:
         if self.checkpointer is None:
             return 0
-        restored = self.checkpointer.restore(self.state, self.train_iter)
+        restored = self.checkpointer.restore(self.state, self.batches)
         if restored is None:
             return 0
         self.state = restored
@@ -348,7 +373,7 @@ class Trainer:
 
     def _save(self, step: int, force: bool = False) -> None:
         if self.checkpointer is not None:
-            self.checkpointer.save(step, self.state, self.train_iter, force=force)
+            self.checkpointer.save(step, self.state, self.batches, force=force)
 
     def _preemption_requested(self, step: int) -> bool:
         """SIGTERM or a TPU preemption notice: save at this step boundary and stop cleanly."""
@@ -379,7 +404,7 @@ class Trainer:
             "tokens, %d steps%s", c.run.name, jax.device_count(), dict(self.mesh.shape),
             self.num_params / 1e6, self.num_trainable / 1e6, c.trainer.global_batch_size,
             c.data.seq_len, c.trainer.steps, f", resuming at {start}" if start else "")
-        stats = getattr(self.train_iter, "stats", None)
+        stats = getattr(self.batches, "stats", None)
         if stats:  # what the model will train on, once, so a bad mask or cut shows up early
             log.info("train data: %s", ", ".join(
                 f"{k} {v:.1%}" if k == "packing_efficiency" else f"{k} {v}"

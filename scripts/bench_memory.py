@@ -87,7 +87,7 @@ def main() -> None:
     phases.mark("jax + jaxtune imported")
     trainer = Trainer(cfg)
     phases.mark("model loaded, state + steps built")
-    batch = trainer.to_global(next(trainer.train_iter))
+    batch = trainer.batches.next(trainer.state).batch
     compiled = trainer.train_step.lower(trainer.state, batch).compile()
     phases.mark("train step compiled")
     xla_parts("train step", compiled)

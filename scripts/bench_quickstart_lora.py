@@ -40,7 +40,7 @@ class JaxtuneJob:
         from jaxtune.trainer import Trainer
 
         self.trainer = Trainer(cfg)
-        self.host_batches = [next(self.trainer.train_iter) for _ in range(n_batches)]
+        self.host_batches = [next(self.trainer.batches.iterator) for _ in range(n_batches)]
         self.batches = [self.trainer.to_global(b) for b in self.host_batches]
         self.step_fn = self.trainer.train_step.lower(self.trainer.state,
                                                      self.batches[0]).compile()

@@ -131,3 +131,62 @@ def test_samples_during_training(recipe):
                              max_new_tokens=8)
     assert [r["answer"] for r in rows[2:]] == again
     assert os.listdir(os.path.join(cfg.run.output_dir, "tensorboard"))
+
+
+class _OnPolicyData:
+    """A batch source that needs the previous step's state (as RL rollouts do): it records the
+    step of the state each batch is made from, and keeps a counter in its resumable state."""
+
+    on_policy = True
+    seen: list[int] = []
+
+    def __init__(self, trainer):
+        from jaxtune import data
+        from jaxtune.batches import DataBatches
+
+        self.inner = DataBatches(data.make_batch_iterator(trainer.cfg, trainer.tokenizer),
+                                 trainer.mesh)
+        self.made = 0
+
+    def next(self, state):
+        import jax
+
+        _OnPolicyData.seen.append(int(jax.device_get(state.step)))
+        produced = self.inner.next(state)
+        self.made += 1
+        produced.metrics["toy/made"] = float(self.made)
+        return produced
+
+    def get_state(self):
+        return {"inner": self.inner.get_state(), "made": self.made}
+
+    def set_state(self, state):
+        self.inner.set_state(state["inner"])
+        self.made = state["made"]
+
+
+def test_an_on_policy_batch_source_gets_the_state_of_the_step_before(recipe):
+    """The seam: an objective's batch source makes each batch from the state the previous
+    step produced, its metrics reach the step's record, and its state is checkpointed and
+    restored like the data iterator's."""
+    import dataclasses
+
+    from jaxtune.objectives import make_objective, register_objective
+
+    register_objective("toy_on_policy", lambda t: dataclasses.replace(
+        make_objective(dataclasses.replace(t, objective="sft")), name="toy_on_policy",
+        batch_source=_OnPolicyData))
+    sections = dict(name="on-policy", checkpoint={"enabled": True},
+                    optimizer={"schedule": "constant"},  # the same at steps 3 and 6
+                    trainer={"objective": "toy_on_policy", "eval_every": 0})
+    _OnPolicyData.seen = []
+    first = train(recipe(**{**sections, "trainer": {**sections["trainer"], "steps": 3}}))
+    assert _OnPolicyData.seen == [0, 1, 2]
+    assert [h["toy/made"] for h in first.history] == [1.0, 2.0, 3.0]
+    assert all(0 < h["train_time_s"] <= h["step_time_s"] for h in first.history[1:])
+    _OnPolicyData.seen = []
+    resumed = train(recipe(**sections))  # steps 6: resumes at 3 with the producer's state
+    assert _OnPolicyData.seen == [3, 4, 5]
+    assert [h["toy/made"] for h in resumed.history] == [4.0, 5.0, 6.0]
+    uninterrupted = train(recipe(**{**sections, "name": "on-policy-whole"}))
+    assert [h["loss"] for h in uninterrupted.history[3:]] == [h["loss"] for h in resumed.history]

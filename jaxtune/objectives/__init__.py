@@ -14,7 +14,14 @@ objective, so SFT, DPO, ORPO or SimPO are each "one function" and never a traine
 - ``data_formats``: the ``data.format`` values it trains on (None: any token format);
 - ``needs_reference``: whether the loss calls :func:`reference_model`;
 - ``prepare(trainer)``: optional, run once by the trainer before the data is read (e.g. DPO's
-  precomputed reference log-probs).
+  precomputed reference log-probs);
+- ``batch_source(trainer)``: optional, the producer of each step's batch (RL's rollouts, see
+  :mod:`jaxtune.batches`); without it the objective trains on the data iterator;
+- ``evaluate(trainer)``: optional, its own held-out metrics (RL: rewards of answers to held-out
+  prompts) instead of its loss over the eval split.
+
+``aux`` values are contributions that add up over micro-batches; a key ending in ``_max`` is a
+maximum instead (``jaxtune.train_step.combine_aux``).
 
 An objective is callable as its loss, so it is passed to ``train_step`` as ``loss_fn``; a
 plain function there gets SFT's axes and normaliser. Objectives register themselves with
@@ -79,6 +86,8 @@ class Objective:
     data_formats: tuple[str, ...] | None = None
     needs_reference: bool = False
     prepare: Callable[[Any], None] | None = None
+    batch_source: Callable[[Any], Any] | None = None
+    evaluate: Callable[[Any], dict[str, float]] | None = None
 
     def __call__(self, model: Any, batch: Batch):
         return self.loss(model, batch)
