@@ -37,7 +37,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from jaxtune.generation.cache import KVCache, cache_layout, empty_cache
 from jaxtune.generation.errors import GenerateError
-from jaxtune.generation.sampling import Sampling, sample
+from jaxtune.generation.sampling import Sampling, sample, token_logps
 from jaxtune.sharding import (
     Rules,
     activation_rules,
@@ -87,32 +87,37 @@ def decode_loop(graphdef, ctx, sampling: Sampling, bucket: int, state, logits_BV
     """Sample up to ``max_new`` (<= ``bucket``) tokens per row from the prefill's logits,
     stopping a row at any id of ``stops`` (``[MAX_STOP_IDS]``, padded with ``DONE``).
 
-    Returns ``(tokens [B, bucket], steps, cache)``: a row's tokens end with its stop id and
-    are ``DONE`` after it (and after ``max_new``)."""
+    Returns ``(tokens [B, bucket], logps [B, bucket], steps, cache)``: a row's tokens end with
+    its stop id and are ``DONE`` after it (and after ``max_new``); ``logps`` holds each token's
+    log-prob under the temperature-scaled softmax over the whole vocabulary
+    (:func:`~jaxtune.generation.sampling.token_logps`, 0 after the row stopped)."""
     def pick(logits_BV, step, done_B):
         token_B = sample(logits_BV, jax.random.fold_in(key, step), sampling)
+        logp_B = jnp.where(done_B, 0.0, token_logps(logits_BV, token_B, sampling))
         token_B = jnp.where(done_B, DONE, token_B)
-        return token_B, done_B | jnp.isin(token_B, stops)
+        return token_B, logp_B, done_B | jnp.isin(token_B, stops)
 
-    first_B, done_B = pick(logits_BV, 0, done_B)
+    first_B, logp_B, done_B = pick(logits_BV, 0, done_B)
     tokens_BN = jnp.full((first_B.shape[0], bucket), DONE, jnp.int32).at[:, 0].set(first_B)
+    logps_BN = jnp.zeros((first_B.shape[0], bucket), jnp.float32).at[:, 0].set(logp_B)
 
     def cond(carry):
-        step, _, _, _, _, done_B = carry
+        step, _, _, _, _, _, done_B = carry
         return (step < max_new) & ~jnp.all(done_B)
 
     def body(carry):
-        step, token_B, position_B, cache, tokens_BN, done_B = carry
+        step, token_B, position_B, cache, tokens_BN, logps_BN, done_B = carry
         # A stopped row feeds token 0: its cache slots are never read for its answer again.
         logits_BV, cache = _decode(graphdef, ctx, state, jnp.maximum(token_B, 0), position_B,
                                    cache)
-        token_B, done_B = pick(logits_BV, step, done_B)
+        token_B, logp_B, done_B = pick(logits_BV, step, done_B)
         tokens_BN = jax.lax.dynamic_update_slice(tokens_BN, token_B[:, None], (0, step))
-        return step + 1, token_B, position_B + 1, cache, tokens_BN, done_B
+        logps_BN = jax.lax.dynamic_update_slice(logps_BN, logp_B[:, None], (0, step))
+        return step + 1, token_B, position_B + 1, cache, tokens_BN, logps_BN, done_B
 
-    carry = (jnp.int32(1), first_B, position_B, cache, tokens_BN, done_B)
-    step, _, _, cache, tokens_BN, _ = jax.lax.while_loop(cond, body, carry)
-    return tokens_BN, step, cache
+    carry = (jnp.int32(1), first_B, position_B, cache, tokens_BN, logps_BN, done_B)
+    step, _, _, cache, tokens_BN, logps_BN, _ = jax.lax.while_loop(cond, body, carry)
+    return tokens_BN, logps_BN, step, cache
 
 
 _sample = jax.jit(sample, static_argnums=(2,))
@@ -160,6 +165,10 @@ class Generated:
     decode_s: float
     compile_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    #: per prompt, each new token's log-prob under the temperature-scaled softmax over the
+    #: whole vocabulary (the sampler's side of RL's sampler-vs-trainer check); None when
+    #: streamed
+    logps: list[list[float]] | None = None
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -197,6 +206,12 @@ class Generator:
         self.dtype = jax.eval_shape(
             lambda st, ids: nnx.merge(self.graphdef, st).hidden_states(ids), self.state,
             probe).dtype
+
+    def use(self, model: nnx.Module) -> Generator:
+        """Generate from ``model``'s current parameters from now on (a train state's model
+        after a step: same graph and mesh, new arrays; nothing is copied or recompiled)."""
+        self.graphdef, self.state = nnx.split(model)
+        return self
 
     # ------------------------------------------------------------ building blocks
 
@@ -303,20 +318,23 @@ class Generator:
             static = (self.graphdef, self.ctx, sampling, bucket)
             loop_args = (self.state, logits_BV, self._put(nxt), cache, key, self._put(done),
                          jnp.asarray(stops_S), jnp.int32(max_new_tokens))
-            tokens_BN, _, _ = self._call(decode_loop, static, *loop_args)
-            tokens_BN = host_array(tokens_BN)
+            tokens_BN, logps_BN, _, _ = self._call(decode_loop, static, *loop_args)
+            tokens_BN, logps_BN = host_array(tokens_BN), host_array(logps_BN)
         else:
             tokens_BN = self._stream(logits_BV, nxt, cache, key, done, stops_S, bucket,
                                      max_new_tokens, sampling, stream, n_real)
+            logps_BN = None
         decode_s = time.perf_counter() - start - (self.compile_s - compile_mid)
         out = []
         for row in tokens_BN[:n_real]:
             kept = [int(t) for t in row if t != DONE]
             out.append(kept)
+        logps = None if logps_BN is None else [
+            [float(x) for x in row[:len(kept)]] for row, kept in zip(logps_BN, out, strict=False)]
         # The first token comes from the prefill's logits: decoding made the rest.
         new = sum(max(0, len(r) - 1) for r in out)
         return Generated(out, sum(len(p) for p in prompts), new, prefill_s, decode_s,
-                         self.compile_s - compile_before)
+                         self.compile_s - compile_before, logps=logps)
 
     def _stream(self, logits_BV, nxt, cache, key, done, stops, bucket, max_new, sampling,
                 stream, n_real) -> np.ndarray:
