@@ -74,9 +74,10 @@ class DataSourceConfig:
 class DataConfig:
     sources: list[DataSourceConfig] = field(default_factory=list)  # training data
     eval_sources: list[DataSourceConfig] = field(default_factory=list)  # held-out data
-    format: str = "chat"  # text | completion | alpaca | chat | preference (chosen/rejected pairs)
+    # text | completion | alpaca | chat | preference (chosen/rejected pairs) | prompt (RL)
+    format: str = "chat"
     text_field: str = "text"  # field holding raw documents (text format)
-    prompt_field: str = "prompt"  # prompt field (completion format)
+    prompt_field: str = "prompt"  # prompt field (completion, preference and prompt formats)
     completion_field: str = "completion"  # completion field (completion format)
     chosen_field: str = "chosen"  # preferred completion (preference format)
     rejected_field: str = "rejected"  # dispreferred completion (preference format)
@@ -138,6 +139,41 @@ class PreferenceConfig:
 
 
 @dataclass
+class RewardConfig:
+    # a built-in (exact_answer | format | key_facts | overlong) or 'pkg.module:function' called
+    # as fn(prompts, completions, completion_ids, **columns) -> list[float | None], as in TRL
+    function: str = ""
+    weight: float = 1.0  # weight in the sum of rewards (TRL's reward_weights)
+    options: dict[str, Any] = field(default_factory=dict)  # keyword arguments bound to it
+
+
+@dataclass
+class RLConfig:
+    """Reinforcement learning from rewards (trainer.objective: grpo), with TRL's names and
+    meanings (see docs/rl.md for where Tunix's differ)."""
+
+    num_generations: int = 8  # completions per prompt (a group); divides the global batch
+    max_completion_length: int = 256  # new tokens per completion at most
+    temperature: float = 1.0  # sampling temperature, also applied to the trained log-probs
+    top_p: float = 1.0  # nucleus sampling; 1.0 keeps every token
+    top_k: int = 0  # top-k sampling; 0 keeps every token
+    min_p: float = 0.0  # drop tokens below min_p times the likeliest one's probability; 0: off
+    loss_type: str = "dapo"  # grpo | bnpo | dr_grpo | dapo: how the loss is normalised
+    importance_sampling_level: str = "token"  # token | sequence (GSPO)
+    epsilon: float = 0.2  # lower clip of the ratio: 1 - epsilon
+    epsilon_high: float | None = None  # upper clip 1 + epsilon_high (clip-higher); None: epsilon
+    delta: float | None = None  # two-sided clip: the unclipped ratio capped at delta; None: off
+    beta: float = 0.0  # weight of the k3 KL to the reference model; 0 builds no reference
+    scale_rewards: str = "group"  # group | batch | none: std that divides the advantages
+    num_iterations: int = 1  # optimizer steps per rollout batch (mu), old log-probs stored
+    mask_truncated_completions: bool = False  # completions without EOS train nothing
+    rewards: list[RewardConfig] = field(default_factory=list)  # summed with their weights
+    dynamic_sampling: bool = False  # DAPO: replace groups whose rewards are all equal
+    max_sampling_rounds: int = 3  # dynamic sampling: generation rounds per step at most
+    eval_max_completion_length: int = 0  # held-out answers' length; 0: max_completion_length
+
+
+@dataclass
 class TrainerConfig:
     steps: int = 100  # optimizer steps to run
     global_batch_size: int = 8  # rows per optimizer step, over all devices and micro-batches
@@ -145,7 +181,8 @@ class TrainerConfig:
     eval_every: int = 0  # evaluate every N steps; 0 only at the start and end
     eval_batches: int = 0  # eval batches per evaluation; 0 means the whole eval set
     log_every: int = 1  # write metrics every N steps
-    objective: str = "sft"  # what to train for (jaxtune.objectives): sft | dpo | orpo | simpo
+    # what to train for (jaxtune.objectives): sft | dpo | orpo | simpo | grpo
+    objective: str = "sft"
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)  # dpo / orpo / simpo
     loss_fn: str = ""  # replacement loss 'pkg.module:function'; empty uses the objective's
     train_step: str = ""  # replacement train step 'pkg.module:function'
@@ -209,6 +246,7 @@ class TrainConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
@@ -373,7 +411,10 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.remat": ("none", "full", "dots_saveable", "minimal"),
     "model.attention": ("auto", "xla", "cudnn", "splash", "pallas_gpu", "cpu_flash"),
     "lora.quantize_base": ("none", "int8", "nf4"),
-    "data.format": ("text", "completion", "alpaca", "chat", "preference"),
+    "data.format": ("text", "completion", "alpaca", "chat", "preference", "prompt"),
+    "rl.loss_type": ("grpo", "bnpo", "dr_grpo", "dapo"),
+    "rl.importance_sampling_level": ("token", "sequence"),
+    "rl.scale_rewards": ("group", "batch", "none"),
     "trainer.preference.loss_type": ("sigmoid", "ipo", "hinge", "robust"),
     "data.truncation": ("truncate", "drop", "error", "split"),
     "data.alpaca_prompt": ("auto", "chat", "classic"),
@@ -475,9 +516,56 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.data.format == "preference" and cfg.data.streaming:
         raise ConfigError("'data.format: preference' does not stream; set "
                           "'data.streaming: false'.")
+    _validate_rl(cfg)
     for i, src in enumerate(cfg.data.sources + cfg.data.eval_sources):
         if src.weight <= 0:
             raise ConfigError(f"Data source {i} ('{src.path}') has weight {src.weight}; use > 0.")
+
+
+def _validate_rl(cfg: TrainConfig) -> None:
+    """The rl section: only when an objective that reads it is chosen, so other runs never
+    trip over its defaults."""
+    rl, t = cfg.rl, cfg.trainer
+    if t.objective != "grpo":
+        return
+    for key in ("rl.num_generations", "rl.max_completion_length", "rl.num_iterations",
+                "rl.max_sampling_rounds"):
+        if _get(cfg, key) < 1:
+            raise ConfigError(f"'{key}' must be at least 1, got {_get(cfg, key)}.")
+    groups = t.global_batch_size // rl.num_generations
+    if t.global_batch_size % rl.num_generations:
+        raise ConfigError(
+            f"'trainer.global_batch_size' ({t.global_batch_size}) counts completions and must "
+            f"hold whole groups of 'rl.num_generations' ({rl.num_generations}); use a multiple "
+            f"of {rl.num_generations} (e.g. {rl.num_generations * max(1, groups)}), or "
+            f"num_generations in {_divisors(t.global_batch_size)[1:]}.")
+    if rl.num_generations < 2 and rl.scale_rewards == "group":
+        raise ConfigError("'rl.num_generations' is 1, so every group's reward std is 0 and no "
+                          "completion has an advantage; use at least 2.")
+    if rl.temperature <= 0:
+        raise ConfigError(f"'rl.temperature' must be > 0 (completions are sampled), got "
+                          f"{rl.temperature}.")
+    if not 0.0 < rl.top_p <= 1.0 or rl.top_k < 0 or not 0.0 <= rl.min_p < 1.0:
+        raise ConfigError("'rl.top_p' must be in (0, 1], 'rl.top_k' >= 0 and 'rl.min_p' in "
+                          f"[0, 1); got {rl.top_p}, {rl.top_k}, {rl.min_p}.")
+    if rl.epsilon < 0 or (rl.epsilon_high is not None and rl.epsilon_high < 0):
+        raise ConfigError("'rl.epsilon' and 'rl.epsilon_high' must be >= 0.")
+    if rl.delta is not None and rl.delta <= 1.0:
+        raise ConfigError(f"'rl.delta' caps the ratio and must be > 1 (e.g. 4), got {rl.delta}.")
+    if rl.beta < 0:
+        raise ConfigError(f"'rl.beta' must be >= 0 (0: no KL term), got {rl.beta}.")
+    if cfg.data.seq_len <= rl.max_completion_length:
+        raise ConfigError(
+            f"'data.seq_len' ({cfg.data.seq_len}) is the whole row, prompt and completion, so it "
+            f"must exceed 'rl.max_completion_length' ({rl.max_completion_length}); raise it to "
+            "the longest prompt plus max_completion_length.")
+    if not rl.rewards:
+        raise ConfigError("'rl.rewards' is empty: name at least one reward function (a "
+                          "built-in such as key_facts or exact_answer, or 'pkg.module:fn').")
+    for i, r in enumerate(rl.rewards):
+        if not r.function:
+            raise ConfigError(f"'rl.rewards[{i}].function' is empty: give a built-in name or "
+                              "'pkg.module:function'.")
 
 
 def _divisors(n: int) -> list[int]:

@@ -427,3 +427,48 @@ def chunked_sequence_logps(
     logps_B, _ = jax.lax.scan(body, jnp.zeros((b,), jnp.float32),
                               (hidden_KBSD, targets_KBS, mask_KBS))
     return logps_B
+
+
+def chunked_token_logps(
+    unembed: Callable[[jax.Array], jax.Array],
+    hidden_BSD: jax.Array,
+    targets_BS: jax.Array,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> tuple[jax.Array, jax.Array]:
+    """Per-token ``(log p(target), entropy)``, each ``[B, S]`` float32, of the softmax of
+    ``unembed(hidden) / temperature`` over the whole vocabulary, a chunk at a time.
+
+    What RL objectives need for each completion token. Chunked like
+    :func:`chunked_sequence_logps` (slabs of positions of every row, each rematerialised in the
+    backward pass), so only one chunk's ``[B, s, V]`` logits are ever live. The log-probs are
+    differentiable; the entropy is a metric (no gradient).
+    """
+    b, t, d = hidden_BSD.shape
+    rows_per_device = max(1, b // _batch_shards(b))
+    s = max(1, min(t, -(-chunk_size // rows_per_device)))
+    num_chunks = -(-t // s)
+    pad = num_chunks * s - t
+    if pad:
+        hidden_BSD = jnp.pad(hidden_BSD, ((0, 0), (0, pad), (0, 0)))
+        targets_BS = jnp.pad(targets_BS, ((0, 0), (0, pad)))
+    hidden_KBsD = jnp.moveaxis(hidden_BSD.reshape(b, num_chunks, s, d), 1, 0)
+    targets_KBs = jnp.moveaxis(targets_BS.reshape(b, num_chunks, s), 1, 0)
+
+    @jax.checkpoint
+    def chunk(hidden_BsD, targets_Bs):
+        hidden_BsD = sharding.constrain(hidden_BsD, ("batch", "seq", "embed"))
+        logits_BsV = unembed(hidden_BsD).astype(jnp.float32) / temperature
+        lse_Bs = jax.nn.logsumexp(logits_BsV, axis=-1)
+        target_Bs = jnp.take_along_axis(logits_BsV, targets_Bs[..., None], axis=-1)[..., 0]
+        probs_BsV = jax.lax.stop_gradient(jnp.exp(logits_BsV - lse_Bs[..., None]))
+        entropy_Bs = jax.lax.stop_gradient(
+            lse_Bs - jnp.sum(probs_BsV * logits_BsV, axis=-1))
+        return target_Bs - lse_Bs, entropy_Bs
+
+    with jax.named_scope(LOSS_SCOPE):
+        logps_KBs, entropy_KBs = jax.lax.map(lambda xs: chunk(*xs), (hidden_KBsD, targets_KBs))
+    logps_BS = jnp.moveaxis(logps_KBs, 0, 1).reshape(b, num_chunks * s)[:, :t]
+    entropy_BS = jnp.moveaxis(entropy_KBs, 0, 1).reshape(b, num_chunks * s)[:, :t]
+    return logps_BS, entropy_BS

@@ -82,6 +82,9 @@ class Trainer:
 
         self.tokenizer = data.load_tokenizer(cfg)
         check_vocab_fits(self.tokenizer, cfg)  # ids past the embedding would give NaN at step 1
+        # The objective (and its data format, reward functions...) before any weight is read.
+        self.loss_fn = make_objective(cfg)
+        self._check_objective(self.loss_fn)
         model, trainable = self._load_model()
         self.model_config = model.config
         self.schedule = optim.make_schedule(cfg.optimizer, cfg.trainer.steps)
@@ -89,8 +92,6 @@ class Trainer:
 
         trainable_params = nnx.state(model, trainable)
         self.optimizer = optim.make_optimizer(cfg.optimizer, cfg.trainer.steps, trainable_params)
-        self.loss_fn = make_objective(cfg.trainer)  # the objective
-        self._check_objective(self.loss_fn)
         self.state = create_train_state(
             model, self.optimizer, mesh=self.mesh, rules=self.rules, seed=cfg.run.seed,
             trainable=trainable,

@@ -52,7 +52,7 @@ def build(args):
     model = init_model(model_cfg, mesh=mesh, rules=rules, seed=0, param_dtype="float32")
     optimizer = make_optimizer(cfg.optimizer, 1000, nnx.state(model, nnx.Param))
     state = create_train_state(model, optimizer, mesh=mesh, rules=rules)
-    step = jit_train_step(train_step, state, mesh, rules, loss_fn=make_loss_fn(cfg.trainer),
+    step = jit_train_step(train_step, state, mesh, rules, loss_fn=make_loss_fn(cfg),
                           optimizer=optimizer)
     rng = np.random.default_rng(0)
     b, t = args.batch, args.seq

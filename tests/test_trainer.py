@@ -173,9 +173,9 @@ def test_an_on_policy_batch_source_gets_the_state_of_the_step_before(recipe):
 
     from jaxtune.objectives import make_objective, register_objective
 
-    register_objective("toy_on_policy", lambda t: dataclasses.replace(
-        make_objective(dataclasses.replace(t, objective="sft")), name="toy_on_policy",
-        batch_source=_OnPolicyData))
+    register_objective("toy_on_policy", lambda cfg: dataclasses.replace(
+        make_objective(dataclasses.replace(cfg.trainer, objective="sft")),
+        name="toy_on_policy", batch_source=_OnPolicyData))
     sections = dict(name="on-policy", checkpoint={"enabled": True},
                     optimizer={"schedule": "constant"},  # the same at steps 3 and 6
                     trainer={"objective": "toy_on_policy", "eval_every": 0})

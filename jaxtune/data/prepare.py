@@ -22,7 +22,7 @@ from jaxtune.data import cache
 from jaxtune.data.encode import Encoder
 from jaxtune.data.errors import BadRowError, DataError, RowProblem
 from jaxtune.data.formats import FormatSpec
-from jaxtune.data.sources import Shard, is_sliced, resolve_source
+from jaxtune.data.sources import Shard, is_sliced, resolve_source, slice_ranges
 from jaxtune.data.tokenizer import TokenizerInfo
 
 log = logging.getLogger(__name__)
@@ -158,15 +158,7 @@ def _select(src, shards: list[Shard], tokenized: list[cache.TokenizedShard]) -> 
     """Per shard, the examples a sliced split (``train[:90%]``) keeps (all when not sliced)."""
     if not shards[0].is_file or not is_sliced(src.split):
         return [np.arange(t.num_examples) for t in tokenized]
-    import datasets
-
-    total = sum(t.meta["rows"] for t in tokenized)
-    name = src.split.split("[", 1)[0].strip()
-    try:
-        spec = src.split.replace(name, "train") if name != "train" else src.split
-        ranges = datasets.ReadInstruction.from_spec(spec).to_absolute({"train": total})
-    except (ValueError, AssertionError) as e:
-        raise DataError(f"Data source '{src.path}': bad split '{src.split}': {e}") from None
+    ranges = slice_ranges(src, sum(t.meta["rows"] for t in tokenized))
     out, base = [], 0
     for t in tokenized:
         global_rows = base + np.asarray(t.rows)

@@ -151,6 +151,19 @@ def is_sliced(split: str) -> bool:
     return "[" in split or "+" in split
 
 
+def slice_ranges(src, total: int) -> list[Any]:
+    """The ``[from_, to)`` row ranges a sliced split (``train[:90%]``) keeps of a local source
+    of ``total`` rows (``datasets``' own slice arithmetic)."""
+    import datasets
+
+    name = src.split.split("[", 1)[0].strip()
+    try:
+        spec = src.split.replace(name, "train") if name != "train" else src.split
+        return datasets.ReadInstruction.from_spec(spec).to_absolute({"train": total})
+    except (ValueError, AssertionError) as e:
+        raise DataError(f"Data source '{src.path}': bad split '{src.split}': {e}") from None
+
+
 def resolve_source(index: int, src, key: str = "data.sources") -> list[Shard]:
     """The shards of ``DataSourceConfig`` ``src`` (local files in a stable order, or the hub).
 

@@ -26,7 +26,8 @@ maximum instead (``jaxtune.train_step.combine_aux``).
 An objective is callable as its loss, so it is passed to ``train_step`` as ``loss_fn``; a
 plain function there gets SFT's axes and normaliser. Objectives register themselves with
 :func:`register_objective`, one file each in this package: ``sft`` (:mod:`.sft`), ``dpo``,
-``orpo`` and ``simpo`` (:mod:`.preference`). The registry is the only list.
+``orpo`` and ``simpo`` (:mod:`.preference`), ``grpo`` (:mod:`.grpo`). The registry is the only
+list.
 
 The reference model (DPO-style objectives) is :func:`reference_model` inside the loss: the
 frozen copy in the train state when the run keeps one (full fine-tuning), else the same model
@@ -115,7 +116,8 @@ def eval_metrics_of(loss_fn: Any) -> Callable[[Mapping[str, float]], dict[str, f
 _OBJECTIVES: dict[str, Callable[[Any], Objective]] = {}
 #: Modules whose objectives are built in, one file each; imported on first use of the registry
 #: (they build on this module, so it cannot import them at its top).
-_BUILTIN_MODULES = ("jaxtune.objectives.sft", "jaxtune.objectives.preference")
+_BUILTIN_MODULES = ("jaxtune.objectives.sft", "jaxtune.objectives.preference",
+                    "jaxtune.objectives.grpo")
 
 
 def _load_builtins() -> None:
@@ -126,7 +128,9 @@ def _load_builtins() -> None:
 
 
 def register_objective(name: str, build: Callable[[Any], Objective]) -> None:
-    """Make ``trainer.objective: name`` build its objective with ``build(trainer_cfg)``."""
+    """Make ``trainer.objective: name`` build its objective with ``build(cfg)``, ``cfg`` the
+    run's :class:`~jaxtune.config.TrainConfig` (its ``trainer`` section, and the sections the
+    objective reads, e.g. ``rl``)."""
     _OBJECTIVES[name] = build
 
 
@@ -135,18 +139,24 @@ def objective_names() -> list[str]:
     return sorted(_OBJECTIVES)
 
 
-def make_objective(trainer_cfg: Any) -> Objective:
+def make_objective(cfg: Any) -> Objective:
     """The objective ``trainer.objective`` names, with the config's settings bound in.
-    ``trainer.loss_fn`` (an import path) replaces its loss and keeps the rest."""
-    name = getattr(trainer_cfg, "objective", "sft") or "sft"
+    ``cfg`` is the run's TrainConfig (a bare TrainerConfig is taken as the trainer section of
+    an otherwise default config). ``trainer.loss_fn`` (an import path) replaces its loss and
+    keeps the rest."""
+    from jaxtune.config import TrainConfig, TrainerConfig
+
+    if isinstance(cfg, TrainerConfig):
+        cfg = TrainConfig(trainer=cfg)
+    name = cfg.trainer.objective or "sft"
     _load_builtins()
     build = _OBJECTIVES.get(name)
     if build is None:
         raise JaxtuneError(f"trainer.objective '{name}' is not an objective; use one of "
                            f"{', '.join(objective_names())}.")
-    objective = build(trainer_cfg)
-    if trainer_cfg.loss_fn:
-        objective = objective.with_loss(load_loss_fn(trainer_cfg.loss_fn))
+    objective = build(cfg)
+    if cfg.trainer.loss_fn:
+        objective = objective.with_loss(load_loss_fn(cfg.trainer.loss_fn))
     return objective
 
 
@@ -186,7 +196,7 @@ def reference_model(model: Any) -> Iterator[Any]:
         yield model
 
 
-def make_loss_fn(trainer_cfg: Any) -> Objective:
+def make_loss_fn(cfg: Any) -> Objective:
     """The run's objective, callable as ``loss_fn(model, batch)`` (see :func:`make_objective`)."""
-    return make_objective(trainer_cfg)
+    return make_objective(cfg)
 

@@ -234,33 +234,31 @@ def _axes(with_reference: bool):
     return {**PAIR_AXES, **(REFERENCE_AXES if with_reference else {})}
 
 
-def _pref(trainer_cfg):
-    from jaxtune.config import PreferenceConfig
-
-    return getattr(trainer_cfg, "preference", None) or PreferenceConfig()
+def _pref(cfg):
+    return cfg.trainer.preference
 
 
-def _dpo(trainer_cfg) -> Objective:
-    p = _pref(trainer_cfg)
+def _dpo(cfg) -> Objective:
+    p = _pref(cfg)
     loss = functools.partial(dpo_loss, beta=p.beta, loss_type=p.loss_type,
                              label_smoothing=p.label_smoothing,
-                             chunk_size=trainer_cfg.loss_chunk_size)
+                             chunk_size=cfg.trainer.loss_chunk_size)
     return Objective("dpo", loss, _axes(True), pair_count, pair_eval_metrics, ("preference",),
                      needs_reference=not p.precompute_reference,
                      prepare=precompute_reference_logps if p.precompute_reference else None)
 
 
-def _orpo(trainer_cfg) -> Objective:
-    p = _pref(trainer_cfg)
-    loss = functools.partial(orpo_loss, beta=p.beta, chunk_size=trainer_cfg.loss_chunk_size)
+def _orpo(cfg) -> Objective:
+    p = _pref(cfg)
+    loss = functools.partial(orpo_loss, beta=p.beta, chunk_size=cfg.trainer.loss_chunk_size)
     return Objective("orpo", loss, _axes(False), pair_count, pair_eval_metrics, ("preference",))
 
 
-def _simpo(trainer_cfg) -> Objective:
-    p = _pref(trainer_cfg)
+def _simpo(cfg) -> Objective:
+    p = _pref(cfg)
     loss = functools.partial(simpo_loss, beta=p.beta, gamma=p.gamma,
                              label_smoothing=p.label_smoothing,
-                             chunk_size=trainer_cfg.loss_chunk_size)
+                             chunk_size=cfg.trainer.loss_chunk_size)
     return Objective("simpo", loss, _axes(False), pair_count, pair_eval_metrics,
                      ("preference",))
 

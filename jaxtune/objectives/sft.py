@@ -14,10 +14,10 @@ from jaxtune.loss import cross_entropy_loss
 from jaxtune.objectives import Objective, register_objective
 
 
-def _sft(trainer_cfg: Any) -> Objective:
+def _sft(cfg: Any) -> Objective:
     return Objective("sft", functools.partial(cross_entropy_loss,
-                                              chunk_size=trainer_cfg.loss_chunk_size,
-                                              z_loss=trainer_cfg.z_loss))
+                                              chunk_size=cfg.trainer.loss_chunk_size,
+                                              z_loss=cfg.trainer.z_loss))
 
 
 register_objective("sft", _sft)

@@ -114,7 +114,7 @@ def build_train_step(cfg: TrainConfig, hf_config: dict[str, Any], devices: list,
         step=jax.ShapeDtypeStruct((), jnp.int32), params=params, frozen=frozen,
         opt_state=jax.eval_shape(optimizer.init, params),
         rng=jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))), graphdef=graphdef)
-    loss_fn = make_objective(cfg.trainer)
+    loss_fn = make_objective(cfg)
     if cfg.lora.rank > 0 and cfg.lora.dropout > 0:
         loss_fn = with_dropout(loss_fn)
     step_fn = loss.load_callable(cfg.trainer.train_step) if cfg.trainer.train_step \
