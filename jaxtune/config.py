@@ -164,6 +164,7 @@ class RLConfig:
     epsilon_high: float | None = None  # upper clip 1 + epsilon_high (clip-higher); None: epsilon
     delta: float | None = None  # two-sided clip: the unclipped ratio capped at delta; None: off
     beta: float = 0.0  # weight of the k3 KL to the reference model; 0 builds no reference
+    use_bias_correction_kl: bool = True  # KL term times the ratio (unbiased reverse KL), as TRL
     scale_rewards: str = "group"  # group | batch | none: std that divides the advantages
     num_iterations: int = 1  # optimizer steps per rollout batch (mu), old log-probs stored
     mask_truncated_completions: bool = False  # completions without EOS train nothing

@@ -10,7 +10,8 @@ current parameters, rewards, advantages). Per completion token ``t`` of row ``i`
            = exp(masked mean of log_ratio over row i)        sequence (GSPO)
     loss_t = -min(w' A_i, clip(w, 1 - epsilon, 1 + epsilon_high) A_i) + beta * KL_t
     w'     = min(w, delta) with two-sided clipping (delta), else w
-    KL_t   = exp(ref - logp) - (ref - logp) - 1              TRL's k3 estimator
+    KL_t   = exp(ref - logp) - (ref - logp) - 1              TRL's k3 estimator, times w with
+                                                             use_bias_correction_kl (TRL's default)
 
 Log-probs are ``log_softmax(logits / temperature)`` over the whole vocabulary, chunked
 (:func:`jaxtune.loss.chunked_token_logps`): the sampler logs its own over the same
@@ -73,11 +74,13 @@ class GRPOSettings:
     beta: float = 0.0
     temperature: float = 1.0
     max_completion_length: int = 256
+    use_bias_correction_kl: bool = True
 
     @classmethod
     def from_config(cls, rl) -> GRPOSettings:
         return cls(rl.loss_type, rl.importance_sampling_level, rl.epsilon, rl.epsilon_high,
-                   rl.delta, rl.beta, rl.temperature, rl.max_completion_length)
+                   rl.delta, rl.beta, rl.temperature, rl.max_completion_length,
+                   rl.use_bias_correction_kl)
 
 
 def completion_logps(model: Any, batch: Batch, *, temperature: float, chunk_size: int):
@@ -114,15 +117,24 @@ def grpo_terms(logps_BC: jax.Array, batch: Batch, s: GRPOSettings):
     if s.beta != 0.0:
         diff_BC = batch["ref_logps"] - logps_BC
         kl_BC = jnp.exp(diff_BC) - diff_BC - 1
+        if s.use_bias_correction_kl:  # times the (differentiable) ratio: unbiased reverse KL
+            kl_BC = kl_BC * jnp.exp(log_w)
         per_token = per_token + s.beta * kl_BC
     return per_token, coef_1, kl_BC, eps_high
 
 
 def grpo_loss(model: Any, batch: Batch, *, settings: GRPOSettings, chunk_size: int = 256):
     """This micro-batch's contribution to the step's GRPO loss (see the module docstring)."""
-    s = settings
-    logps_BC, entropy_BC, model_aux = completion_logps(model, batch, temperature=s.temperature,
-                                                       chunk_size=chunk_size)
+    logps_BC, entropy_BC, model_aux = completion_logps(
+        model, batch, temperature=settings.temperature, chunk_size=chunk_size)
+    loss, aux = grpo_objective(logps_BC, entropy_BC, batch, settings)
+    return add_model_aux(loss, aux, model_aux, batch)
+
+
+def grpo_objective(logps_BC: jax.Array, entropy_BC: jax.Array, batch: Batch,
+                   s: GRPOSettings) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """``(loss, aux)`` from the completion tokens' log-probs: the formula of
+    :func:`grpo_loss`, apart from the model."""
     mask_BC = batch["completion_mask"].astype(jnp.float32)
     per_token, coef_1, kl_BC, eps_high = grpo_terms(logps_BC, batch, s)
     masked = per_token * mask_BC
@@ -134,8 +146,7 @@ def grpo_loss(model: Any, batch: Batch, *, settings: GRPOSettings, chunk_size: i
         loss = masked.sum() / jnp.maximum(mask_BC.sum(), 1.0) / micro
     else:  # dr_grpo, dapo: global token sums over the normaliser
         loss = masked.sum() / denom
-    return add_model_aux(loss, _metrics(batch, logps_BC, entropy_BC, coef_1, kl_BC, mask_BC,
-                                        eps_high, s), model_aux, batch)
+    return loss, _metrics(batch, logps_BC, entropy_BC, coef_1, kl_BC, mask_BC, eps_high, s)
 
 
 def _metrics(batch, logps_BC, entropy_BC, coef_1, kl_BC, mask_BC, eps_high, s):
