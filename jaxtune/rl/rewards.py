@@ -195,12 +195,14 @@ def _check_options(fn: Callable, options: dict[str, Any], name: str) -> None:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return
-    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        return
-    unknown = [k for k in options if k not in params]
+    # Options must name the function's own parameters: reward functions take **kwargs (the
+    # rows' columns arrive there), which would swallow a misspelt option without a word.
+    named = [p for p, v in params.items() if v.kind not in (v.VAR_KEYWORD, v.VAR_POSITIONAL)]
+    unknown = [k for k in options if k not in named]
     if unknown:
-        raise RewardError(f"{name} takes no option(s) {unknown}; it takes "
-                          f"{[p for p in params if p not in ('prompts', 'completions')]}.")
+        takes = [p for p in named if p not in ("prompts", "completions", "completion_ids")]
+        raise RewardError(f"{name} takes no option(s) {unknown}; its options are "
+                          f"{takes or 'none'}.")
 
 
 # --------------------------------------------------------------------------- calling
