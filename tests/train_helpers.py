@@ -51,9 +51,13 @@ def make_stepper(model_dir, mesh_sizes=(1, 1, 1), devices=None, *, grad_accum_st
 
 
 def put(batch: dict[str, np.ndarray], mesh) -> dict:
+    """Rows split over the batch axes; scalars (a batch's global counts) replicated."""
     import jax
+    from jax.sharding import NamedSharding, PartitionSpec
 
-    return {k: jax.device_put(v, batch_sharding(mesh, ndim=np.ndim(v))) for k, v in batch.items()}
+    return {k: jax.device_put(v, batch_sharding(mesh, ndim=np.ndim(v)) if np.ndim(v)
+                              else NamedSharding(mesh, PartitionSpec()))
+            for k, v in batch.items()}
 
 
 def params_numpy(state) -> dict[str, np.ndarray]:
