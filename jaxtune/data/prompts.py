@@ -5,7 +5,9 @@ A row holds a prompt in ``data.prompt_field``, either text or a chat (a list of
 (``answer``, ``key_facts``...), which reward functions receive by name, as in TRL. A chat is
 rendered with the chat template and the assistant turn opened (``data.system_prompt`` first
 when it has no system message), special tokens from the template only; a text prompt is
-tokenized as it is, with the tokenizer's special tokens (TRL does both the same way). A
+tokenized as it is, with the tokenizer's special tokens (TRL does both the same way), or with
+``data.prompt_as_chat`` becomes the user turn of a chat (a GSM8K ``question`` for an instruct
+model). A
 prompt longer than its budget (``data.seq_len - rl.max_completion_length``) stops the run
 naming its file and row, or with ``data.on_bad_row: skip`` is dropped and counted.
 
@@ -43,7 +45,8 @@ class Prompt:
     where: str  # "<file>, row <n>"
 
 
-def _parse(row: dict[str, Any], fmt: FormatSpec) -> str | list[dict[str, Any]]:
+def _parse(row: dict[str, Any], fmt: FormatSpec,
+           as_chat: bool = False) -> str | list[dict[str, Any]]:
     name = fmt.prompt_field
     if name not in row or row[name] is None:
         have = ", ".join(sorted(k for k, v in row.items() if v is not None)) or "no fields"
@@ -53,10 +56,12 @@ def _parse(row: dict[str, Any], fmt: FormatSpec) -> str | list[dict[str, Any]]:
     if isinstance(value, str):
         if not value.strip():
             raise RowProblem(name, "is an empty prompt")
-        return value
+        if not as_chat:
+            return value
+        value = [{"role": "user", "content": value}]
     if isinstance(value, list):
         spec = FormatSpec(**{**fmt.__dict__, "messages_field": name, "train_on_inputs": True})
-        messages = parse_messages(row, spec)
+        messages = parse_messages({**row, name: value}, spec)
         if messages[-1]["role"] == "assistant":
             raise RowProblem(f"{name}[{len(value) - 1}]", "is an assistant message, but a prompt "
                              "ends with the turn the model answers (a user message)")
@@ -101,7 +106,7 @@ def load_prompts(cfg, tokenizer, split: str = "train") -> list[Prompt]:
         for shard, n, row in rows:
             where = f"{shard.name}, row {n}"
             try:
-                prompt = _parse(row, fmt)
+                prompt = _parse(row, fmt, getattr(cfg.data, "prompt_as_chat", False))
                 ids = _encode(tokenizer, prompt, fmt.prompt_field)
                 if len(ids) > budget:
                     raise RowProblem(

@@ -18,7 +18,11 @@ objective, so SFT, DPO, ORPO or SimPO are each "one function" and never a traine
 - ``batch_source(trainer)``: optional, the producer of each step's batch (RL's rollouts, see
   :mod:`jaxtune.batches`); without it the objective trains on the data iterator;
 - ``evaluate(trainer)``: optional, its own held-out metrics (RL: rewards of answers to held-out
-  prompts) instead of its loss over the eval split.
+  prompts) instead of its loss over the eval split;
+- ``batch_shapes(cfg)``: the global batch's shapes for a config, which ``jaxtune plan``
+  compiles the step with (no data is read);
+- ``generates(cfg)``: optional, ``(rows, prompt tokens, new tokens)`` its producer generates
+  each step, which ``jaxtune plan`` compiles beside the step (both must fit).
 
 ``aux`` values are contributions that add up over micro-batches; a key ending in ``_max`` is a
 maximum instead (``jaxtune.train_step.combine_aux``).
@@ -62,6 +66,14 @@ TOKEN_AXES: Mapping[str, tuple[str, ...]] = {
 }
 
 
+def token_batch_shapes(cfg: Any) -> dict[str, jax.ShapeDtypeStruct]:
+    """The token batch's shapes for a run's config (``jaxtune plan`` compiles with these)."""
+    rows, seq = cfg.trainer.global_batch_size, cfg.data.seq_len
+    out = {k: jax.ShapeDtypeStruct((rows, seq), jnp.int32) for k in TOKEN_AXES}
+    out["loss_mask"] = jax.ShapeDtypeStruct((rows, seq), jnp.float32)
+    return out
+
+
 def trained_tokens(batch: Batch) -> jax.Array:
     """Token cross-entropy's normaliser: trained tokens in the batch (at least 1)."""
     return jnp.maximum(batch["loss_mask"].astype(jnp.float32).sum(), 1.0)
@@ -89,6 +101,8 @@ class Objective:
     prepare: Callable[[Any], None] | None = None
     batch_source: Callable[[Any], Any] | None = None
     evaluate: Callable[[Any], dict[str, float]] | None = None
+    batch_shapes: Callable[[Any], dict[str, jax.ShapeDtypeStruct]] = token_batch_shapes
+    generates: Callable[[Any], tuple[int, int, int]] | None = None
 
     def __call__(self, model: Any, batch: Batch):
         return self.loss(model, batch)

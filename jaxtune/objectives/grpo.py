@@ -195,7 +195,25 @@ def _denominator(batch: Batch, s: GRPOSettings) -> jax.Array:
     return jnp.float32(1.0)  # bnpo normalises each micro-batch itself
 
 
+def rollout_batch_shapes(cfg) -> dict[str, jax.ShapeDtypeStruct]:
+    """A rollout batch's shapes for a config (``jaxtune plan``): rows of ``data.seq_len``
+    tokens (the widest prompt budget), ``max_completion_length`` completion columns."""
+    rl, rows = cfg.rl, cfg.trainer.global_batch_size
+    t, c = cfg.data.seq_len, rl.max_completion_length
+    ints, floats = jax.ShapeDtypeStruct((rows, t), jnp.int32), jax.ShapeDtypeStruct((rows, c),
+                                                                                     jnp.float32)
+    out = {"input_ids": ints, "positions": ints, "segment_ids": ints, "completion_mask": floats,
+           "advantages": jax.ShapeDtypeStruct((rows,), jnp.float32),
+           "num_completion_tokens": jax.ShapeDtypeStruct((), jnp.float32),
+           "num_sequences": jax.ShapeDtypeStruct((), jnp.float32)}
+    out["old_logps" if rl.num_iterations > 1 else "sampler_logps"] = floats
+    if rl.beta != 0.0:
+        out["ref_logps"] = floats
+    return out
+
+
 def _grpo(cfg) -> Objective:
+    from jaxtune.plan.rollouts import rollout_shape
     from jaxtune.rl.producer import evaluate_rewards, make_rollout_producer
     from jaxtune.rl.rewards import load_rewards
 
@@ -206,7 +224,8 @@ def _grpo(cfg) -> Objective:
     return Objective("grpo", loss, dict(ROLLOUT_AXES),
                      functools.partial(_denominator, s=settings), data_formats=("prompt",),
                      needs_reference=rl.beta != 0.0, batch_source=make_rollout_producer,
-                     evaluate=evaluate_rewards)
+                     evaluate=evaluate_rewards, batch_shapes=rollout_batch_shapes,
+                     generates=rollout_shape)
 
 
 register_objective("grpo", _grpo)

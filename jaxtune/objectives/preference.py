@@ -230,6 +230,16 @@ def pair_eval_metrics(sums: Mapping[str, float]) -> dict[str, float]:
     return out
 
 
+def pair_batch_shapes(cfg) -> dict[str, jax.ShapeDtypeStruct]:
+    """A batch of pairs' shapes (``jaxtune plan``): both sides' token rows per pair."""
+    rows, seq = cfg.trainer.global_batch_size, cfg.data.seq_len
+    out = {k: jax.ShapeDtypeStruct((rows, seq), jnp.float32 if k.endswith("loss_mask")
+                                   else jnp.int32) for k in PAIR_AXES}
+    if cfg.trainer.objective == "dpo" and cfg.trainer.preference.precompute_reference:
+        out.update({k: jax.ShapeDtypeStruct((rows,), jnp.float32) for k in REFERENCE_AXES})
+    return out
+
+
 def _axes(with_reference: bool):
     return {**PAIR_AXES, **(REFERENCE_AXES if with_reference else {})}
 
@@ -245,13 +255,15 @@ def _dpo(cfg) -> Objective:
                              chunk_size=cfg.trainer.loss_chunk_size)
     return Objective("dpo", loss, _axes(True), pair_count, pair_eval_metrics, ("preference",),
                      needs_reference=not p.precompute_reference,
-                     prepare=precompute_reference_logps if p.precompute_reference else None)
+                     prepare=precompute_reference_logps if p.precompute_reference else None,
+                     batch_shapes=pair_batch_shapes)
 
 
 def _orpo(cfg) -> Objective:
     p = _pref(cfg)
     loss = functools.partial(orpo_loss, beta=p.beta, chunk_size=cfg.trainer.loss_chunk_size)
-    return Objective("orpo", loss, _axes(False), pair_count, pair_eval_metrics, ("preference",))
+    return Objective("orpo", loss, _axes(False), pair_count, pair_eval_metrics, ("preference",),
+                     batch_shapes=pair_batch_shapes)
 
 
 def _simpo(cfg) -> Objective:
@@ -260,7 +272,7 @@ def _simpo(cfg) -> Objective:
                              label_smoothing=p.label_smoothing,
                              chunk_size=cfg.trainer.loss_chunk_size)
     return Objective("simpo", loss, _axes(False), pair_count, pair_eval_metrics,
-                     ("preference",))
+                     ("preference",), batch_shapes=pair_batch_shapes)
 
 
 register_objective("dpo", _dpo)

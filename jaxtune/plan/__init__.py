@@ -40,10 +40,11 @@ class PlanResult:
     hf_source: str
     suggestions: list[str] = field(default_factory=list)
     compare: dict[str, float] | None = None
+    generation: Any = None  # rollouts.GenerationPlan of an objective that generates (RL)
 
     @property
     def fits(self) -> bool:
-        return self.memory.fits
+        return self.memory.fits and (self.generation is None or self.generation.fits)
 
 
 def _is_oom(err: Exception) -> bool:
@@ -128,12 +129,20 @@ def make_plan(cfg, target: Target, *, compare: bool = False, flops: bool = True)
     else:
         memory = report.memory_plan(built.state, shardings, batch_bytes,
                                     compiled.memory_analysis(), target.hbm_bytes)
+    generates = getattr(built.objective, "generates", None)
+    generation = None
+    if generates is not None:  # RL: its rollouts are generated on the same chips every step
+        from jaxtune.plan.rollouts import generation_plan
+
+        generation = generation_plan(built, cfg, generates(cfg), target.platform,
+                                     target.hbm_bytes)
     seconds = time.perf_counter() - tick
     tokens = cfg.trainer.global_batch_size * cfg.data.seq_len
     formula = metrics.flops_per_token(built.model_config, cfg.data.seq_len) * tokens
     counted = step_flops(cfg, hf_config) if flops else None
     result = PlanResult(target, memory, built.attention, built.num_params, built.num_trainable,
                         counted, formula, seconds, source)
+    result.generation = generation
     result.suggestions = report.suggestions(memory, cfg, target)
     if compare:
         counted = step_flops(cfg, hf_config, remat="none", full_finetune=True)
@@ -173,16 +182,25 @@ def format_plan(cfg, result: PlanResult) -> str:
         c, f = result.compare["compiler"], result.compare["formula"]
         lines.append(f"compare (full fine-tune, no remat, XLA attention): compiler {c:.3e} vs "
                      f"formula {f:.3e}: ratio {c / f:.3f}")
+    if result.generation is not None:
+        lines.append(result.generation.describe())
     lines.append("")
-    if m.oom_message:
+    if result.generation is not None and not result.generation.fits:
+        g = result.generation
+        lines.append(f"verdict: DOES NOT FIT: generating the rollouts needs {g.peak / GIB:.2f} "
+                     f"GiB per chip, {g.hbm / GIB:.0f} GiB available (fewer rows per step, a "
+                     "shorter rl.max_completion_length or data.seq_len, or more chips)")
+    elif m.oom_message:
         lines.append(f"verdict: DOES NOT FIT: the {t.platform.upper()} compiler ran out of HBM "
                      f"({m.oom_message})")
     elif not m.fits:
         lines.append(f"verdict: DOES NOT FIT: {m.peak / GIB:.2f} GiB per chip needed, "
                      f"{m.hbm / GIB:.0f} GiB available")
     else:
-        lines.append(f"verdict: fits, {m.headroom / GIB:.2f} GiB "
-                     f"({100 * m.headroom / m.hbm:.0f}%) headroom per chip")
+        headroom = m.headroom if result.generation is None else min(
+            m.headroom, result.generation.hbm - result.generation.peak)
+        lines.append(f"verdict: fits, {headroom / GIB:.2f} GiB "
+                     f"({100 * headroom / m.hbm:.0f}%) headroom per chip")
     for s in result.suggestions:
         lines.append(f"  try: {s}")
     return "\n".join(lines)

@@ -36,23 +36,32 @@ class BuiltStep:
     attention: str  # the kernel attention resolved to for the target
     num_params: int
     num_trainable: int
+    objective: Any = None  # the objective the step trains (its producer may generate, RL)
 
 
 def _dtype(name: str) -> Any:
     return jnp.dtype(name)
 
 
-def abstract_batch(rows: int, seq_len: int, mesh=None,
+def abstract_batch(objective: Any, cfg: TrainConfig, mesh=None,
                    rules=None) -> dict[str, jax.ShapeDtypeStruct]:
-    """The packed batch the data loader produces (``jaxtune.data.packing``), as shapes, placed
-    as ``jaxtune.data.to_global_batch`` places it (rows split by the ``batch`` rule) when a
-    mesh is given: the jitted step keeps the shardings its batch comes with."""
-    from jaxtune.sharding import batch_sharding
+    """The objective's global batch (``Objective.batch_shapes``: the packed token batch, pairs,
+    rollouts), as shapes placed as its producer places them (rows split by the ``batch`` rule,
+    scalars replicated) when a mesh is given: the jitted step keeps the shardings its batch
+    comes with."""
+    from jax.sharding import NamedSharding, PartitionSpec
 
-    sharding = None if mesh is None else batch_sharding(mesh, rules)
-    ints = jax.ShapeDtypeStruct((rows, seq_len), jnp.int32, sharding=sharding)
-    return {"input_ids": ints, "targets": ints, "segment_ids": ints, "positions": ints,
-            "loss_mask": jax.ShapeDtypeStruct((rows, seq_len), jnp.float32, sharding=sharding)}
+    from jaxtune.objectives import batch_axes_of
+    from jaxtune.sharding import named_sharding, present_rules
+
+    shapes = objective.batch_shapes(cfg)
+    if mesh is None:
+        return shapes
+    axes, rules = batch_axes_of(objective), present_rules(rules, mesh)
+    return {k: jax.ShapeDtypeStruct(
+        x.shape, x.dtype, sharding=NamedSharding(mesh, PartitionSpec()) if not x.shape
+        else named_sharding(mesh, axes.get(k, ("batch",) + ("seq",) * (len(x.shape) - 1)),
+                            rules, x.shape)) for k, x in shapes.items()}
 
 
 def build_train_step(cfg: TrainConfig, hf_config: dict[str, Any], devices: list,
@@ -122,11 +131,10 @@ def build_train_step(cfg: TrainConfig, hf_config: dict[str, Any], devices: list,
     jitted = jit_train_step(step_fn, state, mesh, rules, loss_fn=loss_fn, optimizer=optimizer,
                             grad_accum_steps=cfg.trainer.grad_accum_steps,
                             schedule=optim.make_schedule(cfg.optimizer, cfg.trainer.steps))
-    return BuiltStep(jitted, state, abstract_batch(cfg.trainer.global_batch_size,
-                                                   cfg.data.seq_len, mesh, rules), mesh,
+    return BuiltStep(jitted, state, abstract_batch(loss_fn, cfg, mesh, rules), mesh,
                      model_config,
                      attention, count_params(params) + count_params(frozen),
-                     count_params(params))
+                     count_params(params), loss_fn)
 
 
 def lower(built: BuiltStep, platform: str):

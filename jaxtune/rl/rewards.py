@@ -185,9 +185,21 @@ def load_rewards(rl_cfg) -> list[Reward]:
         if not callable(fn):
             raise RewardError(f"{key} '{r.function}' is a {type(fn).__name__}, not a function.")
         _check_options(fn, options, f"{key} '{r.function}'")
-        out.append(Reward(r.function, functools.partial(fn, **options) if options else fn,
-                          float(r.weight)))
+        out.append(Reward(_name(r, [x.name for x in out]),
+                          functools.partial(fn, **options) if options else fn, float(r.weight)))
     return out
+
+
+def _name(r, taken: list[str]) -> str:
+    """The reward's name in metrics: its function, with its options when it has any, and a
+    number when the same function and options come twice."""
+    name = r.function
+    if r.options:
+        name += "(" + ",".join(f"{k}={v}" for k, v in sorted(r.options.items())) + ")"
+    base, n = name, 2
+    while name in taken:
+        name, n = f"{base}#{n}", n + 1
+    return name
 
 
 def _check_options(fn: Callable, options: dict[str, Any], name: str) -> None:

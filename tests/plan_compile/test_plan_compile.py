@@ -112,3 +112,23 @@ def test_pallas_gpu_attention_compiles_for_8xh100(tiny_dir):
     assert lowered.as_text().count("__gpu$xla.gpu.triton") >= 3
     stats = lowered.compile().memory_analysis()
     assert stats.argument_size_in_bytes > 0 and stats.temp_size_in_bytes > 0
+
+
+def test_an_rl_recipe_plans_its_rollouts_beside_the_step(tiny_dir):
+    """GRPO: the train step over a rollout batch and the generation (prefill + decode loop
+    with its KV cache) both compiled for v5e-8; the verdict needs both to fit."""
+    cfg = _cfg(tiny_dir, "--lora.rank=8", "--trainer.objective=grpo", "--data.format=prompt",
+               "--rl.num_generations=4", "--rl.max_completion_length=64", "--rl.beta=0.04",
+               "--rl.rewards=[{function: key_facts}]", "--model.attention=xla")
+    result = make_plan(cfg, parse_target("v5e-8"), flops=False)
+    g = result.generation
+    assert g is not None and result.fits and g.fits
+    # 8 rows over 8 chips; slots: the prompt budget 192 -> bucket 256, plus 64 new tokens;
+    # bf16 keys and values of 2 layers x 2 kv heads x 128 (one row per chip), int32 slot
+    # positions and segments, and the write indices (one per layer, one for the cache).
+    assert (g.rows, g.slots) == (8, 320)
+    assert g.cache == 2 * 320 * 2 * 128 * 2 * 2 + 2 * 320 * 4 + 2 * 4 + 4
+    assert 0 < g.model and g.peak > g.cache + g.model
+    text = format_plan(cfg, result)
+    assert "rollout generation (8 rows x 320 slots): KV cache" in text
+    assert "verdict: fits" in text
