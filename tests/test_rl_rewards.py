@@ -132,6 +132,9 @@ def test_load_rewards_binds_options_and_checks_them():
                                        "key_facts(all_or_nothing=True)"]
     assert rewards[1].fn(None, None, [[1, 2]]) == [1.0]
     assert rewards[2].fn.keywords["max_length"] == 40  # defaults to max_completion_length
+    with pytest.raises(RewardError, match=r"overlong: options.buffer \(64\) must be in "
+                       r"\(0, max_length=40\]"):
+        load_rewards(_rl(("overlong", 1.0, {"max_length": 40, "buffer": 64})))
     with pytest.raises(RewardError, match=r"takes no option\(s\) \['scal'\]"):
         load_rewards(_rl(("tests.test_rl_rewards:reward_with_option", 1.0, {"scal": 1})))
 
@@ -173,3 +176,60 @@ def test_score_collects_rewards_with_none_as_nan():
 def test_a_failing_reward_names_the_function_and_the_row(fn, message):
     with pytest.raises(RewardError, match=message):
         _score(fn)
+
+
+# --------------------------------------------------------------------------- example data
+
+
+def _generator(folder: str, module: str):
+    """An example folder's generator script, loaded from its file (two folders each have a
+    ``generate.py``; their sibling imports resolve in the folder)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / folder
+    spec = importlib.util.spec_from_file_location(f"examples_{folder}_{module}",
+                                                  path / f"{module}.py")
+    loaded = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(path))
+    try:
+        spec.loader.exec_module(loaded)
+    finally:
+        sys.path.remove(str(path))
+    return path, loaded
+
+
+def test_support_prompts_are_fresh_and_the_eval_ones_are_the_reports():
+    """examples/support/prompts*.jsonl are generate_prompts.py's output; the eval prompts are
+    the report's 80 held-out questions with their key phrases; no training wording is held out."""
+    import json
+
+    support, gen = _generator("support", "generate_prompts")
+    train, evals = gen.build()
+    for name, rows in (("prompts.jsonl", train), ("prompts_eval.jsonl", evals)):
+        lines = (support / name).read_text().splitlines()
+        assert [json.loads(line) for line in lines] == rows, (
+            f"examples/support/{name} is stale: run python examples/support/generate_prompts.py")
+    spec = json.loads((support / "questions.json").read_text())
+    assert [r["prompt"][-1]["content"] for r in evals] == [q["question"] for q in
+                                                           spec["held_out"]]
+    assert all(r["key_facts"] for r in train + evals) and len(train) == 400
+    assert not {r["prompt"][-1]["content"] for r in train} & {r["prompt"][-1]["content"]
+                                                            for r in evals}
+
+
+def test_gsm8k_shaped_files_are_fresh_and_their_answers_score_1(tmp_path):
+    import json
+
+    folder, gen = _generator("gsm8k", "generate")
+    gen.main(["--out", str(tmp_path)])
+    for name in ("train.jsonl", "test.jsonl"):
+        assert (folder / name).read_bytes() == (tmp_path / name).read_bytes(), (
+            f"examples/gsm8k/{name} is stale: run python examples/gsm8k/generate.py")
+    rows = [json.loads(line) for line in (folder / "test.jsonl").read_text().splitlines()]
+    answers = [r["answer"] for r in rows]
+    assert exact_answer(None, answers, None, answer=answers) == [1.0] * len(rows)
+    assert format_match(None, answers, None) == [1.0] * len(rows)
+    train = {json.loads(line)["question"] for line in (folder / "train.jsonl").open()}
+    assert not train & {r["question"] for r in rows}

@@ -26,7 +26,7 @@ Built-ins:
 - ``overlong``: DAPO's soft overlong punishment, counted in tokens (TRL's
   ``get_soft_overlong_punishment``): 0 up to ``max_length - buffer`` tokens, falling linearly
   to -1 at ``max_length``, -1 beyond. Options: ``max_length`` (default
-  ``rl.max_completion_length``), ``buffer``.
+  ``rl.max_completion_length``), ``buffer`` (default a quarter of ``max_length``).
 
 A function that cannot be imported stops the run before any weights are read; one that raises,
 returns the wrong number of rewards, a value that is not a number, or NaN for every completion
@@ -122,7 +122,7 @@ def key_facts(prompts, completions, completion_ids, *, facts_field: str = "key_f
     return out
 
 
-def overlong(prompts, completions, completion_ids, *, max_length: int, buffer: int = 64,
+def overlong(prompts, completions, completion_ids, *, max_length: int, buffer: int,
              **columns) -> list[float]:
     """DAPO's soft overlong punishment in tokens (TRL's ``get_soft_overlong_punishment``)."""
     if not 0 < buffer <= max_length:
@@ -172,6 +172,12 @@ def load_rewards(rl_cfg) -> list[Reward]:
             options = dict(r.options)
             if r.function == "overlong":
                 options.setdefault("max_length", rl_cfg.max_completion_length)
+                buffer = options.setdefault("buffer", max(1, options["max_length"] // 4))
+                if not 0 < buffer <= options["max_length"]:
+                    raise RewardError(
+                        f"{key} overlong: options.buffer ({buffer}) must be in (0, max_length="
+                        f"{options['max_length']}] (max_length defaults to "
+                        "rl.max_completion_length).")
         elif ":" in r.function:
             try:
                 fn = load_callable(r.function)
