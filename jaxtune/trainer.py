@@ -289,9 +289,10 @@ class Trainer:
                 f"with 'jaxtune inspect-data'. {self._diverged_resume_note(step)}"
             )
         values.update(self._throughput(elapsed, tokens))
-        # The step's own time (dispatch to its metrics on the host) beside its whole time,
-        # which also holds producing its batch (RL: generating and scoring the rollouts).
-        values["train_time_s"] = now - dispatched
+        # The step's own time beside its whole time, which also holds producing its batch
+        # (RL: generating and scoring the rollouts): from its dispatch to its metrics, unless
+        # it queued behind the step before (pipelined data batches: then the whole time is it).
+        values["train_time_s"] = min(now - dispatched, elapsed)
         values.update(produced.metrics)
         values.update(self._metrics.memory_stats())
         values["step"] = step
