@@ -27,7 +27,15 @@ sys.path.insert(0, str(ROOT))
 
 from scripts.quickstart_report import chat, fact_count, jaxtune_answers  # noqa: E402
 
-FULL = "eval_rewards/key_facts(all_or_nothing=True)/full"
+
+def full_key(evals: dict[int, dict]) -> str | None:
+    """The held-out metric of answers with every key fact: the all-or-nothing key-facts
+    reward's share of full marks (``eval_rewards/<its name>/full``)."""
+    keys = {k for e in evals.values() for k in e if k.endswith("/full")}
+    for k in sorted(keys):
+        if "all_or_nothing" in k:
+            return k
+    return next(iter(sorted(k for k in keys if "key_facts" in k)), None)
 
 
 def read_metrics(run_dir: Path) -> tuple[dict[int, dict], dict[int, dict]]:
@@ -42,7 +50,7 @@ def read_metrics(run_dir: Path) -> tuple[dict[int, dict], dict[int, dict]]:
     return train, evals
 
 
-def reward_figure(train: dict[int, dict], evals: dict[int, dict], rewards: list[str]):
+def reward_figure(train: dict[int, dict], evals: dict[int, dict]):
     """Each step's mean reward per function (lines), and the held-out share of answers with
     every key fact where it was measured (points with their values, not joined)."""
     import matplotlib
@@ -52,11 +60,13 @@ def reward_figure(train: dict[int, dict], evals: dict[int, dict], rewards: list[
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
     steps = sorted(train)
-    for i, name in enumerate(rewards):
-        key = f"rewards/{name}/mean"
+    means = sorted({k for t in train.values() for k in t
+                    if k.startswith("rewards/") and k.endswith("/mean")})
+    for i, key in enumerate(means):
         ax.plot(steps, [train[s].get(key) for s in steps], lw=1.2, color=f"C{i}",
-                label=f"sampled completions: {name}")
-    full = [(s, e[FULL]) for s, e in sorted(evals.items()) if FULL in e]
+                label=f"sampled completions: {key[len('rewards/'):-len('/mean')]}")
+    full_name = full_key(evals)
+    full = [(s, e[full_name]) for s, e in sorted(evals.items()) if full_name in e]
     if full:
         xs, ys = zip(*full, strict=True)
         ax.plot(xs, ys, linestyle="none", marker="o", markersize=7, color="C3",
@@ -83,12 +93,9 @@ def main() -> int:
     run_dir = args.run_dir
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     start_dir = Path(os.path.expanduser(cfg["model"]["path"]))
-    from jaxtune.config import load_config
-    from jaxtune.rl.rewards import load_rewards
-
-    rewards = [r.name for r in load_rewards(load_config(str(run_dir / "config.yaml")).rl)]
     train, evals = read_metrics(run_dir)
-    fig = reward_figure(train, evals, rewards)
+    fig = reward_figure(train, evals)
+    full_name = full_key(evals)
     fig.savefig(run_dir / "reward_curve.png")
 
     from jaxtune.generation.source import load_model_folder, load_run
@@ -119,8 +126,8 @@ def main() -> int:
         f"{_mean(train, steps[:5]):.3f} -> {_mean(train, steps[-5:]):.3f}).",
         "",
         "Held-out evaluations (greedy answers to the 80 held-out questions): "
-        + ", ".join(f"step {s}: {e[FULL] * n:.0f}/{n} with every key fact" for s, e in
-                    sorted(evals.items()) if FULL in e) + ".",
+        + ", ".join(f"step {s}: {e[full_name] * n:.0f}/{n} with every key fact" for s, e in
+                    sorted(evals.items()) if full_name in e) + ".",
         "",
         "![reward curve](reward_curve.png)",
         "",

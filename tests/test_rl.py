@@ -82,7 +82,7 @@ def test_grpo_raises_the_reward_on_policy(rl_recipe):
         assert h["ratio/deviation_max"] == 0.0  # on-policy: exactly 1
         assert h["sampling/logp_diff_max"] <= 1e-5, h["sampling/logp_diff_max"]
         assert h["rl/iteration"] == 1.0
-        for key in ("rewards/tests.test_rl:band_share/mean", "completions/mean_length",
+        for key in ("rewards/band_share/mean", "completions/mean_length",
                     "completions/clipped_ratio", "entropy", "clip_ratio/region_mean",
                     "time/generate_s", "time/score_s", "rollout/tokens_per_s",
                     "train_time_s", "tokens_per_s", "frac_reward_zero_std"):

@@ -123,13 +123,13 @@ def test_load_rewards_binds_options_and_checks_them():
     rewards = load_rewards(_rl("key_facts", ("tests.test_rl_rewards:reward_with_option", 2.0,
                                              {"scale": 0.5}), "overlong",
                                max_completion_length=40))
-    assert [r.name for r in rewards] == [
-        "key_facts", "tests.test_rl_rewards:reward_with_option(scale=0.5)", "overlong"]
+    assert [r.name for r in rewards] == ["key_facts", "reward_with_option_scale_0.5",
+                                         "overlong"]
     assert rewards[1].weight == 2.0
     twice = load_rewards(_rl("key_facts", "key_facts", ("key_facts", 1.0,
                                                         {"all_or_nothing": True})))
-    assert [r.name for r in twice] == ["key_facts", "key_facts#2",
-                                       "key_facts(all_or_nothing=True)"]
+    assert [r.name for r in twice] == ["key_facts", "key_facts_2",
+                                       "key_facts_all_or_nothing_True"]
     assert rewards[1].fn(None, None, [[1, 2]]) == [1.0]
     assert rewards[2].fn.keywords["max_length"] == 40  # defaults to max_completion_length
     with pytest.raises(RewardError, match=r"overlong: options.buffer \(64\) must be in "

@@ -154,9 +154,13 @@ BUILTINS: dict[str, Callable[..., list]] = {
 class Reward:
     """One configured reward function."""
 
-    name: str  # as configured (a built-in name or the import path)
+    name: str  # in metrics (rewards/<name>/mean): short, TensorBoard's characters
     fn: Callable[..., Sequence[Any]]
     weight: float
+    source: str = ""  # as configured (a built-in name or the import path), for messages
+
+    def __post_init__(self):
+        self.source = self.source or self.name
 
 
 def load_rewards(rl_cfg) -> list[Reward]:
@@ -192,19 +196,22 @@ def load_rewards(rl_cfg) -> list[Reward]:
             raise RewardError(f"{key} '{r.function}' is a {type(fn).__name__}, not a function.")
         _check_options(fn, options, f"{key} '{r.function}'")
         out.append(Reward(_name(r, [x.name for x in out]),
-                          functools.partial(fn, **options) if options else fn, float(r.weight)))
+                          functools.partial(fn, **options) if options else fn, float(r.weight),
+                          r.function))
     return out
 
 
 def _name(r, taken: list[str]) -> str:
-    """The reward's name in metrics: its function, with its options when it has any, and a
-    number when the same function and options come twice."""
-    name = r.function
-    if r.options:
-        name += "(" + ",".join(f"{k}={v}" for k, v in sorted(r.options.items())) + ")"
+    """The reward's name in metrics: the built-in's name or the function's own (as TRL names
+    reward functions), then its options, in the characters TensorBoard keeps (``key_facts`` +
+    ``{all_or_nothing: true}`` is ``key_facts_all_or_nothing_True``), numbered when twice."""
+    name = r.function.rsplit(":", 1)[-1]
+    for k, v in sorted(r.options.items()):
+        name += f"_{k}_{v}"
+    name = re.sub(r"[^A-Za-z0-9_.\-]", "_", name)
     base, n = name, 2
     while name in taken:
-        name, n = f"{base}#{n}", n + 1
+        name, n = f"{base}_{n}", n + 1
     return name
 
 
@@ -246,7 +253,7 @@ def score(rewards: list[Reward], prompts: list[Any], completions: list[Any],
         out[:, j] = values
         if len(values) and not np.isfinite(values).any():
             raise RewardError(
-                f"reward function '{reward.name}' gave no number (NaN or None) for any of the "
+                f"reward function '{reward.source}' gave no number (NaN or None) for any of the "
                 f"{len(values)} completions of this step (first prompt: {where[0]}). Return "
                 "None only for the completions it does not apply to; check the columns it "
                 f"reads (the rows have: {', '.join(sorted(columns)) or 'no other columns'}).")
@@ -261,17 +268,17 @@ def _call(reward: Reward, prompts, completions, completion_ids, columns, where,
                         trainer_state=state, **columns)
     except Exception as e:  # noqa: BLE001 -- a user's function: name it and the row
         raise RewardError(
-            f"reward function '{reward.name}' raised {type(e).__name__}: {e} "
+            f"reward function '{reward.source}' raised {type(e).__name__}: {e} "
             f"({_failing_row(reward, prompts, completions, completion_ids, columns, where, state)}"
             "). Fix the function or the rows it reads.") from None
     try:
         got = list(got)
     except TypeError:
-        raise RewardError(f"reward function '{reward.name}' returned a "
+        raise RewardError(f"reward function '{reward.source}' returned a "
                           f"{type(got).__name__}, not a list of {n} rewards.") from None
     if len(got) != n:
         raise RewardError(
-            f"reward function '{reward.name}' returned {len(got)} rewards for {n} completions "
+            f"reward function '{reward.source}' returned {len(got)} rewards for {n} completions "
             f"(prompts from {where[0]} on); it must return one per completion, None where it "
             "does not apply.")
     values = np.full(n, np.nan, np.float32)
@@ -282,10 +289,10 @@ def _call(reward: Reward, prompts, completions, completion_ids, columns, where,
             x = float(v)
         except (TypeError, ValueError):
             raise RewardError(
-                f"reward function '{reward.name}' returned {v!r} for completion {i} (prompt "
+                f"reward function '{reward.source}' returned {v!r} for completion {i} (prompt "
                 f"{where[i]}); rewards must be numbers or None.") from None
         if math.isinf(x):
-            raise RewardError(f"reward function '{reward.name}' returned {x} for completion {i} "
+            raise RewardError(f"reward function '{reward.source}' returned {x} for completion {i} "
                               f"(prompt {where[i]}); rewards must be finite.")
         values[i] = x
     return values
