@@ -293,3 +293,13 @@ def test_a_reward_failing_mid_run_ends_with_one_paragraph_and_keeps_the_checkpoi
             "the completion of prompt ") in proc.stderr
     assert "prompts.jsonl, row 7)" in proc.stderr
     assert os.listdir(os.path.join(raw["run"]["output_dir"], "checkpoints")) == ["1"]
+
+
+def test_inspect_data_shows_prompts_as_generated_from(rl_recipe, capsys):
+    from jaxtune.data.inspect import inspect_data
+
+    stats = inspect_data(config_from_dict(rl_recipe(name="inspect")), n=1)
+    out = capsys.readouterr().out
+    assert "prompts.jsonl, row 0" in out and "<|im_start|>user" in out and "tag: 0" in out
+    assert stats["prompts"] == 24 and stats["prompt_budget"] == 48 - 12
+    assert f"at most {stats['max_prompt_tokens']} (budget" in out

@@ -48,6 +48,8 @@ def inspect_data(cfg, n: int = 3, color: bool | None = None) -> dict[str, Any]:
     check_vocab_fits(tokenizer, cfg)
     if cfg.data.format == "preference":
         return inspect_pairs(cfg, tokenizer, n, use_color)
+    if cfg.data.format == "prompt":
+        return inspect_prompts(cfg, tokenizer, n)
     data = prepare(cfg, tokenizer, "train")
     marker = f"{_GREEN}green{_RESET}" if use_color else "[[in double brackets]]"
     print(f"Trained tokens (loss targets) are shown {marker}.\n")
@@ -155,3 +157,30 @@ def inspect_pairs(cfg, tokenizer, n: int, color: bool) -> dict[str, Any]:
         print(f"eval: {ev['pairs']:,} pairs, {ev['tokens']:,} tokens, "
               f"{ev['trained_tokens']:,} trained")
     return dict(s)
+
+
+def inspect_prompts(cfg, tokenizer, n: int) -> dict[str, Any]:
+    """RL prompts (``data.format: prompt``): nothing in them is trained; the completions are
+    generated. Shows the first prompts exactly as the generator receives them (special tokens
+    included), the columns the reward functions get, and the prompt lengths against their
+    budget (``data.seq_len - rl.max_completion_length``)."""
+    from jaxtune.data.prompts import load_prompts
+
+    prompts = load_prompts(cfg, tokenizer, "train")
+    print("RL prompts: the model generates the completions; the columns go to the rewards.\n")
+    for p in prompts[:n]:
+        text = tokenizer.decode(list(p.ids), skip_special_tokens=False)
+        print(f"--- {p.where} ({len(p.ids)} tokens)\n{text}")
+        for k, v in p.columns.items():
+            print(f"    {k}: {v!r}")
+        print()
+    lengths = np.asarray([len(p.ids) for p in prompts])
+    budget = cfg.data.seq_len - cfg.rl.max_completion_length
+    stats = {"prompts": len(prompts), "max_prompt_tokens": int(lengths.max()),
+             "mean_prompt_tokens": float(lengths.mean()), "prompt_budget": budget}
+    print(f"train: {stats['prompts']:,} prompts, {stats['mean_prompt_tokens']:.1f} tokens on "
+          f"average, at most {stats['max_prompt_tokens']} (budget data.seq_len - "
+          f"rl.max_completion_length = {budget})")
+    if cfg.data.eval_sources:
+        print(f"eval: {len(load_prompts(cfg, tokenizer, 'eval')):,} prompts")
+    return stats
