@@ -50,7 +50,8 @@ LAUNCHER = textwrap.dedent("""
 
     def printed_finish(self, step, *args, **kwargs):
         values = finish(self, step, *args, **kwargs)
-        print(f"E2E-LOSS {step} {values['loss']!r}", flush=True)
+        reward = f" {values['reward']!r}" if "reward" in values else ""  # RL runs
+        print(f"E2E-LOSS {step} {values['loss']!r}{reward}", flush=True)
         return values
 
     checkpoint.Checkpointer.save = held_save
@@ -111,9 +112,15 @@ def launch(recipe_path: str, run_dir: str, *overrides: str, stop_after: int | No
     losses = {}
     for line in lines:
         if line.startswith("E2E-LOSS "):
-            _, step, value = line.split()
+            _, step, value = line.split()[:3]
             losses[int(step)] = float(value)
     return rc, losses, "".join(lines)
+
+
+def rewards_of(out: str) -> dict[int, float]:
+    """{step: mean reward} of an RL run's output (the launcher prints it after the loss)."""
+    return {int(f[1]): float(f[3]) for f in (line.split() for line in out.splitlines())
+            if f and f[0] == "E2E-LOSS" and len(f) == 4}
 
 
 def final_state(run_dir: str, step: int = STEPS) -> list[np.ndarray]:

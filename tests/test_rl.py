@@ -148,65 +148,8 @@ def test_accumulation_does_not_change_the_step(rl_recipe):
 # --------------------------------------------------------------------------- resume
 
 
-LAUNCHER = """
-import os, sys
-from jaxtune import checkpoint, trainer
-stop_at = int(os.environ.get("E2E_STOP_AT", "0"))
-save, finish = checkpoint.Checkpointer.save, trainer.Trainer._finish_step
-
-def held_save(self, step, *args, **kwargs):
-    out = save(self, step, *args, **kwargs)
-    if step == stop_at:
-        self.wait()
-        print(f"E2E-STEP {step}", flush=True)
-        sys.stdin.readline()
-    return out
-
-def printed_finish(self, step, *args, **kwargs):
-    values = finish(self, step, *args, **kwargs)
-    print(f"E2E-LOSS {step} {values['loss']!r} {values['reward']!r}", flush=True)
-    return values
-
-checkpoint.Checkpointer.save = held_save
-trainer.Trainer._finish_step = printed_finish
-from jaxtune.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
-def _launch(recipe: str, run_dir: str, stop_after: int | None = None):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "E2E_STOP_AT": str(stop_after or 0),
-           "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", LAUNCHER, "train", recipe, f"--run.output_dir={run_dir}"],
-        stdin=subprocess.PIPE if stop_after else subprocess.DEVNULL, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
-    lines = []
-    try:
-        for line in proc.stdout:
-            lines.append(line)
-            if stop_after and line.strip() == f"E2E-STEP {stop_after}":
-                proc.send_signal(signal.SIGKILL)
-                try:
-                    proc.stdin.write("go\n")
-                    proc.stdin.close()
-                except BrokenPipeError:
-                    pass
-                stop_after = None
-        rc = proc.wait(timeout=900)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    steps = {}
-    for line in lines:
-        if line.startswith("E2E-LOSS "):
-            _, step, loss, reward = line.split()
-            steps[int(step)] = (float(loss), float(reward))
-    return rc, steps, "".join(lines)
-
-
 def test_kill_9_at_a_random_step_then_resume_is_bitwise_the_straight_run(rl_recipe):
-    from tests.test_resume_e2e import final_state, read_folder
+    from tests.test_resume_e2e import final_state, launch, read_folder, rewards_of
 
     raw = rl_recipe(lora={"rank": 4, "alpha": 8}, trainer={"steps": 6},
                     rl={"num_iterations": 2, "beta": 0.04},
@@ -217,16 +160,19 @@ def test_kill_9_at_a_random_step_then_resume_is_bitwise_the_straight_run(rl_reci
     recipe = rl_recipe.root / "resume.yaml"
     recipe.write_text(yaml.safe_dump(raw))
     straight_dir, resumed_dir = str(rl_recipe.root / "straight"), str(rl_recipe.root / "kill")
-    rc, straight, out = _launch(str(recipe), straight_dir)
+    rc, straight, out = launch(str(recipe), straight_dir)
     assert rc == 0 and sorted(straight) == list(range(1, 7)), out[-3000:]
+    straight_rewards = rewards_of(out)
     kill_at = random.Random().randint(2, 5)  # mid-rollout (odd) or at a boundary (even)
-    rc, first, out = _launch(str(recipe), resumed_dir, stop_after=kill_at)
+    rc, first, out = launch(str(recipe), resumed_dir, stop_after=kill_at)
     assert rc == -signal.SIGKILL, out[-3000:]
-    rc, second, out = _launch(str(recipe), resumed_dir)
+    rc, second, out = launch(str(recipe), resumed_dir)
     assert rc == 0, out[-3000:]
     assert min(second) == kill_at + 1, (kill_at, out[-3000:])
+    rewards = rewards_of(out)
     for step in range(kill_at + 1, 7):
         assert second[step] == straight[step], (kill_at, step)
+        assert rewards[step] == straight_rewards[step], (kill_at, step)
     for got, want in zip(final_state(resumed_dir, 6), final_state(straight_dir, 6),
                          strict=True):
         np.testing.assert_array_equal(got, want)

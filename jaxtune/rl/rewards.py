@@ -72,6 +72,14 @@ def final_number(text: str) -> str | None:
     return value or None
 
 
+def _column(columns: dict[str, Any], name: str, option: str) -> list[Any]:
+    """A column of the prompt rows that a built-in reads, or the error that names it."""
+    if columns.get(name) is None:
+        raise ValueError(f"the prompt rows have no '{name}' column (set the reward's "
+                         f"options.{option})")
+    return columns[name]
+
+
 def _text(completion: Any) -> str:
     """A completion's text: TRL passes chat completions as ``[{"role", "content"}]``."""
     if isinstance(completion, list):
@@ -82,10 +90,7 @@ def _text(completion: Any) -> str:
 def exact_answer(prompts, completions, completion_ids, *, answer_field: str = "answer",
                  **columns) -> list[float | None]:
     """1.0 when the completion's final number equals the answer's, else 0.0 (None: no answer)."""
-    answers = columns.get(answer_field)
-    if answers is None:
-        raise ValueError(f"the prompt rows have no '{answer_field}' column (set the reward's "
-                         "options.answer_field)")
+    answers = _column(columns, answer_field, "answer_field")
     out: list[float | None] = []
     for completion, answer in zip(completions, answers, strict=True):
         want = final_number(str(answer)) if answer is not None else None
@@ -107,10 +112,7 @@ def format_match(prompts, completions, completion_ids, *, pattern: str = FINAL_A
 def key_facts(prompts, completions, completion_ids, *, facts_field: str = "key_facts",
               all_or_nothing: bool = False, **columns) -> list[float | None]:
     """The fraction of the row's key phrases the completion states (case-insensitive)."""
-    facts = columns.get(facts_field)
-    if facts is None:
-        raise ValueError(f"the prompt rows have no '{facts_field}' column (set the reward's "
-                         "options.facts_field)")
+    facts = _column(columns, facts_field, "facts_field")
     out: list[float | None] = []
     for completion, terms in zip(completions, facts, strict=True):
         if not terms:
