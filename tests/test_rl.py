@@ -120,6 +120,12 @@ def test_accumulation_does_not_change_the_step(rl_recipe):
     trainer = Trainer(config_from_dict(raw))
     produced = trainer.batches.next(trainer.state)
     batch = jax.device_get(produced.batch)
+    # what `jaxtune plan` compiles the step with: the same keys, the rows at most seq_len wide
+    shapes = trainer.loss_fn.batch_shapes(trainer.cfg)
+    assert set(shapes) == set(batch)
+    assert all(batch[k].shape[0] == shapes[k].shape[0] if shapes[k].shape else True
+               for k in shapes)
+    assert batch["input_ids"].shape[1] <= shapes["input_ids"].shape[1]
     from tests.train_helpers import make_stepper, params_numpy, put
 
     path = raw["model"]["path"]
