@@ -280,3 +280,62 @@ def test_a_damaged_array_file_ends_the_real_command_with_the_error_alone(finishe
             names = [os.path.relpath(f, step) for f in _array_files(cfg.run.output_dir, kind)]
             assert any(f"reading {n} (array " in msg for n in names), msg
         assert tree_digest(run_dir) == before, f"{damage}, run {i}"
+
+
+@pytest.fixture(scope="module")
+def exported_run(recipe, tmp_path_factory):
+    """A finished run that exported at its end (export.enabled), and its recipe file."""
+    cfg = recipe("exported", trainer={"steps": 2, "eval_every": 0},
+                 checkpoint={"save_every": 0}, export={"enabled": True})
+    train(cfg)
+    path = tmp_path_factory.mktemp("recipes") / "exported.yaml"
+    path.write_text(yaml.safe_dump(config_to_dict(cfg)))
+    return cfg, str(path)
+
+
+def test_rerunning_a_finished_exported_run_says_so_and_touches_nothing(exported_run, tmp_path,
+                                                                       capsys, caplog):
+    """The same command again: exit 0, "already complete and exported at step 2", not one
+    byte changed. An export folder that is not this run's unchanged export is refused before
+    anything starts (it would be refused at the end, after the training); a missing export
+    is written again."""
+    from jaxtune.cli import main
+
+    cfg, recipe_path = exported_run
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(cfg.run.output_dir, run_dir, copy_function=shutil.copy2)  # keeps mtimes
+    hf = os.path.join(run_dir, "hf")
+    assert os.path.isfile(os.path.join(hf, "model.safetensors"))
+
+    def rerun(*overrides: str) -> tuple[int, str]:
+        capsys.readouterr()
+        caplog.clear()
+        rc = main(["train", recipe_path, f"--run.output_dir={run_dir}", *overrides])
+        return rc, " ".join((capsys.readouterr().err + caplog.text).split())
+
+    before = tree_digest(run_dir)
+    for _ in range(2):
+        rc, err = rerun()
+        assert rc == 0, err
+        assert f"{run_dir} is already complete and exported at step 2" in err, err
+        assert "Traceback" not in err
+        assert tree_digest(run_dir) == before
+
+    # More steps: the export at the end could only be refused, so nothing starts.
+    rc, err = rerun("--trainer.steps=4")
+    assert rc == 2 and "export of step 2, and this run now trains to step 4" in err, err
+    rc, err = rerun("--export.dtype=bfloat16")  # another export than the one there
+    assert rc == 2 and "export.dtype: 'auto' -> 'bfloat16'" in err, err
+    assert tree_digest(run_dir) == before
+    with open(os.path.join(hf, "config.json"), "a") as f:  # changed since the export
+        f.write(" ")
+    changed = tree_digest(run_dir)
+    rc, err = rerun()
+    assert rc == 2 and "is not empty, and its files changed after" in err, err
+    assert tree_digest(run_dir) == changed
+
+    shutil.rmtree(hf)  # a missing export is written again, and recorded
+    rc, err = rerun()
+    assert rc == 0 and os.path.isfile(os.path.join(hf, "model.safetensors")), err
+    rc, err = rerun()
+    assert rc == 0 and "already complete and exported at step 2" in err, err
