@@ -122,12 +122,19 @@ class Trainer:
             self.checkpointer = Checkpointer(cfg, self.mesh)
         self.writer: metrics.MetricsWriter | None = None  # opened by run(), after the restore
         self._estimate_at = -1  # the step after which run() logs the time left
-        self.flops_per_token = metrics.flops_per_token(self.model_config, cfg.data.seq_len)
+        lora_matmuls = None
+        if cfg.lora.rank > 0:  # frozen matrices get no weight gradient: counted as 4N
+            from jaxtune.lora import lora_matmuls as count
+
+            lora_matmuls = count(self.state.params, self.model_config)
+        self.flops_per_token = metrics.flops_per_token(self.model_config, cfg.data.seq_len,
+                                                       lora_matmuls)
         self.peak_flops = metrics.device_peak_flops(jax.devices()[0], cfg.model.compute_dtype,
                                                     peak_tflops=cfg.logging.peak_tflops)
         self.throughput = metrics.Throughput(
             cfg.trainer.global_batch_size * cfg.data.seq_len, self.flops_per_token,
-            jax.device_count(), self.peak_flops)
+            jax.device_count(), self.peak_flops, remeasure=metrics.peak_remeasure(
+                jax.devices()[0], cfg.model.compute_dtype, peak_tflops=cfg.logging.peak_tflops))
         self._metrics = metrics
 
     def _load_model(self):
