@@ -182,8 +182,8 @@ class Throughput:
     ``tokens_per_step`` counts the tokens the model processed in a step (all devices);
     ``peak_flops_per_device`` None leaves MFU out. MFU is never above 1: a step that does
     more FLOP/s than the peak shows the peak was measured low (on a CPU busy with other work
-    when it was timed), so ``remeasure`` (the CPU's :func:`measure_matmul_peak` again) raises
-    it; if the step still outruns it (its matmuls run faster than the timed one), MFU is
+    when it was timed), so ``remeasure`` (the CPU's :func:`measure_matmul_peak` again, at most
+    ``max_remeasures`` times) raises it; if the step still outruns it (its matmuls run faster than the timed one), MFU is
     reported as 1, with one warning that says so.
     """
 
@@ -192,6 +192,7 @@ class Throughput:
     num_devices: int
     peak_flops_per_device: float | None
     remeasure: Any = None  # () -> a fresh peak FLOP/s, or None (a known or given peak)
+    max_remeasures: int = 3  # each takes about half a second: a run does it a few times only
     _warned: bool = False
 
     def __call__(self, step_time_s: float, tokens: float | None = None) -> dict[str, float]:
@@ -204,7 +205,9 @@ class Throughput:
         }
         if self.peak_flops_per_device:
             achieved = tps * self.flops_per_token / self.num_devices
-            if achieved > self.peak_flops_per_device and self.remeasure is not None:
+            if (achieved > self.peak_flops_per_device and self.remeasure is not None
+                    and self.max_remeasures > 0):
+                self.max_remeasures -= 1
                 self.peak_flops_per_device = max(self.peak_flops_per_device, self.remeasure())
             if achieved > self.peak_flops_per_device and not self._warned:
                 self._warned = True

@@ -243,6 +243,7 @@ def test_mfu_is_never_above_one(caplog):
         assert t(0.05)["mfu"] == 1.0  # measured again, 2e13: still below the step's 4.1e13
         assert t(0.05)["mfu"] == 1.0
     assert sum("MFU is shown as 100%" in r.message for r in caplog.records) == 1
+    assert t.max_remeasures == 0 and t(0.05)["mfu"] == 1.0  # measured 3 times: no more
     fixed = Throughput(8192, 1e9, 4, 1e13)  # a given peak: not re-measured, still capped
     assert fixed(0.01)["mfu"] == 1.0
     cpu = jax.devices("cpu")[0]
