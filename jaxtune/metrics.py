@@ -183,8 +183,8 @@ class Throughput:
     ``peak_flops_per_device`` None leaves MFU out. MFU is never above 1: a step that does
     more FLOP/s than the peak shows the peak was measured low (on a CPU busy with other work
     when it was timed), so ``remeasure`` (the CPU's :func:`measure_matmul_peak` again, at most
-    ``max_remeasures`` times) raises it; if the step still outruns it (its matmuls run faster than the timed one), MFU is
-    reported as 1, with one warning that says so.
+    ``max_remeasures`` times) raises it; if the step still outruns it (its matmuls run faster
+    than the timed one), MFU is reported as 1, with one warning that says so.
     """
 
     tokens_per_step: float
