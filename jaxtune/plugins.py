@@ -63,7 +63,9 @@ def tpu_usable() -> bool:
 
 def keep_unusable_plugins_out() -> list[str]:
     """Mark absent the plugins whose hardware is not here; returns their names ("cuda",
-    "tpu"). Does nothing once jax is imported (too late)."""
+    "tpu"). Without a TPU, ``TPU_LIBRARY_PATH`` is dropped too: jax sets it in a process that
+    imports it, and a command started from there would load libtpu by that path. Does nothing
+    once jax is imported (too late)."""
     if "jax" in sys.modules:
         return []
     out = []
@@ -75,6 +77,8 @@ def keep_unusable_plugins_out() -> list[str]:
         out.append("cuda")
     if not tpu_usable():
         sys.modules.setdefault("libtpu", None)  # jax then finds no TPU runtime to start
+        # ... unless a parent process that imported jax left the runtime's path here
+        os.environ.pop("TPU_LIBRARY_PATH", None)
         out.append("tpu")
     return out
 
