@@ -30,7 +30,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import signal
 import threading
 import time
@@ -42,6 +41,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from jaxtune.checkpoint_reads import describe_read_error, error_chain, quiet_abandoned_reads
 from jaxtune.config import TrainConfig, config_to_dict
 from jaxtune.errors import JaxtuneError
 
@@ -110,6 +110,9 @@ class Checkpointer:
         self._sync_point_usable = True
         self._prev_handler: Any = None
         self.read_only = read_only
+        # A damaged array file makes Orbax abandon the other reads of a restore; their late
+        # ends must not print tracebacks around the one-paragraph error.
+        quiet_abandoned_reads()
         absl, level = logging.getLogger("absl"), logging.getLogger("absl").level
         if read_only:  # Orbax warns that a read-only manager will not save
             absl.setLevel(logging.ERROR)
@@ -420,9 +423,9 @@ class Checkpointer:
     def _damaged(self, step: int, item: str, err: BaseException) -> CheckpointError:
         """One paragraph for an unreadable item: the step, the file, the earlier step to use."""
         step_dir = f"{self.directory}/{step}"
-        where, reason = _describe_read_error(err, step_dir)
+        where, reason = describe_read_error(err, step_dir)
         if not where:
-            json_err = isinstance(_root_cause(err), json.JSONDecodeError)
+            json_err = any(isinstance(e, json.JSONDecodeError) for e in error_chain(err))
             where = {"state": "state/_METADATA" if json_err else "state"}.get(
                 item, f"{item}/metadata")
         try:
@@ -665,36 +668,6 @@ def nonfinite_arrays(tree: Any) -> list[str]:
 def _some(names: list[str], limit: int = 4) -> str:
     more = f" (and {len(names) - limit} more)" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
-
-
-def _root_cause(err: BaseException) -> BaseException:
-    while err.__cause__ is not None and err.__cause__ is not err:
-        err = err.__cause__
-    return err
-
-
-def _describe_read_error(err: BaseException, step_dir: str) -> tuple[str, str]:
-    """(the file under ``step_dir`` that failed, or '' when the error names none; a short
-    reason). TensorStore errors name the file and the array, then dump their whole spec."""
-    cause = _root_cause(err)
-    if isinstance(cause, json.JSONDecodeError):
-        return "", f"not valid JSON, cut short or overwritten: {cause.msg} (character {cause.pos})"
-    text = str(err).split(" [tensorstore_spec=")[0]
-    quoted = re.findall(r"[\"']([^\"']+)[\"']", text)
-    prefix = step_dir.rstrip("/") + "/"
-    files = [q for q in quoted if q.startswith(prefix) and not q.endswith("/")]
-    where = max(files, key=len)[len(prefix):] if files else ""
-    arrays = [q.rsplit("/", 1)[0] for q in quoted
-              if q.endswith(("/.zarray", "/zarr.json")) and not q.startswith(prefix)]
-    if where and arrays:
-        where += f" (array {arrays[0]})"
-    code = re.match(r"([A-Z][A-Z_]+): ", text)
-    tail = text.rsplit('": ', 1)[-1] if '": ' in text else text
-    tail = tail.replace(prefix, "").strip()
-    reason = f"{code.group(1)}: {tail}" if code and not tail.startswith(code.group(1)) else tail
-    if not where and not code:
-        reason = f"{type(cause).__name__}: {tail}"
-    return where, reason if len(reason) <= 300 else reason[:297] + "..."
 
 
 def _short(err: BaseException, limit: int = 500) -> str:

@@ -117,6 +117,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(_usage())
         return 0
     name, rest = argv[0], argv[1:]
+    if name != "plan":  # the only command that compiles for chips it does not have
+        from jaxtune.plugins import keep_unusable_plugins_out
+
+        # Else, with the plan extra and no GPU / TPU here, jax prints their plugins' errors.
+        keep_unusable_plugins_out()
     if name not in COMMANDS:
         import difflib
 

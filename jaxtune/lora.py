@@ -638,6 +638,31 @@ def unmerge(model: nnx.Module, *, mesh: Mesh | None = None,
     return _rebuild(model, edit, mesh, rules)
 
 
+# --------------------------------------------------------------------------- FLOPs
+
+
+def lora_matmuls(trainable: nnx.State, model_config: Any):
+    """What a LoRA run trains, in matmul parameters one token meets, for the FLOPs count
+    (:class:`jaxtune.metrics.LoraMatmuls`): the adapters (:class:`LoraParam`), and the
+    ``modules_to_save`` weights (:class:`SavedParam`) that are matmuls: Linear kernels, and
+    the embedding where it is also the tied LM head (a lookup otherwise). Arrays with an
+    ``experts`` axis count the share a token meets, ``num_experts_per_tok / num_experts``."""
+    from jaxtune.metrics import LoraMatmuls
+
+    experts = getattr(model_config, "num_experts", 0) or 0
+    share = model_config.num_experts_per_tok / experts if experts else 1.0
+    tied = bool(getattr(model_config, "tie_word_embeddings", False))
+    adapters = saved = 0.0
+    for path, var in nnx.to_flat_state(trainable):
+        n = float(np.prod(var.get_value().shape)) * (share if "experts" in _axes(var) else 1)
+        if isinstance(var, LoraParam):
+            adapters += n
+        elif isinstance(var, SavedParam) and (path[-1] == "kernel" or
+                                              (path[-1] == "embedding" and tied)):
+            saved += n
+    return LoraMatmuls(adapters=adapters, saved=saved)
+
+
 # --------------------------------------------------------------------------- PEFT layout
 
 

@@ -38,8 +38,18 @@ DEFAULT_RULES: Rules = {
     # split over data x fsdp only, so with an expert axis they are replicated over it; add
     # "expert" to "batch" (mesh.rules) to split them too (see jaxtune/models/moe/dispatch.py).
     "experts": ("expert",),
-    "lora_rank": (),
+    # LoRA adapters: A is [*in, r], B [r, *out], and only one of in / out is the embed dim, so
+    # without this the other half (B of q/k/v/gate/up, A of o/down) and its Adam moments would
+    # be whole on every chip of an FSDP mesh. The rank dim goes over fsdp, or, where fsdp does
+    # not divide the rank, another dim of the adapter that it divides (see SPREAD).
+    "lora_rank": ("fsdp",),
 }
+
+#: Logical names whose mesh axes, where they do not divide that dim, go on another dim of the
+#: same array that they divide (the largest such dim still unsharded; never a stacked
+#: ``layers`` / ``experts`` dim). Only layout changes: the values and the maths are the same.
+SPREAD = frozenset({"lora_rank"})
+_STACKED = frozenset({"layers", "experts"})
 
 
 def make_rules(overrides: Mapping[str, Sequence[str] | str | None] | None = None) -> Rules:
@@ -78,6 +88,7 @@ def logical_to_spec(
     rules = DEFAULT_RULES if rules is None else rules
     used: set[str] = set()
     spec: list[Any] = []
+    left_over: list[str] = []  # axes of a SPREAD name that its own dim could not take
     for dim, name in enumerate(names):
         axes = [a for a in rules.get(name, ()) if a not in used] if name else []
         if mesh is not None:  # axes the mesh lacks (expert without mesh.expert) or of size 1
@@ -88,9 +99,20 @@ def logical_to_spec(
                     if size % mesh.shape[a] == 0:
                         kept.append(a)
                         size //= mesh.shape[a]
+                if name in SPREAD:
+                    left_over += [a for a in axes if a not in kept]
                 axes = kept
         used.update(axes)
         spec.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
+    for a in left_over:
+        if a in used:
+            continue
+        free = [d for d, name in enumerate(names) if spec[d] is None
+                and name not in _STACKED and shape[d] % mesh.shape[a] == 0]
+        if free:
+            dim = max(free, key=lambda d: shape[d])
+            spec[dim] = a
+            used.add(a)
     while spec and spec[-1] is None:
         spec.pop()
     return PartitionSpec(*spec)

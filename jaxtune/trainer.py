@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 import jax
+import numpy as np
 
 from jaxtune import distributed
 from jaxtune.config import TrainConfig, save_config
@@ -130,12 +131,19 @@ class Trainer:
             self.checkpointer = Checkpointer(cfg, self.mesh)
         self.writer: metrics.MetricsWriter | None = None  # opened by run(), after the restore
         self._estimate_at = -1  # the step after which run() logs the time left
-        self.flops_per_token = metrics.flops_per_token(self.model_config, cfg.data.seq_len)
+        lora_matmuls = None
+        if cfg.lora.rank > 0:  # frozen matrices get no weight gradient: counted as 4N
+            from jaxtune.lora import lora_matmuls as count
+
+            lora_matmuls = count(self.state.params, self.model_config)
+        self.flops_per_token = metrics.flops_per_token(self.model_config, cfg.data.seq_len,
+                                                       lora_matmuls)
         self.peak_flops = metrics.device_peak_flops(jax.devices()[0], cfg.model.compute_dtype,
                                                     peak_tflops=cfg.logging.peak_tflops)
         self.throughput = metrics.Throughput(
             cfg.trainer.global_batch_size * cfg.data.seq_len, self.flops_per_token,
-            jax.device_count(), self.peak_flops)
+            jax.device_count(), self.peak_flops, remeasure=metrics.peak_remeasure(
+                jax.devices()[0], cfg.model.compute_dtype, peak_tflops=cfg.logging.peak_tflops))
         self._metrics = metrics
 
     def _load_model(self):
@@ -421,13 +429,22 @@ def train(cfg: TrainConfig) -> TrainResult:
     or a preemption notice, even one that arrives after the last step) saves and exits 0
     without exporting, so the export folder never receives a half-trained model and the run
     that resumes and finishes finds it as the user left it. An export folder that is not
-    empty is never overwritten: the export refuses (exit 2 from the CLI), the checkpoints stay.
+    empty is never overwritten: the run refuses before it starts (exit 2 from the CLI).
+    Running a finished, exported run again, with its export unchanged, says so and returns at
+    once (``history`` empty, ``state`` None), touching nothing (``jaxtune.export.record``).
     """
     logging.basicConfig(level=getattr(logging, cfg.logging.level, logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Orbax and datasets narrate every save and load at INFO; keep their warnings only.
     for noisy in ("absl", "datasets"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    if cfg.export.enabled:
+        done = _finished_export(cfg)
+        if done is not None:
+            log.warning("%s is already complete and exported at step %d (to %s); nothing to do. "
+                        "Raise trainer.steps to train on.", cfg.run.output_dir, done,
+                        cfg.export.out_dir or os.path.join(cfg.run.output_dir, "hf"))
+            return TrainResult(cfg.run.output_dir, done, [], [], None)
     # With several processes, fail_fast reports an error to the others and exits at once,
     # rather than leave them waiting for this process in a collective.
     try:
@@ -447,12 +464,35 @@ def train(cfg: TrainConfig) -> TrainResult:
     elif cfg.export.enabled:
         if distributed.is_main_process():
             from jaxtune.export import export_run
+            from jaxtune.export.record import write_record
 
             try:
                 export_run(cfg.run.output_dir, out_dir=cfg.export.out_dir or None)
+                write_record(cfg)
             except BaseException as e:
                 distributed.fail_fast(e)
                 raise
         # The other processes wait for it: leaving early would take the coordinator down.
         distributed.barrier("export", timeout_seconds=24 * 3600)
     return result
+
+
+def _finished_export(cfg: TrainConfig) -> int | None:
+    """The step at which the run is complete and exported (None: train), decided by process
+    0, which wrote the export; an export folder in the way raises before anything starts."""
+    distributed.initialize(cfg.distributed)
+    step = None
+    if distributed.is_main_process():
+        from jaxtune.export.record import finished_export
+
+        try:
+            step = finished_export(cfg)
+        except BaseException as e:
+            distributed.fail_fast(e)
+            raise
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        shared = multihost_utils.broadcast_one_to_all(np.int32(-1 if step is None else step))
+        step = None if int(shared) < 0 else int(shared)
+    return step

@@ -144,6 +144,61 @@ def test_sampling_is_seeded_and_filters_like_transformers(tiny_hf_model):
     assert all(t == DONE or t >= 0 for step in seen for t in step)
 
 
+def test_token_id_prompts_need_no_tokenizer(tiny_hf_model):
+    """Token ids in, token ids out, as transformers' ``generate(input_ids=...)``: one list of
+    ints, a list of them, or a 2-D array, with ``tokenizer=None``; greedy tokens equal
+    transformers'. Text without a tokenizer names the tokenizer, not a chat."""
+    import torch
+    import transformers
+
+    from jaxtune.generation.errors import GenerateError
+
+    path = tiny_hf_model("llama")
+    model = jaxtune.from_pretrained(path, scan_layers=True)
+    gen = Generator(model)
+    prompts = prompts_for(5)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    eos = hf.generation_config.eos_token_id
+    gc = {"eos_token_id": eos}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            ref = [hf.generate(input_ids=torch.tensor([p]), max_new_tokens=NEW, do_sample=False,
+                               pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+            same_len = np.array([prompts[0], prompts_for(6)[0]])
+            ref_2d = hf.generate(input_ids=torch.tensor(same_len), max_new_tokens=NEW,
+                                 do_sample=False, pad_token_id=0)[:, same_len.shape[1]:]
+    finally:
+        torch.set_num_threads(threads)
+    ref = [r[:r.index(eos) + 1] if eos in r else r for r in ref]
+    assert any(len(r) > 8 for r in ref)
+
+    answers = jaxtune.generate(model, None, prompts, max_new_tokens=NEW, generation_config=gc,
+                               generator=gen)
+    assert answers == ref
+    one = jaxtune.generate(model, None, prompts[0], max_new_tokens=NEW, generation_config=gc,
+                           generator=gen)
+    assert one == ref[:1]
+    # A 2-D array (numpy; a torch tensor too) is one prompt per row, as transformers' batch.
+    rows = jaxtune.generate(model, None, torch.tensor(same_len), max_new_tokens=NEW,
+                            generation_config=gc, generator=gen)
+    assert rows == [r[:r.index(eos) + 1] if eos in r else r for r in ref_2d.tolist()]
+    details = jaxtune.generate(model, None, [np.int64(t) for t in prompts[1]],
+                               max_new_tokens=NEW, generation_config=gc, generator=gen,
+                               details=True)
+    assert details.texts is None and details.tokens == ref[1:2]
+    assert details.prompt_ids == [prompts[1]]
+
+    with pytest.raises(GenerateError, match="needs a tokenizer.*token ids") as e:
+        jaxtune.generate(model, None, "hello", generator=gen)
+    assert "chat" not in str(e.value)
+    with pytest.raises(GenerateError, match="outside the vocabulary"):
+        jaxtune.generate(model, None, [1, 2, 10_000], generator=gen)
+    with pytest.raises(GenerateError, match="one form"):
+        jaxtune.generate(model, None, [prompts[0], "hello"], generator=gen)
+
+
 @pytest.mark.slow
 def test_smollm2_chat_answers_match_transformers(smollm2_dir):
     import torch

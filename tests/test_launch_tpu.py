@@ -52,12 +52,14 @@ DOCUMENTED = {
 }
 
 
-def dry_run(capsys, *args: str) -> list[list[str]]:
-    """The commands ``jaxtune launch tpu ... --dry-run`` prints, through the real CLI."""
+def dry_run(capsys, *args: str, local: bool = False) -> list[list[str]]:
+    """The gcloud commands ``jaxtune launch tpu ... --dry-run`` prints, through the real CLI
+    (with ``local``, the local ones too: building the wheel)."""
     assert cli_main(["launch", "tpu", *args, "--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("# ")
-    return [shlex.split(line) for line in lines if not line.startswith("#")]
+    cmds = [shlex.split(line) for line in lines if not line.startswith("#")]
+    return cmds if local else [c for c in cmds if c[0] == "gcloud"]
 
 
 def parse(cmd: list[str]) -> tuple[tuple[str, str], list[str], dict[str, str]]:
@@ -89,7 +91,8 @@ def test_v5p_64_dry_run_follows_the_documented_syntax(capsys):
     verbs = [p[0] for p in parsed]
     assert verbs == [
         ("queued-resources", "create"), ("queued-resources", "describe"),
-        ("tpu-vm", "ssh"), ("tpu-vm", "ssh"), ("tpu-vm", "scp"),  # setup
+        # setup: mkdir, copy this checkout's wheel, install it, copy the config
+        ("tpu-vm", "ssh"), ("tpu-vm", "scp"), ("tpu-vm", "ssh"), ("tpu-vm", "scp"),
         ("tpu-vm", "ssh"),  # start training on all workers
         ("tpu-vm", "ssh"),  # stream worker 0's log
         ("queued-resources", "delete")]
@@ -104,15 +107,19 @@ def test_v5p_64_dry_run_follows_the_documented_syntax(capsys):
     _, pos, flags = parsed[1]
     assert pos == ["ft-8b"] and flags["--format"] == "value(state.state)"
 
-    for _, pos, flags in parsed[2:4] + parsed[5:6]:  # setup and start: every worker
+    for _, pos, flags in parsed[2:3] + parsed[4:5] + parsed[6:7]:  # setup, start: every worker
         assert pos == ["ft-8b"] and flags["--worker"] == "all"
         bash_ok(flags["--command"])
-    install = parsed[3][2]["--command"]
-    assert "uv pip install" in install and "'jaxtune[tpu,gcs]'" in install
-    _, pos, flags = parsed[4]
+    wheel = "jaxtune-0.1.0-py3-none-any.whl"
+    _, pos, flags = parsed[3]
+    assert pos[0].endswith(f"/{wheel}") and pos[1] == "ft-8b:jaxtune-run/"
+    install = parsed[4][2]["--command"]
+    assert "uv pip install" in install and "--reinstall-package jaxtune" in install
+    assert f"\"$HOME\"/'jaxtune-run/{wheel}[tpu,gcs]'" in install
+    _, pos, flags = parsed[5]
     assert pos == [RECIPE, "ft-8b:jaxtune-run/config.yaml"] and flags["--worker"] == "all"
 
-    start = parsed[5][2]["--command"]
+    start = parsed[6][2]["--command"]
     assert "nohup" in start and "train.log" in start
     inner = shlex.split(start.split("bash -c ", 1)[1])[0]  # the detached job script
     bash_ok(inner)
@@ -122,12 +129,12 @@ def test_v5p_64_dry_run_follows_the_documented_syntax(capsys):
                      "--trainer.steps=500"]
     assert "gcloud storage rsync --recursive out gs://my-bucket/runs/ft-8b/" in inner
 
-    _, pos, flags = parsed[6]
+    _, pos, flags = parsed[7]
     assert pos == ["ft-8b"] and flags["--worker"] == "0"
     bash_ok(flags["--command"])
     assert "tail" in flags["--command"] and "train.rc" in flags["--command"]
 
-    _, pos, flags = parsed[7]
+    _, pos, flags = parsed[8]
     assert pos == ["ft-8b"] and flags == {**where, "--force": "", "--quiet": ""}
 
 
@@ -204,6 +211,9 @@ class FakeGcloud:
         self.states, self.train_status, self.calls = list(states), list(train_status), []
 
     def __call__(self, cmd: list[str], capture: bool) -> subprocess.CompletedProcess:
+        if cmd[0] != "gcloud":  # building the wheel, here
+            self.calls.append("build")
+            return subprocess.CompletedProcess(cmd, 0)
         verb = f"{cmd[3]} {cmd[4]}"
         self.calls.append("logs" if "--worker=0" in cmd else verb)
         if verb == "queued-resources describe":
@@ -219,7 +229,7 @@ def launcher(fake: FakeGcloud) -> Launcher:
     return Launcher(job, runner=fake, poll_seconds=0, echo=lambda s: None, sleep=lambda s: None)
 
 
-SETUP = ["tpu-vm ssh", "tpu-vm ssh", "tpu-vm scp"]
+SETUP = ["build", "tpu-vm ssh", "tpu-vm scp", "tpu-vm ssh", "tpu-vm scp"]
 
 
 def test_creates_waits_for_active_trains_and_deletes():
@@ -269,3 +279,145 @@ def test_env_values_reach_training_but_are_never_printed(capsys, monkeypatch):
     monkeypatch.delenv("HF_TOKEN")
     with pytest.raises(LaunchError, match="HF_TOKEN is not set"):
         job_from_args([RECIPE, *BASE, "--env=HF_TOKEN"])
+
+
+# --------------------------------------------------------------------------- what is installed
+
+
+def dry_run_text(capsys, *args: str) -> str:
+    assert cli_main(["launch", "tpu", *args, "--dry-run"]) == 0
+    return capsys.readouterr().out
+
+
+def test_the_workers_install_a_wheel_of_the_checkout_being_run(capsys):
+    """Not 'jaxtune' from a package index (not published there, and anyone could publish it):
+    a wheel of this checkout, built here, copied and installed; the dry run says so."""
+    out = dry_run_text(capsys, RECIPE, *BASE, "--phases=setup", "--name=ft")
+    assert f"the workers run a wheel built here from the checkout {ROOT} (" in out
+    build, mkdir, copy, install, config = [shlex.split(x) for x in out.splitlines()
+                                           if not x.startswith("#")]
+    assert build[:2] == ["env", f"PYTHONPATH={ROOT}"]
+    assert build[3:6] == ["-m", "jaxtune.launch.package", ROOT]
+    wheel = os.path.join(build[6], "jaxtune-0.1.0-py3-none-any.whl")
+    assert parse(copy)[1] == [wheel, "ft:jaxtune-run/"]
+    command = parse(install)[2]["--command"]
+    assert "--reinstall-package jaxtune \"$HOME\"/'jaxtune-run/jaxtune-0.1.0-py3-none-any.whl" \
+        "[tpu,gcs]'" in command
+    bash_ok(command)
+
+
+def test_an_installed_jaxtune_is_installed_at_its_exact_origin(monkeypatch, tmp_path):
+    """Not a checkout: the index's exact version, the wheel file it came from, or its commit;
+    an explicit requirement is taken from the index as written, and the dry run says so."""
+    import importlib.metadata
+
+    from jaxtune.launch import package
+
+    monkeypatch.setattr(package, "_HERE", tmp_path)  # no pyproject.toml: an installed jaxtune
+
+    class Dist:
+        version = "0.3.1"
+
+        def __init__(self, direct_url):
+            self.direct_url = direct_url
+
+        def read_text(self, name):
+            return self.direct_url if name == "direct_url.json" else None
+
+    def installed(direct_url):
+        monkeypatch.setattr(importlib.metadata, "distribution", lambda name: Dist(direct_url))
+        job, _, _ = job_from_args([RECIPE, *BASE])
+        from jaxtune.launch.tpu import package as job_package
+        from jaxtune.launch.tpu import setup_commands
+
+        install = [c for c in setup_commands(job) if "--command=set -e" in " ".join(c)][0]
+        return job_package(job), install[-1]
+
+    pkg, install = installed(None)
+    assert "jaxtune 0.3.1, the version installed here, from the package index" in pkg.source
+    assert "'jaxtune[tpu,gcs]==0.3.1'" in install and "--reinstall" not in install
+    wheel = tmp_path / "jaxtune-0.3.1-py3-none-any.whl"
+    wheel.write_bytes(b"")
+    pkg, install = installed(f'{{"url": "file://{wheel}", "archive_info": {{}}}}')
+    assert pkg.local_file == str(wheel) and "jaxtune-0.3.1-py3-none-any.whl[tpu,gcs]" in install
+    pkg, install = installed('{"url": "https://github.com/o/jaxtune", "vcs_info": '
+                             '{"vcs": "git", "commit_id": "0123456789abcdef"}}')
+    assert "'jaxtune[tpu,gcs] @ git+https://github.com/o/jaxtune@0123456789abcdef'" in install
+    with pytest.raises(package.PackageError, match="which is gone"):  # before any slice
+        installed(f'{{"url": "file://{tmp_path}/gone.whl", "archive_info": {{}}}}')
+
+    job, _, _ = job_from_args([RECIPE, *BASE, "--package=jaxtune==0.3.1"])
+    from jaxtune.launch.tpu import package as job_package
+
+    assert "from the package index, as --package gives it" in job_package(job).source
+
+
+@pytest.mark.slow
+def test_the_built_wheel_installs_in_a_fresh_venv(capsys, tmp_path):
+    """The dry run's build command, run as printed, makes a wheel of this checkout: installed
+    alone (no dependencies) into a bare venv, it imports, and its files are the checkout's."""
+    import sys
+    import zipfile
+
+    out = dry_run_text(capsys, RECIPE, *BASE, "--phases=setup", "--name=ft")
+    build = next(shlex.split(x) for x in out.splitlines() if "jaxtune.launch.package" in x)
+    build[-1] = str(tmp_path / "wheel")  # where the wheel goes: this test's folder
+    res = subprocess.run(build, capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    wheel = res.stdout.strip().splitlines()[-1]
+    assert wheel == str(tmp_path / "wheel" / "jaxtune-0.1.0-py3-none-any.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        assert z.read("jaxtune/launch/package.py") == open(
+            os.path.join(ROOT, "jaxtune", "launch", "package.py"), "rb").read()
+    assert "jaxtune/plan/hf_configs/" in "".join(names) and not any("__pycache__" in n
+                                                                    for n in names)
+    assert not os.path.exists(os.path.join(tmp_path, "build"))
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    res = subprocess.run([python, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
+                          wheel], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    res = subprocess.run([python, "-c", "import jaxtune; print(jaxtune.__file__, "
+                          "jaxtune.__version__)"], capture_output=True, text=True, env=env,
+                         cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    path, version = res.stdout.split()
+    assert path.startswith(str(venv)) and version == "0.1.0"
+
+
+def test_slurm_template_installs_the_checkout_it_is_submitted_from(tmp_path):
+    """``JAXTUNE_DRY_RUN=1 bash scripts/slurm/jaxtune.sbatch ...``: which code the nodes run,
+    and the commands (build this checkout's wheel, install it, srun), nothing run."""
+    script = os.path.join(ROOT, "scripts", "slurm", "jaxtune.sbatch")
+    bash_ok(open(script).read())
+
+    def dry(**env: str) -> list[str]:
+        full = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+                "JAXTUNE_DRY_RUN": "1", "JAXTUNE_VENV": str(tmp_path / "venv"), **env}
+        res = subprocess.run(["bash", script, "configs/x.yaml", "--mesh.dcn_data=2"],
+                             capture_output=True, text=True, env=full, cwd=tmp_path)
+        assert res.returncode == 0, res.stderr
+        return res.stdout.splitlines()
+
+    out = dry(SLURM_SUBMIT_DIR=ROOT)
+    assert f"jaxtune: the nodes run a wheel built from the checkout {ROOT} (git " in out[1]
+    cmds = [shlex.split(line[2:]) for line in out if line.startswith("+ ")]
+    venv, wheel = str(tmp_path / "venv"), str(tmp_path / "venv" / "jaxtune-wheel")
+    python = f"{venv}/bin/python"
+    assert cmds[0] == ["python3", "-m", "venv", venv]
+    assert cmds[1] == ["env", f"PYTHONPATH={ROOT}", python, "-m", "jaxtune.launch.package",
+                       ROOT, wheel]
+    built = f"{wheel}/jaxtune-0.1.0-py3-none-any.whl"
+    assert cmds[2] == [python, "-m", "pip", "install", "--quiet", f"{built}[cuda]"]
+    assert cmds[3] == [python, "-m", "pip", "install", "--quiet", "--no-deps",
+                       "--force-reinstall", built]
+    assert cmds[4][:3] == ["srun", "--kill-on-bad-exit=1", f"{venv}/bin/jaxtune"]
+    assert cmds[4][-1] == "--mesh.dcn_data=2"
+
+    out = dry(JAXTUNE_PACKAGE="jaxtune[cuda]==0.1.0")
+    assert "the nodes run jaxtune[cuda]==0.1.0 from the package index, as JAXTUNE_PACKAGE " \
+        "gives it" in out[1]

@@ -17,6 +17,7 @@ import pytest
 from jaxtune.config import TrainConfig
 from jaxtune.errors import JaxtuneError
 from jaxtune.metrics import (
+    LoraMatmuls,
     MetricsWriter,
     Throughput,
     device_peak_flops,
@@ -24,6 +25,7 @@ from jaxtune.metrics import (
     format_line,
     measure_matmul_peak,
     memory_stats,
+    peak_remeasure,
 )
 
 
@@ -182,6 +184,42 @@ def test_flops_per_token_by_hand():
     assert flops_per_token(no_head_dim, 32) == 6 * n + attention  # D / H = 16
 
 
+def test_lora_flops_count_4n_for_the_frozen_base_and_6x_the_adapters(tiny_hf_model):
+    """LoRA: no weight gradient for frozen matrices (4N), the adapters' work (6 per adapter
+    parameter), the modules_to_save matmuls fully trained (6), counted from a real model."""
+    from flax import nnx
+
+    from jaxtune import from_pretrained
+    from jaxtune.config import LoraConfig
+    from jaxtune.lora import apply_lora, lora_matmuls
+
+    c = types.SimpleNamespace(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=16, intermediate_size=96,
+                              vocab_size=100, tie_word_embeddings=False)
+    n = 2 * (64 * 4 * 16 + 2 * 64 * 2 * 16 + 4 * 16 * 64 + 3 * 64 * 96) + 64 * 100
+    attention = 12 * 2 * 4 * 16 * 32
+    assert flops_per_token(c, 32, LoraMatmuls(adapters=1000, saved=6400)) == \
+        4 * n + 2 * 6400 + 6 * 1000 + attention
+    assert flops_per_token(c, 32, LoraMatmuls(adapters=0)) == 4 * n + attention
+
+    for scan in (False, True):
+        model = from_pretrained(tiny_hf_model("llama"), scan_layers=scan)
+        cfg = model.config
+        d, q = cfg.hidden_size, cfg.head_dim
+        heads, kv, r = cfg.num_attention_heads, cfg.num_key_value_heads, 4
+        lora_cfg = LoraConfig(rank=r, targets=["q_proj", "v_proj"], modules_to_save=["lm_head"])
+        model, trainable = apply_lora(model, lora_cfg)
+        counted = lora_matmuls(nnx.state(model, trainable), cfg)
+        layers = cfg.num_hidden_layers
+        assert counted.adapters == layers * r * ((d + heads * q) + (d + kv * q)), scan
+        assert counted.saved == d * cfg.vocab_size, scan  # lm_head; no embedding (a lookup)
+        full = flops_per_token(cfg, 32)
+        lora = flops_per_token(cfg, 32, counted)
+        assert lora < full
+        assert lora == full - 2 * (full - 12 * layers * heads * q * 32) / 6 \
+            + 2 * counted.saved + 6 * counted.adapters
+
+
 def test_throughput_and_mfu_arithmetic():
     t = Throughput(tokens_per_step=8192, flops_per_token=1e9, num_devices=4,
                    peak_flops_per_device=1e14)
@@ -191,6 +229,27 @@ def test_throughput_and_mfu_arithmetic():
     assert math.isclose(out["mfu"], 16384 * 1e9 / 4e14)
     assert t(1.0, tokens=100)["tokens_per_s"] == 100
     assert "mfu" not in Throughput(1, 1, 1, None)(1.0)
+
+
+def test_mfu_is_never_above_one(caplog):
+    """A step faster than the peak (measured low on a busy CPU): the peak is measured again
+    and raised; if the step still outruns it, MFU shows 1 and one warning says why."""
+    peaks = iter([3e14, 2e13, 2e13])
+    t = Throughput(8192, 1e9, 4, 1e13, remeasure=lambda: next(peaks))  # 4.1e13 per device
+    assert math.isclose(t(0.05)["mfu"], 163840 * 1e9 / 4 / 3e14)  # 4.1 at the first peak
+    assert t.peak_flops_per_device == 3e14
+    t.peak_flops_per_device = 1e13
+    with caplog.at_level("WARNING", logger="jaxtune.metrics"):
+        assert t(0.05)["mfu"] == 1.0  # measured again, 2e13: still below the step's 4.1e13
+        assert t(0.05)["mfu"] == 1.0
+    assert sum("MFU is shown as 100%" in r.message for r in caplog.records) == 1
+    assert t.max_remeasures == 0 and t(0.05)["mfu"] == 1.0  # measured 3 times: no more
+    fixed = Throughput(8192, 1e9, 4, 1e13)  # a given peak: not re-measured, still capped
+    assert fixed(0.01)["mfu"] == 1.0
+    cpu = jax.devices("cpu")[0]
+    assert peak_remeasure(cpu, "float32", peak_tflops=100) is None
+    assert peak_remeasure(types.SimpleNamespace(platform="tpu"), "bfloat16") is None
+    assert peak_remeasure(cpu, "float32")() >= measure_matmul_peak("float32")
 
 
 def test_peak_flops_table_and_override():

@@ -48,7 +48,8 @@ def test_shipped_configs_build_their_models():
 
     expected = {"meta-llama/Llama-3.1-8B-Instruct": 8.03e9,
                 "meta-llama/Llama-3.1-70B-Instruct": 70.6e9,
-                "Qwen/Qwen2.5-7B-Instruct": 7.62e9}
+                "Qwen/Qwen2.5-7B-Instruct": 7.62e9,
+                "Qwen/Qwen2.5-32B-Instruct": 32.76e9}
     assert set(expected) <= set(shipped_models())
     for hub_id, params in expected.items():
         hf, source = find_hf_config(hub_id)

@@ -1,7 +1,8 @@
 """Build the RL prompt files of the Nimbrel Sync support set (``data.format: prompt``).
 
 Each row is a prompt (chat messages ending with the customer's question) and the key phrases
-of its intent, which the ``key_facts`` reward checks an answer for (``configs/quickstart-grpo.yaml``):
+of its intent, which the ``key_facts`` reward checks an answer for
+(``configs/quickstart-grpo.yaml``):
 
 - ``prompts.jsonl``: the 400 training question wordings (the same split as ``train.jsonl``),
   some after one of the support team's system prompts, as in the SFT data;

@@ -5,9 +5,11 @@ The phases, each a plain ``gcloud compute tpus`` command (``--dry-run`` prints t
 1. create: ``queued-resources create`` (on-demand, ``--spot`` or ``--reserved``; several slices
    with ``--slices N``), then ``queued-resources describe`` until the slice is ACTIVE. A slice
    of that name that is already ACTIVE is reused; a preempted one is deleted and re-created.
-2. setup: on every worker (``tpu-vm ssh --worker=all``) create a Python 3.12 venv with uv (the
-   TPU images ship Python 3.10) and install jaxtune with the ``tpu`` extra (and ``gcs`` for a
-   ``gs://`` run directory); copy the config and any ``--copy`` files (``tpu-vm scp``).
+2. setup: build a wheel of the jaxtune checkout running here (or take the installed
+   version: :mod:`jaxtune.launch.package`), then on every worker (``tpu-vm ssh --worker=all``)
+   create a Python 3.12 venv with uv (the TPU images ship Python 3.10) and install that
+   jaxtune with the ``tpu`` extra (and ``gcs`` for a ``gs://`` run directory); copy the config
+   and any ``--copy`` files (``tpu-vm scp``).
 3. train: start ``jaxtune train config.yaml [overrides]`` on all workers at once, detached
    (``nohup``), so a dropped connection does not stop the run.
 4. logs: stream worker 0's log until training ends; its exit status is the launcher's.
@@ -28,10 +30,14 @@ import re
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from jaxtune.errors import JaxtuneError
+from jaxtune.launch.package import DIST, Package, requirement_with_extras
+from jaxtune.launch.package import resolve as resolve_package
 
 PHASES = ("create", "setup", "train", "logs", "delete")
 REMOTE_DIR = "jaxtune-run"  # on each worker, relative to the home directory
@@ -63,7 +69,7 @@ class TpuJob:
     slices: int = 1  # several slices (multislice) joined by data parallelism over DCN
     provisioning: str = "on-demand"  # on-demand | spot | reserved
     run_dir: str = ""  # gs://bucket/path for checkpoints and outputs
-    package: str = "jaxtune"  # pip requirement or a local wheel/sdist path
+    package: str = ""  # empty: the jaxtune running here; or a wheel/sdist, checkout, requirement
     copies: list[str] = dataclasses.field(default_factory=list)  # extra relative paths
     overrides: list[str] = dataclasses.field(default_factory=list)  # --section.key=value
     env: dict[str, str] = dataclasses.field(default_factory=dict)  # set for training (secrets)
@@ -149,34 +155,42 @@ def scp_command(job: TpuJob, src: str, dest: str, recurse: bool = False) -> list
     return cmd
 
 
-def _requirement(job: TpuJob) -> tuple[str, str | None]:
-    """(pip requirement to install on the workers, local file to copy there first or None)."""
+def package(job: TpuJob) -> Package:
+    """What the workers install (``--package``, or the jaxtune running here): see
+    :mod:`jaxtune.launch.package`. A checkout's wheel is built under the temp folder."""
+    return resolve_package(job.package, Path(tempfile.gettempdir()) / f"jaxtune-launch-{job.name}")
+
+
+def _requirement(job: TpuJob, pkg: Package) -> str:
+    """The requirement ``uv pip install`` gets on the workers, with the extras the run needs."""
     extras = "tpu,gcs" if job.run_dir.startswith("gs://") else "tpu"
-    pkg = job.package
-    if pkg.endswith((".whl", ".tar.gz")):
-        remote = f"{REMOTE_DIR}/{pkg.replace(chr(92), '/').rsplit('/', 1)[-1]}"
-        return f"$HOME/{remote}[{extras}]", pkg
-    if "[" in pkg or "@" in pkg:  # the user chose extras or a URL: take it as it is
-        return pkg, None
-    return f"{pkg}[{extras}]", None
+    if pkg.local_file:
+        remote = f"{REMOTE_DIR}/{pkg.local_file.replace(chr(92), '/').rsplit('/', 1)[-1]}"
+        return f"$HOME/{remote}[{extras}]"
+    return requirement_with_extras(pkg.requirement, extras)
 
 
 def setup_commands(job: TpuJob) -> list[list[str]]:
-    """Install jaxtune on every worker and copy the config and ``--copy`` files there."""
-    requirement, local_file = _requirement(job)
+    """Build the wheel to install (from a checkout, here), install it on every worker, and
+    copy the config and ``--copy`` files there."""
+    pkg = package(job)
     dirs = sorted({f"$HOME/{REMOTE_DIR}/{p.rsplit('/', 1)[0]}" for p in job.copies if "/" in p})
     prepare = f"mkdir -p $HOME/{REMOTE_DIR} {' '.join(dirs)}".strip()
+    # A wheel of local code keeps its version when the code changes: replace the one a reused
+    # slice's venv already has.
+    reinstall = f"--reinstall-package {DIST} " if pkg.reinstall else ""
     install = "; ".join([
         "set -e",
         "export PATH=$HOME/.local/bin:$PATH",
         "command -v uv > /dev/null || curl -LsSf https://astral.sh/uv/install.sh | sh > /dev/null",
         f"uv venv --quiet --allow-existing --python 3.12 $HOME/{REMOTE_DIR}/venv",
-        f"uv pip install --quiet --python $HOME/{REMOTE_DIR}/venv/bin/python "
-        f"{_quote_keep_home(requirement)}",
+        f"uv pip install --quiet --python $HOME/{REMOTE_DIR}/venv/bin/python {reinstall}"
+        f"{_quote_keep_home(_requirement(job, pkg))}",
     ])
-    cmds = [ssh_command(job, prepare)]
-    if local_file:
-        cmds.append(scp_command(job, local_file, f"{REMOTE_DIR}/"))
+    cmds = [list(pkg.build)] if pkg.build else []
+    cmds.append(ssh_command(job, prepare))
+    if pkg.local_file:
+        cmds.append(scp_command(job, pkg.local_file, f"{REMOTE_DIR}/"))
     cmds.append(ssh_command(job, install))
     cmds.append(scp_command(job, job.config, f"{REMOTE_DIR}/config.yaml"))
     for path in job.copies:
@@ -233,8 +247,8 @@ def plan(job: TpuJob, phases: Sequence[str]) -> list[tuple[str, list[list[str]]]
             out.append((f"create {job.accelerator_type} x {job.slices} ({job.provisioning}), "
                         "then poll until ACTIVE", [create_command(job), describe_command(job)]))
         elif phase == "setup":
-            out.append(("install jaxtune and copy the config to every worker",
-                        setup_commands(job)))
+            out.append((f"install jaxtune and copy the config to every worker; the workers run "
+                        f"{package(job).source}", setup_commands(job)))
         elif phase == "train":
             out.append(("start jaxtune train on all workers at once", [start_command(job)]))
         elif phase == "logs":
@@ -373,8 +387,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default="",
                    help="gs://bucket/path for checkpoints and outputs (default: run.output_dir "
                         "if it is gs://); required with more than one worker")
-    p.add_argument("--package", default="jaxtune",
-                   help="what to pip install: a requirement or a local .whl/.tar.gz")
+    p.add_argument("--package", default="",
+                   help="what the workers install (default: the jaxtune running here: a wheel "
+                        "of its checkout, or its exact installed version): a local .whl/.tar.gz, "
+                        "a checkout folder, or a requirement from the package index")
     p.add_argument("--copy", action="append", default=[], metavar="PATH",
                    help="relative file or folder to copy to the workers (e.g. local data)")
     p.add_argument("--env", action="append", default=[], metavar="NAME",
@@ -425,6 +441,8 @@ def job_from_args(argv: list[str]) -> tuple[TpuJob, list[str], argparse.Namespac
         run_dir=run_dir, package=args.package, copies=list(args.copy), overrides=rest,
         env=env)
     check_job(job, cfg)
+    if "setup" in phases:
+        package(job)  # what the workers install must be known before any slice is created
     return job, phases, args
 
 

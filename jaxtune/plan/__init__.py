@@ -6,8 +6,9 @@ builds the train step from abstract shapes (:mod:`jaxtune.plan.build`), compiles
 target's compile-only devices (:mod:`jaxtune.plan.devices`), and prints per-chip memory
 against HBM, FLOPs per step and a fits / does-not-fit verdict, with what to change for a near
 miss (:mod:`jaxtune.plan.report`). FLOPs are counted by the CPU compiler on the
-unpartitioned step (:func:`step_flops`). ``--compare`` sets that count beside the
-``6N + attention`` formula MFU is computed with (:func:`jaxtune.metrics.flops_per_token`).
+unpartitioned step (:func:`step_flops`), beside the formula MFU is computed with
+(:func:`jaxtune.metrics.flops_per_token`: ``6N + attention``, for LoRA ``4N`` plus the
+adapters); ``--compare`` sets the compiler's count of a full fine-tune beside ``6N``.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class PlanResult:
     num_params: int
     num_trainable: int
     flops_per_step: float | None  # the compiler's, whole step, all chips
-    formula_flops_per_step: float  # 6N + attention (jaxtune.metrics.flops_per_token)
+    formula_flops_per_step: float  # as MFU counts (jaxtune.metrics.flops_per_token)
     compile_seconds: float
     hf_source: str
     suggestions: list[str] = field(default_factory=list)
@@ -138,7 +139,12 @@ def make_plan(cfg, target: Target, *, compare: bool = False, flops: bool = True)
                                      target.hbm_bytes)
     seconds = time.perf_counter() - tick
     tokens = cfg.trainer.global_batch_size * cfg.data.seq_len
-    formula = metrics.flops_per_token(built.model_config, cfg.data.seq_len) * tokens
+    lora = None
+    if cfg.lora.rank > 0:  # as the trainer counts it: 4N for the frozen base + the adapters
+        from jaxtune.lora import lora_matmuls
+
+        lora = lora_matmuls(built.state.params, built.model_config)
+    formula = metrics.flops_per_token(built.model_config, cfg.data.seq_len, lora) * tokens
     counted = step_flops(cfg, hf_config) if flops else None
     result = PlanResult(target, memory, built.attention, built.num_params, built.num_trainable,
                         counted, formula, seconds, source)
@@ -146,7 +152,8 @@ def make_plan(cfg, target: Target, *, compare: bool = False, flops: bool = True)
     result.suggestions = report.suggestions(memory, cfg, target)
     if compare:
         counted = step_flops(cfg, hf_config, remat="none", full_finetune=True)
-        result.compare = {"compiler": counted, "formula": formula}
+        full = metrics.flops_per_token(built.model_config, cfg.data.seq_len) * tokens
+        result.compare = {"compiler": counted, "formula": full}
     return result
 
 
@@ -176,7 +183,8 @@ def format_plan(cfg, result: PlanResult) -> str:
                      f"{t.chip.peak_bf16_flops / 1e12:.0f} TFLOP/s)")
     else:
         lines.append("FLOPs per step (compiler): not counted")
-    lines.append(f"FLOPs per step (6N + attention, as MFU counts): "
+    kind = "4N + adapters" if cfg.lora.rank > 0 else "6N"
+    lines.append(f"FLOPs per step ({kind} + attention, as MFU counts): "
                  f"{result.formula_flops_per_step:.3e}")
     if result.compare:
         c, f = result.compare["compiler"], result.compare["formula"]

@@ -50,6 +50,7 @@ class MemoryPlan:
     hbm: int
     compiler: dict[str, int] = field(default_factory=dict)
     oom_message: str = ""  # the TPU compiler's RESOURCE_EXHAUSTED text, when it refused
+    params_total: int = 0  # the trainable parameters' bytes on all chips together
 
     @property
     def fits(self) -> bool:
@@ -72,7 +73,12 @@ def memory_plan(state, state_shardings, batch_bytes: int, stats: Any, hbm: int) 
     peak = (compiler["argument_size_in_bytes"] + compiler["output_size_in_bytes"]
             - compiler["alias_size_in_bytes"] + temp + compiler["generated_code_size_in_bytes"])
     grads = min(params, temp)
-    return MemoryPlan(params, frozen, opt, grads, temp - grads, batch_bytes, peak, hbm, compiler)
+    return MemoryPlan(params, frozen, opt, grads, temp - grads, batch_bytes, peak, hbm, compiler,
+                      params_total=_total_bytes(state.params))
+
+
+def _total_bytes(tree: Any) -> int:
+    return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
 _OOM_PATTERNS = (
@@ -111,7 +117,8 @@ def oom_plan(state, state_shardings, batch_bytes: int, message: str, hbm: int) -
     grads = min(params, temps)
     peak = params + frozen + opt + batch_bytes + temps
     return MemoryPlan(params, frozen, opt, grads, temps - grads, batch_bytes, peak, hbm,
-                      oom_message=message.strip().splitlines()[0][:400])
+                      oom_message=message.strip().splitlines()[0][:400],
+                      params_total=_total_bytes(state.params))
 
 
 # --------------------------------------------------------------------------- suggestions
@@ -178,6 +185,8 @@ def format_table(plan: MemoryPlan, target: Target) -> str:
     ]
     width = max(len(r[0]) for r in rows)
     lines = [f"  {name:<{width}}  {n / GIB:9.2f} GiB" for name, n in rows]
+    if plan.params_total:  # how the trained parameters (LoRA: the adapters) are split
+        lines[0] += f"  (of {plan.params_total / GIB:.2f} GiB on all chips)"
     pct = 100 * plan.headroom / plan.hbm
     lines.append(f"  {'headroom':<{width}}  {plan.headroom / GIB:9.2f} GiB ({pct:.0f}%)")
     return "\n".join(lines)

@@ -132,3 +132,17 @@ def test_an_rl_recipe_plans_its_rollouts_beside_the_step(tiny_dir):
     text = format_plan(cfg, result)
     assert "rollout generation (8 rows x 320 slots): KV cache" in text
     assert "verdict: fits" in text
+
+
+def test_lora_adapters_are_split_over_a_pure_fsdp_mesh(tiny_dir):
+    """LoRA rank 8 on v5p-32 (16 chips, fsdp 16, which does not divide the rank): each
+    adapter's non-embed half goes 16 ways on another of its dims (head_dim 128, mlp 512), so
+    the trainable parameters per chip, and their AdamW moments, are 1/16 of all of them (they
+    were whole on every chip), and the report says so."""
+    cfg = _cfg(tiny_dir, "--lora.rank=8", "--model.attention=xla",
+               "--trainer.global_batch_size=16")
+    result = make_plan(cfg, parse_target("v5p-32"), flops=False)
+    m = result.memory
+    assert m.params_total == 16 * m.params > 0
+    assert m.opt_state == pytest.approx(2 * m.params, abs=64)  # + the step count
+    assert f"(of {m.params_total / GIB:.2f} GiB on all chips)" in format_plan(cfg, result)
