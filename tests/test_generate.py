@@ -15,7 +15,7 @@ from jaxtune.cli import main
 from jaxtune.config import config_from_dict, save_config
 from jaxtune.generation.api import default_stop_ids
 from jaxtune.generation.loop import DONE, Generator
-from jaxtune.generation.sampling import Sampling, filter_logits
+from jaxtune.generation.sampling import Sampling, filter_logits, token_logps
 from tests.fixtures_models import TINY_VARIANTS
 
 NEW = 32
@@ -111,17 +111,30 @@ def test_cached_decode_equals_full_sequence(tiny_hf_model, name, scan):
 
 def test_sampling_is_seeded_and_filters_like_transformers(tiny_hf_model):
     import torch
-    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+    from transformers.generation.logits_process import (
+        MinPLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
 
     logits = np.random.RandomState(0).randn(4, 389).astype(np.float32) * 3
-    for s in (Sampling(1.0, top_k=7), Sampling(1.0, top_p=0.8), Sampling(0.5, top_p=0.3)):
+    for s in (Sampling(1.0, top_k=7), Sampling(1.0, top_p=0.8), Sampling(0.5, top_p=0.3),
+              Sampling(0.7, min_p=0.05), Sampling(1.3, top_k=50, top_p=0.9, min_p=0.1)):
         ours = np.isfinite(np.asarray(filter_logits(jax.numpy.asarray(logits), s)))
         ref = torch.tensor(logits) / s.temperature
         if s.top_k:
             ref = TopKLogitsWarper(s.top_k)(None, ref)
         if s.top_p < 1:
             ref = TopPLogitsWarper(s.top_p)(None, ref)
+        if s.min_p:
+            ref = MinPLogitsWarper(s.min_p)(None, ref)
         np.testing.assert_array_equal(ours, np.isfinite(ref.numpy()), err_msg=str(s))
+        # the log-prob RL compares with the trainer's: the whole vocabulary, before any filter
+        token = jax.numpy.asarray([3, 50, 7, 388])
+        want = jax.nn.log_softmax(jax.numpy.asarray(logits) / s.temperature)[
+            np.arange(4), np.asarray(token)]
+        np.testing.assert_allclose(token_logps(jax.numpy.asarray(logits), token, s), want,
+                                   rtol=1e-6, atol=1e-6)
 
     gen = Generator(jaxtune.from_pretrained(tiny_hf_model("llama"), scan_layers=True))
     prompts = prompts_for()
