@@ -65,6 +65,13 @@ def reward_figure(train: dict[int, dict], evals: dict[int, dict]):
     for i, key in enumerate(means):
         ax.plot(steps, [train[s].get(key) for s in steps], lw=1.2, color=f"C{i}",
                 label=f"sampled completions: {key[len('rewards/'):-len('/mean')]}")
+    totals = [train[s]["reward"] for s in steps]
+    window = 5  # a step's few prompts make its mean noisy: the trend is the running mean
+    if len(totals) >= window:
+        running = [sum(totals[i - window + 1:i + 1]) / window for i in range(window - 1,
+                                                                             len(totals))]
+        ax.plot(steps[window - 1:], running, lw=2.2, color="black",
+                label=f"sampled completions: total reward, mean of {window} steps")
     full_name = full_key(evals)
     full = [(s, e[full_name]) for s, e in sorted(evals.items()) if full_name in e]
     if full:
