@@ -17,7 +17,7 @@ step), then ``ratio grpo:``, the median of the per-round paired step-time ratios
 jaxtune's: above 1, jaxtune is faster).
 
     python scripts/bench_grpo.py                  # as recorded in docs/benchmarks.md
-    python scripts/bench_grpo.py --rounds 2 --steps 1   # quick look
+    python scripts/bench_grpo.py --rounds 1   # quick look
 """
 
 from __future__ import annotations
@@ -47,9 +47,9 @@ def _prompt_rows(n: int) -> list[dict]:
 
 def key_facts_reward(prompts, completions, completion_ids, key_facts, **kwargs):
     """The share of each completion's key facts it states (both frameworks call this one)."""
-    from jaxtune.rl.rewards import key_facts
+    from jaxtune.rl import rewards
 
-    return key_facts(prompts, completions, completion_ids, key_facts=key_facts)
+    return rewards.key_facts(prompts, completions, completion_ids, key_facts=key_facts)
 
 
 class JaxtuneJob:
@@ -210,9 +210,9 @@ class Worker:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--rounds", type=int, default=5, help="alternating timed rounds")
-    p.add_argument("--steps", type=int, default=2, help="steps per framework per round")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3, help="alternating timed rounds")
+    p.add_argument("--steps", type=int, default=1, help="steps per framework per round")
+    p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--prompts", type=int, default=4, help="prompts per step")
     p.add_argument("--generations", type=int, default=4, help="completions per prompt")
     p.add_argument("--completion-length", type=int, default=64)
