@@ -279,12 +279,17 @@ def test_lora_reference_is_the_base_exactly(preference_setup, jbatch):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
-def test_precomputed_reference_gives_the_same_trajectory(preference_setup, tmp_path):
+@pytest.mark.parametrize("packing", [False, True], ids=["pair_rows", "packed"])
+def test_precomputed_reference_gives_the_same_trajectory(preference_setup, tmp_path, packing):
+    """Reference log-probs precomputed once (per pair, from the packed rows' slots when
+    packing) train exactly like the reference model run in every step."""
     from jaxtune.config import config_from_dict, config_to_dict
     from jaxtune.trainer import Trainer
 
     raw = config_to_dict(preference_setup["cfg"])
     raw["model"]["path"] = str(preference_setup["policy"])
+    if packing:  # rows of 2 x 100 positions hold 2-3 pairs
+        raw["data"].update(packing=True, seq_len=100, cache_dir=str(tmp_path / "cache"))
     raw["trainer"].update(objective="dpo", steps=2, global_batch_size=4, progress=False,
                           loss_chunk_size=48)
     raw["optimizer"].update(learning_rate=1e-2, schedule="constant")
@@ -305,6 +310,9 @@ def test_precomputed_reference_gives_the_same_trajectory(preference_setup, tmp_p
     assert histories[True].evals[-1]["eval_rewards/accuracy"] == pytest.approx(
         histories[False].evals[-1]["eval_rewards/accuracy"])
     assert "eval_rewards/margin" in histories[True].evals[0]
+    assert histories[True].evals[0]["eval_pairs"] == 8
+    if packing:  # 4 rows of packed pairs are more than 4 pairs
+        assert all(h["pairs"] > 4 for h in histories[True].history)
 
 
 # --------------------------------------------------------------------------- packing
