@@ -91,8 +91,8 @@ class DataConfig:
     chat_template: str = ""  # override the chat template: chatml | llama3 | gemma, a file, Jinja
     alpaca_prompt: str = "auto"  # alpaca: auto (chat template if any) | chat | classic
     train_on_inputs: bool = False  # also train on prompts / user turns
-    seq_len: int = 512  # tokens per row
-    packing: bool = True  # pack several examples into each row (segment ids keep them apart)
+    seq_len: int = 512  # tokens per row (preference: per side, a pair row has 2 * seq_len)
+    packing: bool = True  # pack several examples (or whole pairs) into each row by segment ids
     truncation: str = "truncate"  # over-long examples: truncate | drop | error | split (text)
     on_bad_row: str = "error"  # malformed rows: error | skip
     shuffle: bool = True  # shuffle examples each epoch (seeded from run.seed)
@@ -512,9 +512,6 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("'trainer.preference.label_smoothing' is used by DPO's loss_type: "
                           f"robust only (loss_type is '{pref.loss_type}'); set it to 0 or use "
                           "robust.")
-    if cfg.data.format == "preference" and cfg.data.packing:
-        raise ConfigError("'data.format: preference' keeps each pair in one row (chosen and "
-                          "rejected side by side) and does not pack; set 'data.packing: false'.")
     if cfg.data.format == "preference" and cfg.data.streaming:
         raise ConfigError("'data.format: preference' does not stream; set "
                           "'data.streaming: false'.")

@@ -429,6 +429,81 @@ def chunked_sequence_logps(
     return logps_B
 
 
+def chunked_segment_logps(
+    unembed: Callable[[jax.Array], jax.Array],
+    hidden_BTD: jax.Array,
+    targets_BT: jax.Array,
+    mask_BT: jax.Array,
+    segment_ids_BT: jax.Array,
+    num_segments: int,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> jax.Array:
+    """Sums of the masked target log-probs per row and segment, ``[B, num_segments]`` float32.
+
+    What preference objectives need: ``log p(completion | prompt)`` of every document of a row
+    (one per row when unpacked; both sides of several pairs when packed), each summed over its
+    own segment's positions only, never across documents. ``segment_ids`` must be in
+    ``[0, num_segments)``. Like :func:`chunked_token_terms`, only trained tokens reach the
+    vocabulary: each device's tokens are reordered so its trained ones come first and projected
+    ``chunk_size`` at a time, chunks without a trained token are skipped (a preference row's
+    prompt tokens and padding cost no vocabulary work), and each chunk is rematerialised in the
+    backward pass, so only one chunk's ``[G, C, V]`` logits are ever live. Differentiable.
+    """
+    b, t, d = hidden_BTD.shape
+    groups = _batch_shards(b)
+    groups = groups if b % groups == 0 else 1
+    rows = b // groups  # rows per device
+    n = rows * t  # tokens per device
+    c = max(1, min(n, chunk_size))
+    num_chunks = -(-n // c)
+    # Each token's (row, segment) as an index into its device's [rows * num_segments] sums.
+    row_B = jnp.arange(b, dtype=jnp.int32) % rows
+    slot_BT = row_B[:, None] * num_segments + segment_ids_BT.astype(jnp.int32)
+    hidden_GND = hidden_BTD.reshape(groups, n, d)
+    targets_GN = targets_BT.astype(jnp.int32).reshape(groups, n)
+    mask_GN = mask_BT.astype(jnp.float32).reshape(groups, n)
+    slot_GN = slot_BT.reshape(groups, n)
+    order_GN = jnp.argsort((mask_GN == 0).astype(jnp.int32), axis=1, stable=True)
+    hidden_GND = jnp.take_along_axis(hidden_GND, order_GN[:, :, None], axis=1)
+    targets_GN, mask_GN, slot_GN = (jnp.take_along_axis(x, order_GN, axis=1)
+                                    for x in (targets_GN, mask_GN, slot_GN))
+    pad = num_chunks * c - n
+    if pad:  # padded tokens have mask 0: they add nothing to any sum or gradient
+        hidden_GND = jnp.pad(hidden_GND, ((0, 0), (0, pad), (0, 0)))
+        targets_GN, mask_GN, slot_GN = (jnp.pad(x, ((0, 0), (0, pad)))
+                                        for x in (targets_GN, mask_GN, slot_GN))
+    hidden_KGCD = jnp.moveaxis(hidden_GND.reshape(groups, num_chunks, c, d), 1, 0)
+    targets_KGC = jnp.moveaxis(targets_GN.reshape(groups, num_chunks, c), 1, 0)
+    mask_KGC = jnp.moveaxis(mask_GN.reshape(groups, num_chunks, c), 1, 0)
+
+    @jax.checkpoint
+    def chunk(hidden_GCD, targets_GC, mask_GC):
+        g = hidden_GCD.shape[0]
+        hidden_GCD = sharding.constrain(hidden_GCD, ("batch", "seq", "embed"))
+        hidden_ND = sharding.constrain(hidden_GCD.reshape(g * c, d), ("batch", "embed"))
+        logits_NV = sharding.constrain(unembed(hidden_ND).astype(jnp.float32),
+                                       ("batch", "vocab"))
+        mask_N = mask_GC.reshape(-1)
+        safe_N = jnp.where(mask_N != 0, targets_GC.reshape(-1), 0)
+        lse_N = jax.nn.logsumexp(logits_NV, axis=-1)
+        target_N = jnp.take_along_axis(logits_NV, safe_N[:, None], axis=-1)[:, 0]
+        return ((target_N - lse_N) * mask_N).reshape(g, c)
+
+    def body(_, xs):
+        # A chunk without trained tokens (they are sorted first) adds nothing: skip it.
+        logps_GC = jax.lax.cond(jnp.any(xs[2] != 0), lambda xs: chunk(*xs),
+                                lambda xs: jnp.zeros(xs[2].shape, jnp.float32), xs)
+        return None, logps_GC
+
+    with jax.named_scope(LOSS_SCOPE):
+        _, logps_KGC = jax.lax.scan(body, None, (hidden_KGCD, targets_KGC, mask_KGC))
+    logps_GN = jnp.moveaxis(logps_KGC, 0, 1).reshape(groups, num_chunks * c)
+    sums_GX = jax.vmap(lambda v, i: jax.ops.segment_sum(v, i, rows * num_segments))(
+        logps_GN, slot_GN)
+    return sums_GX.reshape(b, num_segments)
+
+
 def chunked_token_logps(
     unembed: Callable[[jax.Array], jax.Array],
     hidden_BSD: jax.Array,

@@ -15,6 +15,7 @@ from flax import nnx
 from jaxtune.errors import JaxtuneError
 from jaxtune.loss import (
     ImportPathError,
+    chunked_segment_logps,
     chunked_token_terms,
     cross_entropy_loss,
     full_logits_cross_entropy_loss,
@@ -126,6 +127,42 @@ def test_untrained_chunks_are_skipped_and_gradients_land_in_place():
     loss, (dh_p, dw_p) = jax.jit(jax.value_and_grad(chunked, (0, 1)))(poisoned, w)
     np.testing.assert_allclose(loss, want, rtol=1e-6)
     assert np.isfinite(np.asarray(dw_p)).all() and np.isfinite(np.asarray(dh_p)).all()
+
+
+def test_segment_logps_equal_full_logits_per_document():
+    """Per-(row, segment) log-prob sums (packed preference pairs): each document's sum holds
+    its own trained tokens only, whatever chunk the trained-first order puts them in; the sums
+    and their gradients (any cotangent per document) equal the full logits'."""
+    b, t, d, v, s = 3, 11, 8, 13, 5
+    rng = np.random.default_rng(1)
+    seg = np.array([[1, 1, 1, 2, 2, 2, 2, 3, 3, 0, 0],  # three documents, then padding
+                    [1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2],
+                    [1, 1, 2, 2, 3, 3, 4, 4, 4, 4, 0]], np.int32)
+    mask = (rng.random((b, t)) < 0.6).astype(np.float32) * (seg > 0)
+    mask[1, :6] = 0.0  # a document without trained tokens
+    seg, mask = jnp.asarray(seg), jnp.asarray(mask)
+    h = jnp.asarray(rng.standard_normal((b, t, d)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((d, v)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, v, (b, t)), jnp.int32)
+    ct = jnp.asarray(rng.standard_normal((b, s)), jnp.float32)  # a weight per document
+
+    def chunked(h, w):
+        return chunked_segment_logps(lambda x: x @ w, h, targets, mask, seg, s, chunk_size=4)
+
+    def full(h, w):
+        logp = jax.nn.log_softmax(h @ w, -1)
+        tok = jnp.take_along_axis(logp, targets[..., None], -1)[..., 0] * mask
+        return jnp.einsum("bt,bts->bs", tok, jax.nn.one_hot(seg, s))
+
+    for f in (chunked, full):
+        f.sums = jax.jit(f)(h, w)
+        f.grads = jax.jit(jax.grad(lambda h, w, f=f: jnp.sum(f(h, w) * ct), (0, 1)))(h, w)
+    np.testing.assert_allclose(chunked.sums, full.sums, rtol=1e-5, atol=1e-5)
+    for got, want in zip(chunked.grads, full.grads, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    sums = np.asarray(chunked.sums)
+    assert (sums[:, 0] == 0).all() and sums[1, 1] == 0 and (sums[[0, 1], 4] == 0).all()
+    assert (sums[0, 1:4] < 0).all()
 
 
 def test_accumulated_equals_full_batch(model):

@@ -3,6 +3,7 @@ data format, accumulation, the LoRA reference, precomputed reference log-probs, 
 
 from __future__ import annotations
 
+import copy
 import types
 
 import jax
@@ -278,12 +279,17 @@ def test_lora_reference_is_the_base_exactly(preference_setup, jbatch):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
-def test_precomputed_reference_gives_the_same_trajectory(preference_setup, tmp_path):
+@pytest.mark.parametrize("packing", [False, True], ids=["pair_rows", "packed"])
+def test_precomputed_reference_gives_the_same_trajectory(preference_setup, tmp_path, packing):
+    """Reference log-probs precomputed once (per pair, from the packed rows' slots when
+    packing) train exactly like the reference model run in every step."""
     from jaxtune.config import config_from_dict, config_to_dict
     from jaxtune.trainer import Trainer
 
     raw = config_to_dict(preference_setup["cfg"])
     raw["model"]["path"] = str(preference_setup["policy"])
+    if packing:  # rows of 2 x 100 positions hold 2-3 pairs
+        raw["data"].update(packing=True, seq_len=100, cache_dir=str(tmp_path / "cache"))
     raw["trainer"].update(objective="dpo", steps=2, global_batch_size=4, progress=False,
                           loss_chunk_size=48)
     raw["optimizer"].update(learning_rate=1e-2, schedule="constant")
@@ -304,6 +310,81 @@ def test_precomputed_reference_gives_the_same_trajectory(preference_setup, tmp_p
     assert histories[True].evals[-1]["eval_rewards/accuracy"] == pytest.approx(
         histories[False].evals[-1]["eval_rewards/accuracy"])
     assert "eval_rewards/margin" in histories[True].evals[0]
+    assert histories[True].evals[0]["eval_pairs"] == 8
+    if packing:  # 4 rows of packed pairs are more than 4 pairs
+        assert all(h["pairs"] > 4 for h in histories[True].history)
+
+
+# --------------------------------------------------------------------------- packing
+
+
+def _all_value_and_grads(model, losses, batch, reference):
+    """``{name: (loss, aux, grads)}`` of several losses at once (one compile)."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    @jax.jit
+    def run(p, batch):
+        out = {}
+        with reference_available(reference):
+            for name, fn in losses.items():
+                out[name] = jax.value_and_grad(
+                    lambda p, fn=fn: fn(nnx.merge(graphdef, p, rest), batch), has_aux=True)(p)
+        return out
+
+    return {name: (float(loss), jax.device_get(aux), _jax_grads(grads))
+            for name, ((loss, aux), grads) in run(params, batch).items()}
+
+
+def test_packed_pairs_equal_unpacked(preference_setup, models, jbatch):
+    """Pairs packed 2-3 to a row (each side its own segment) get exactly the per-pair log-probs,
+    losses, metrics and gradients of DPO (reference model or precomputed), ORPO and SimPO that
+    they get one pair per row: no sum crosses a document, empty slots count nowhere, and the
+    normaliser is the number of pairs."""
+    from jaxtune.data.preference import pair_batch
+    from jaxtune.objectives.preference import pair_count
+
+    policy, reference = models
+    setup = preference_setup
+    slot = setup["packed_slot"]
+    packed = {k: jnp.asarray(v) for k, v in setup["packed"].items()}
+    assert packed["input_ids"].shape == (8, 200) and int(packed["segment_ids"].max()) >= 6
+    logps, tokens = jax.jit(lambda b: sequence_logps(policy, b, 48))(jbatch)
+    ref, _ = jax.jit(lambda b: sequence_logps(reference, b, 48))(jbatch)
+    p_logps, p_tokens = jax.jit(lambda b: sequence_logps(policy, b, 48))(packed)
+    assert p_logps.shape == p_tokens.shape == (8 * 100, 2)
+    np.testing.assert_allclose(np.asarray(p_logps)[slot], logps, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(p_tokens)[slot], tokens)
+    empty = np.setdiff1d(np.arange(800), slot)
+    assert not np.asarray(p_tokens)[empty].any() and not np.asarray(p_logps)[empty].any()
+    assert float(pair_count(packed)) == float(pair_count(jbatch)) == 8.0
+    # DPO with the reference log-probs precomputed, laid out per slot of the packed rows
+    data = setup["data"]
+    with_ref = {k: jnp.asarray(v) for k, v in pair_batch(
+        data, setup["packed_rows"], 100, data.pad_id, np.asarray(ref), packed=True).items()}
+    assert with_ref["reference_chosen_logps"].shape == (8, 100)
+
+    losses = {
+        "dpo": lambda m, b: dpo_loss(m, b, beta=0.1, chunk_size=48),
+        "dpo ipo": lambda m, b: dpo_loss(m, b, beta=0.1, loss_type="ipo", chunk_size=48),
+        "orpo": lambda m, b: orpo_loss(m, b, beta=0.25, chunk_size=48),
+        "simpo": lambda m, b: simpo_loss(m, b, beta=2.0, gamma=0.7, chunk_size=48),
+    }
+    want = _all_value_and_grads(policy, losses, jbatch, reference)
+    got = {"packed": _all_value_and_grads(policy, losses, packed, reference),
+           "packed, precomputed reference": _all_value_and_grads(
+               policy, {"dpo": losses["dpo"]}, with_ref, None)}
+    for how, results in got.items():
+        for name, (p_loss, p_aux, p_grads) in results.items():
+            loss, aux, grads = want[name]
+            what = f"{name}, {how}"
+            np.testing.assert_allclose(p_loss, loss, rtol=1e-5, atol=1e-6, err_msg=what)
+            assert set(p_aux) == set(aux), what
+            for k in aux:
+                np.testing.assert_allclose(p_aux[k], aux[k], rtol=1e-5, atol=1e-5,
+                                           err_msg=f"{what}: {k}")
+            _close(p_grads, grads, what)
+    loss = want["dpo"][0]
+    assert abs(loss - np.log(2)) > 1e-3  # the reference differs from the policy
 
 
 # --------------------------------------------------------------------------- data
@@ -363,7 +444,16 @@ def test_inspect_data_shows_both_sides(preference_setup, capsys):
     stats = inspect_data(preference_setup["cfg"], n=2, color=False)
     out = capsys.readouterr().out
     assert "pair 1 chosen" in out and "pair 1 rejected" in out and "[[" in out
-    assert stats["pairs"] == 8
+    assert stats["pairs"] == 8 and stats["rows_per_epoch"] == 8
+    assert "packing             off, one pair per row" in out
+    cfg = copy.deepcopy(preference_setup["cfg"])
+    cfg.data.packing, cfg.data.seq_len = True, 100  # rows of 200 positions hold 2-3 pairs
+    stats = inspect_data(cfg, n=1, color=False)
+    out = capsys.readouterr().out
+    assert "pair 1 chosen" in out and "packing             on, 2.67 pairs per row" in out
+    assert stats["pairs"] == 8 and stats["rows_per_epoch"] == 3
+    assert 0.5 < stats["packing_efficiency"] <= 1.0
+    assert "first row           " in out and "as segments 1-" in out
 
 
 def test_support_preference_pairs_are_fresh_and_held_out():

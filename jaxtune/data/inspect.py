@@ -122,7 +122,12 @@ def _report(s: dict[str, Any], cfg, data: PreparedData) -> str:
 def inspect_pairs(cfg, tokenizer, n: int, color: bool) -> dict[str, Any]:
     """``jaxtune inspect-data`` for pairs: both sides of the first ``n`` with the trained
     tokens marked, then the totals."""
-    from jaxtune.data.preference import SIDES, pair_tokens, prepare_pairs
+    from jaxtune.data.preference import (
+        SIDES,
+        PreferenceBatchIterator,
+        pair_tokens,
+        prepare_pairs,
+    )
 
     data = prepare_pairs(cfg, tokenizer, "train")
     marker = f"{_GREEN}green{_RESET}" if color else "[[in double brackets]]"
@@ -135,7 +140,19 @@ def inspect_pairs(cfg, tokenizer, n: int, color: bool) -> dict[str, Any]:
                     f"({len(tokens)} tokens, {int(np.asarray(trained)[1:].sum())} trained) ---")
             print(f"{_DIM}{head}{_RESET}" if color else head)
             print(render_marked(tokenizer, tokens, trained, color) + "\n")
-    s = data.stats
+    s, first = dict(data.stats), []
+    if len(data.docs):  # rows per epoch and the share of their positions holding tokens
+        it = PreferenceBatchIterator(
+            data, seq_len=cfg.data.seq_len, global_batch_size=cfg.trainer.global_batch_size,
+            seed=cfg.run.seed, shuffle=cfg.data.shuffle, packing=cfg.data.packing,
+            pad_id=data.pad_id)
+        s.update(it.stats)
+        first = it.plan(0)[:1][0]
+    rows = s.get("rows_per_epoch", 0)
+    seq, batch = cfg.data.seq_len, cfg.trainer.global_batch_size
+    layout = (f"on, {s['pairs'] / max(rows, 1):.2f} pairs per row of 2 x {seq} positions"
+              if cfg.data.packing else f"off, one pair per row (a chosen and a rejected row of "
+              f"{seq})")
     lines = [
         "totals:",
         f"  pairs               {s['pairs']:,} (of {s['rows_read']:,} rows read)",
@@ -146,8 +163,19 @@ def inspect_pairs(cfg, tokenizer, n: int, color: bool) -> dict[str, Any]:
         f"  dropped             {s['dropped']:,} ({s['dropped_too_long']:,} too long, "
         f"{s['dropped_untrained']:,} with a side that has nothing to train)",
         f"  skipped bad rows    {s['skipped_bad_rows']:,}",
-        "  packing             off (one pair per row)",
+        f"  packing             {layout}",
+        f"  packing efficiency  {100.0 * s.get('packing_efficiency', 0.0):.1f}% of positions "
+        f"hold tokens ({rows:,} rows, {rows / batch:,.1f} steps per epoch)",
     ]
+    if cfg.data.packing and first:
+        names = [data.shards[int(data.docs.shard[d])].name for d in first]
+        where = ", ".join(f"{n}, row {int(data.docs.row[d])}" for n, d in zip(names, first,
+                                                                            strict=True))
+        if len(set(names)) == 1:
+            where = f"{names[0]}, rows {', '.join(str(int(data.docs.row[d])) for d in first)}"
+        used = int((data.docs.length[first] - 1).sum())
+        lines.append(f"  first row           {len(first)} pairs ({where}) as segments "
+                     f"1-{2 * len(first)}, {used} of {2 * seq} positions")
     for t in data.tokenized:
         for problem in t.meta.get("first_bad_rows", [])[:3]:
             lines.append(f"skipped: {problem}")

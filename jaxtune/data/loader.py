@@ -68,7 +68,7 @@ class BatchIterator:
     def __init__(
         self, data: PreparedData, *, seq_len: int, global_batch_size: int,
         process_index: int = 0, process_count: int = 1, seed: int = 0, shuffle: bool = True,
-        packing: bool = True, train: bool = True, pad_id: int = 0,
+        packing: bool = True, train: bool = True, pad_id: int = 0, row_len: int | None = None,
     ):
         if global_batch_size % process_count:
             raise DataError(
@@ -83,6 +83,8 @@ class BatchIterator:
         self.local_batch_size = global_batch_size // process_count
         self.seed, self.shuffle, self.packing, self.train = seed, shuffle, packing, train
         self.pad_id = pad_id
+        #: positions a row holds, which the packer fills (``seq_len``, or a pair row's both sides)
+        self.row_len = seq_len if row_len is None else row_len
         self.epoch, self.row, self.batches = 0, 0, 0
         self._plans: dict[int, Plan] = {}
         #: per local row of the last batch: ``(source, shard, row)`` of each of its documents
@@ -126,11 +128,11 @@ class BatchIterator:
                 # Best fit decreasing (longest first, ties in shuffled order), then the rows
                 # in a seeded random order: ~4 points denser than packing in arrival order.
                 sel = sel[np.argsort(-lengths[sel], kind="stable")]
-                packed = pack(lengths[sel] - 1, self.seq_len, window=len(sel))
+                packed = pack(lengths[sel] - 1, self.row_len, window=len(sel))
                 order = np.random.default_rng([self.seed, epoch, 4]).permutation(len(packed))
                 rows = [sel[packed[r]].tolist() for r in order]
             else:  # keep the data order: best fit within a window of open rows
-                rows = [sel[row].tolist() for row in pack(lengths[sel] - 1, self.seq_len)]
+                rows = [sel[row].tolist() for row in pack(lengths[sel] - 1, self.row_len)]
             if self.train and not rows:
                 raise DataError(f"Epoch {epoch} has no rows: every source weight rounds to 0.")
             for old in [e for e in self._plans if e < epoch - 1]:
@@ -214,7 +216,7 @@ class BatchIterator:
             **self.data.stats,
             "epoch": self.epoch,
             "rows_per_epoch": len(plan),
-            "packing_efficiency": plan.slots / (len(plan) * self.seq_len) if len(plan) else 0.0,
+            "packing_efficiency": plan.slots / (len(plan) * self.row_len) if len(plan) else 0.0,
         }
 
 

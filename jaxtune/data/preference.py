@@ -14,8 +14,19 @@ Row shapes accepted (field names from ``data.prompt_field``, ``data.chosen_field
 Each side is encoded exactly like a chat or completion row (:mod:`jaxtune.data.chat` masks by
 probe rendering, so only the completion turns and their end-of-turn token are trained; earlier
 assistant turns of the prompt are not). The cache stores a pair as two consecutive examples
-(chosen, then rejected). A pair is one batch row with ``chosen_*`` and ``rejected_*`` arrays,
-so both sides always sit in the same micro-batch on the same device. Pairs are not packed.
+(chosen, then rejected). Each side gets at most ``data.seq_len`` positions (``data.truncation``
+cuts longer ones), so a batch row of pairs has ``2 * seq_len`` positions either way:
+
+* ``data.packing: false``: a row is one pair, as ``chosen_*`` and ``rejected_*`` arrays
+  ``[B, seq_len]`` (:data:`PAIR_AXES`);
+* ``data.packing: true``: a row of ``2 * seq_len`` positions holds as many whole pairs as fit,
+  pair ``k`` of the row as two documents, segment ``2k + 1`` its chosen side and ``2k + 2`` its
+  rejected side, in the token batch's keys ``input_ids``, ``targets``, ``loss_mask``,
+  ``segment_ids``, ``positions`` (:data:`PACKED_PAIR_AXES`). Segment ids keep attention and the
+  per-side log-prob sums inside each document (see :mod:`jaxtune.objectives.preference`).
+
+Either way both sides of a pair sit in the same row, hence the same micro-batch on the same
+device. The packer fills rows by the pair's total length (both sides); a pair never splits.
 """
 
 from __future__ import annotations
@@ -40,10 +51,19 @@ log = logging.getLogger(__name__)
 
 SIDES = ("chosen", "rejected")
 _ROW_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
-#: The batch a preference iterator yields: per pair row, both sides' token arrays.
+#: The batch of unpacked pairs: per pair row, both sides' token arrays ``[B, seq_len]``.
 PAIR_AXES = {f"{side}_{k}": ("batch", "seq") for side in SIDES for k in _ROW_KEYS}
-#: Precomputed reference log-probs (``trainer.preference.precompute_reference``), per pair row.
+#: The batch of packed pairs: rows ``[B, 2 * seq_len]`` holding whole pairs (module docstring).
+PACKED_PAIR_AXES = {k: ("batch", "seq") for k in _ROW_KEYS}
+#: Precomputed reference log-probs (``trainer.preference.precompute_reference``): ``[B]`` per
+#: pair row, or ``[B, pair_slots(seq_len)]`` per pair slot of a packed row (0 where empty).
 REFERENCE_AXES = {"reference_chosen_logps": ("batch",), "reference_rejected_logps": ("batch",)}
+
+
+def pair_slots(seq_len: int) -> int:
+    """The most pairs a packed row of ``2 * seq_len`` positions can hold (each side of a pair
+    takes at least one position): the static width of a packed batch's per-pair arrays."""
+    return seq_len
 
 
 @dataclass(frozen=True)
@@ -296,8 +316,9 @@ class Pairs:
 
 @dataclass
 class PreferenceData(PreparedData):
-    """Prepared pairs: ``docs`` has one entry per pair (``start``/``length`` of the chosen
-    side, ``length`` the longer side), ``pairs`` both sides' spans."""
+    """Prepared pairs: ``docs`` has one entry per pair (``start`` of the chosen side; ``length``
+    ``- 1`` the positions both sides take, which the packer fills rows with), ``pairs`` both
+    sides' spans."""
 
     pairs: Pairs | None = None
 
@@ -366,7 +387,7 @@ def _pair_documents(shards, tokenized, seq_len: int, policy: str):
             if (lengths < 2).any() or (trained == 0).any():
                 untrained += 1  # a side lost its whole completion to truncation
                 continue
-            for k, v in (("shard", s), ("start", starts[0]), ("length", lengths.max()),
+            for k, v in (("shard", s), ("start", starts[0]), ("length", lengths.sum() - 1),
                          ("source", shard.source_index), ("row", rows[2 * p]),
                          ("trained", trained.sum()), ("cs", starts[0]), ("cl", lengths[0]),
                          ("rs", starts[1]), ("rl", lengths[1])):
@@ -402,15 +423,19 @@ def pair_tokens(data: PreferenceData, d: int, side: str) -> tuple[np.ndarray, np
 
 
 class PreferenceBatchIterator(BatchIterator):
-    """Host batches of pairs: ``chosen_*`` and ``rejected_*`` arrays ``[B / P, seq_len]``, one
-    pair per row (plus ``reference_*_logps`` ``[B / P]`` when precomputed). Same epochs,
-    shuffling, weights, process slices and resume state as :class:`BatchIterator`."""
+    """Host batches of pairs, one pair per row (``chosen_*`` / ``rejected_*`` arrays
+    ``[B / P, seq_len]``) or, with ``packing``, whole pairs packed into rows of ``2 * seq_len``
+    positions (the token batch's keys, see the module docstring), plus ``reference_*_logps``
+    when precomputed. Same epochs, shuffling, weights, process slices and resume state as
+    :class:`BatchIterator` (whose packer fills the rows by each pair's two sides together)."""
 
-    def __init__(self, data: PreferenceData, *, reference_logps: np.ndarray | None = None,
-                 **kwargs):
-        super().__init__(data, packing=False, **kwargs)
+    def __init__(self, data: PreferenceData, *, seq_len: int, packing: bool = False,
+                 reference_logps: np.ndarray | None = None, **kwargs):
+        super().__init__(data, seq_len=seq_len, packing=packing, row_len=2 * seq_len, **kwargs)
         #: ``[pairs, 2]`` float32 reference log-probs (chosen, rejected), or None
         self.reference_logps = reference_logps
+        #: per local row of the last batch: its pair documents (indices into ``data.docs``)
+        self.last_pairs: list[list[int]] = []
 
     def __next__(self) -> dict[str, np.ndarray]:
         rows, epoch, row = self._global_rows(self.epoch, self.row)
@@ -421,27 +446,46 @@ class PreferenceBatchIterator(BatchIterator):
         self.epoch, self.row = epoch, row
         self.batches += 1
         docs = self.data.docs
+        self.last_pairs = mine
         self.last_examples = [
             [(int(docs.source[d]), int(docs.shard[d]), int(docs.row[d])) for d in r] for r in mine
         ]
-        return pair_batch(self.data, mine, self.seq_len, self.pad_id, self.reference_logps)
+        return pair_batch(self.data, mine, self.seq_len, self.pad_id, self.reference_logps,
+                          packed=self.packing)
 
 
 def pair_batch(data: PreferenceData, rows: list[list[int]], seq_len: int, pad_id: int,
-               reference_logps: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Arrays for rows of (at most one) pair document each; ``[]`` is a padding row."""
+               reference_logps: np.ndarray | None = None, *,
+               packed: bool = False) -> dict[str, np.ndarray]:
+    """Arrays for rows given as lists of pair documents (``[]`` is a padding row).
+
+    Unpacked (at most one pair per row): ``chosen_*`` and ``rejected_*`` ``[len(rows),
+    seq_len]``, and reference log-probs ``[len(rows)]``. Packed: the token batch's keys
+    ``[len(rows), 2 * seq_len]`` with pair ``k`` of a row as segments ``2k + 1`` (chosen) and
+    ``2k + 2`` (rejected), and reference log-probs ``[len(rows), pair_slots(seq_len)]``.
+    """
     out: dict[str, np.ndarray] = {}
-    for side in SIDES:
-        docs = [[pair_tokens(data, d, side) for d in r] for r in rows]
-        for k, v in rows_to_arrays(docs, seq_len, pad_id).items():
-            out[f"{side}_{k}"] = v
+    if packed:
+        docs = [[pair_tokens(data, d, side) for d in r for side in SIDES] for r in rows]
+        out.update(rows_to_arrays(docs, 2 * seq_len, pad_id))
+        slots = pair_slots(seq_len)
+    else:
+        if any(len(r) > 1 for r in rows):
+            raise ValueError("an unpacked batch of pairs holds one pair per row")
+        for side in SIDES:
+            docs = [[pair_tokens(data, d, side) for d in r] for r in rows]
+            for k, v in rows_to_arrays(docs, seq_len, pad_id).items():
+                out[f"{side}_{k}"] = v
+        slots = 1
     if reference_logps is not None:
-        ref = np.zeros((len(rows), 2), np.float32)
+        ref = np.zeros((len(rows), slots, 2), np.float32)
         for i, r in enumerate(rows):
             if r:
-                ref[i] = reference_logps[r[0]]
-        out["reference_chosen_logps"] = ref[:, 0].copy()
-        out["reference_rejected_logps"] = ref[:, 1].copy()
+                ref[i, :len(r)] = reference_logps[r]
+        if not packed:
+            ref = ref[:, 0]
+        out["reference_chosen_logps"] = ref[..., 0].copy()
+        out["reference_rejected_logps"] = ref[..., 1].copy()
     return out
 
 
@@ -486,10 +530,6 @@ def make_pair_iterator(cfg, tokenizer, *, split: str, process_index: int | None 
         process_count = jax.process_count() if process_count is None else process_count
     if cfg.data.streaming:
         raise DataError("data.format preference does not stream; set data.streaming: false.")
-    if cfg.data.packing:
-        raise DataError(
-            "data.format preference does not pack pairs (each pair is one row holding both "
-            "sides); set data.packing: false.")
     data = prepare_pairs(cfg, tokenizer, split)
     pref = getattr(cfg.trainer, "preference", None)
     if reference_logps is None and pref is not None and pref.precompute_reference \
@@ -505,5 +545,5 @@ def make_pair_iterator(cfg, tokenizer, *, split: str, process_index: int | None 
         data, seq_len=cfg.data.seq_len, global_batch_size=cfg.trainer.global_batch_size,
         process_index=process_index, process_count=process_count, seed=cfg.run.seed,
         shuffle=cfg.data.shuffle and split == "train", train=split == "train",
-        pad_id=data.pad_id, reference_logps=reference_logps)
+        packing=cfg.data.packing, pad_id=data.pad_id, reference_logps=reference_logps)
 

@@ -124,7 +124,7 @@ def _checkpoint_dir(cfg: TrainConfig):
 
 
 def _complete_steps(cfg: TrainConfig) -> list[int]:
-    from jaxtune.export.run_dir import complete_steps
+    from jaxtune.run_dir import complete_steps
 
     return complete_steps(_checkpoint_dir(cfg))
 

@@ -1,12 +1,20 @@
 """Preference objectives: DPO (sigmoid, IPO, hinge, robust), ORPO and SimPO.
 
-Each is one loss over a batch of pairs (``data.format: preference``: per row ``chosen_*`` and
-``rejected_*`` token arrays, see :mod:`jaxtune.data.preference`), registered by name for
-``trainer.objective``, with the settings of ``trainer.preference``. All start from the summed
-completion log-probs of each side, computed chunked over the vocabulary
-(:func:`jaxtune.loss.chunked_sequence_logps`, never the ``[B, T, V]`` logits); both sides run
-through the model as one ``[2B, T]`` batch, interleaved row by row so each device keeps its
-own pairs.
+Each is one loss over a batch of pairs (``data.format: preference``, see
+:mod:`jaxtune.data.preference`), registered by name for ``trainer.objective``, with the
+settings of ``trainer.preference``. All start from the summed completion log-probs of each
+side, computed chunked over the vocabulary for the trained tokens only
+(:func:`jaxtune.loss.chunked_segment_logps`, never the ``[B, T, V]`` logits) and summed per
+document by segment ids, never across documents. A batch comes in one of two layouts, and
+both give each pair exactly the log-probs it gets alone:
+
+* one pair per row (``chosen_*`` and ``rejected_*`` arrays): both sides run through the model
+  as one ``[2B, T]`` batch, interleaved row by row so each device keeps its own pairs;
+* packed (``data.packing: true``; the token batch's keys): rows holding whole pairs, pair
+  ``k`` of a row as segments ``2k + 1`` (chosen) and ``2k + 2`` (rejected), run as they are.
+
+Per-pair values are ``[N, 2]`` arrays over pair slots (``N = B`` unpacked, ``B *
+pair_slots(seq_len)`` packed); a slot without a pair has no trained token and counts nowhere.
 
 Formulas follow TRL (1.16) and are checked against it in ``tests/test_preference.py``, with
 ``delta = (logp_c - ref_c) - (logp_r - ref_r)``:
@@ -22,7 +30,8 @@ Formulas follow TRL (1.16) and are checked against it in ``tests/test_preference
 
 Normalisation: every loss is a mean over pairs of the global batch: per-pair terms are summed
 and divided by ``batch["loss_denominator"]`` (the train step sets it to the number of pairs
-over all micro-batches and devices), so accumulation and sharding do not change the step.
+over all micro-batches and devices, however they are packed), so accumulation, sharding and
+packing do not change the step.
 Metrics (``rewards/chosen``, ``rewards/rejected``, ``rewards/margin``, ``rewards/accuracy``,
 ``logps/chosen``, ``logps/rejected``) are such contributions too, so they add up to the
 global means; eval sums them over the held-out pairs (denominator 1) and divides by the count.
@@ -41,8 +50,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtune.data.preference import PAIR_AXES, REFERENCE_AXES
-from jaxtune.loss import add_model_aux, chunked_sequence_logps
+from jaxtune.data.preference import PACKED_PAIR_AXES, PAIR_AXES, REFERENCE_AXES, pair_slots
+from jaxtune.loss import add_model_aux, chunked_segment_logps
 from jaxtune.models.family import hidden_states_and_aux
 from jaxtune.objectives import Objective, reference_model, register_objective
 
@@ -53,13 +62,44 @@ _KEYS = ("input_ids", "positions", "segment_ids", "targets", "loss_mask")
 
 
 def pair_inputs(batch: Batch) -> dict[str, jax.Array]:
-    """Both sides as one ``[2B, T]`` batch, row ``2i`` chosen and ``2i + 1`` rejected of pair
-    ``i`` (interleaved, so the rows a device holds stay on it)."""
+    """Both sides of an unpacked batch as one ``[2B, T]`` batch, row ``2i`` chosen and
+    ``2i + 1`` rejected of pair ``i`` (interleaved, so the rows a device holds stay on it)."""
     out = {}
     for k in _KEYS:
         c, r = batch[f"chosen_{k}"], batch[f"rejected_{k}"]
         out[k] = jnp.stack([c, r], axis=1).reshape(2 * c.shape[0], *c.shape[1:])
     return out
+
+
+def is_packed(batch: Mapping[str, Any]) -> bool:
+    """Whether ``batch`` holds packed pairs (rows of whole pairs) rather than a pair per row."""
+    return "input_ids" in batch
+
+
+def pair_documents(batch: Batch) -> tuple[dict[str, jax.Array], int]:
+    """``(rows, num_segments)``: the rows the model runs on and how many segment ids a row
+    can hold. A packed batch runs as it is (pair ``k`` of a row in segments ``2k + 1`` and
+    ``2k + 2``); an unpacked one as :func:`pair_inputs` (each row one document, segment 1)."""
+    if is_packed(batch):
+        return {k: batch[k] for k in _KEYS}, 2 * (batch["input_ids"].shape[1] // 2) + 1
+    return pair_inputs(batch), 2
+
+
+def pair_columns(sums_RS: jax.Array, batch: Batch) -> jax.Array:
+    """``[N, 2]`` (chosen, rejected) per pair slot from per-(row, segment) sums ``[R, S]`` of
+    :func:`pair_documents`' rows: ``N = B`` unpacked, ``B * pair_slots`` packed (a slot
+    without a pair sums to 0 on both sides)."""
+    if is_packed(batch):
+        return jnp.stack([sums_RS[:, 1::2], sums_RS[:, 2::2]], axis=-1).reshape(-1, 2)
+    return sums_RS[:, 1].reshape(-1, 2)
+
+
+def pair_tokens(batch: Batch) -> jax.Array:
+    """``[N, 2]`` trained tokens of each side of each pair slot (see :func:`pair_columns`)."""
+    inputs, num_segments = pair_documents(batch)
+    sums_RS = jax.vmap(lambda m, s: jax.ops.segment_sum(m, s, num_segments))(
+        inputs["loss_mask"].astype(jnp.float32), inputs["segment_ids"].astype(jnp.int32))
+    return pair_columns(sums_RS, batch)
 
 
 def model_hidden(model: Any, inputs: Mapping[str, jax.Array]):
@@ -71,29 +111,31 @@ def model_hidden(model: Any, inputs: Mapping[str, jax.Array]):
 
 
 def policy_logps(model: Any, batch: Batch, chunk_size: int):
-    """``(logps_B2, tokens_B2, model_aux)``: summed completion log-probs and trained tokens per
-    side (column 0 chosen, 1 rejected), float32, and the model's auxiliary output (or None)."""
-    inputs = pair_inputs(batch)
-    mask = inputs["loss_mask"].astype(jnp.float32)
+    """``(logps_N2, tokens_N2, model_aux)``: summed completion log-probs and trained tokens per
+    side of each pair slot (column 0 chosen, 1 rejected; see :func:`pair_columns`), float32,
+    and the model's auxiliary output (or None). Each side's sum covers its own segment only, so a
+    packed pair gets exactly the log-probs it gets alone."""
+    inputs, num_segments = pair_documents(batch)
     hidden, model_aux = model_hidden(model, inputs)
-    logps = chunked_sequence_logps(model.unembed, hidden, inputs["targets"].astype(jnp.int32),
-                                   mask, chunk_size=chunk_size)
-    b = batch["chosen_input_ids"].shape[0]
-    return logps.reshape(b, 2), mask.sum(-1).reshape(b, 2), model_aux
+    sums_RS = chunked_segment_logps(
+        model.unembed, hidden, inputs["targets"], inputs["loss_mask"], inputs["segment_ids"],
+        num_segments, chunk_size=chunk_size)
+    return pair_columns(sums_RS, batch), pair_tokens(batch), model_aux
 
 
 def sequence_logps(model: Any, batch: Batch, chunk_size: int) -> tuple[jax.Array, jax.Array]:
-    """``(logps_B2, tokens_B2)`` of :func:`policy_logps`, without the auxiliary output (the
+    """``(logps_N2, tokens_N2)`` of :func:`policy_logps`, without the auxiliary output (the
     reference model's router loss trains nothing)."""
     logps, tokens, _ = policy_logps(model, batch, chunk_size)
     return logps, tokens
 
 
 def reference_logps(model: Any, batch: Batch, chunk_size: int) -> jax.Array:
-    """``[B, 2]`` reference log-probs: precomputed in the batch, else from the reference model
+    """``[N, 2]`` reference log-probs: precomputed in the batch, else from the reference model
     (the frozen copy, or this model with adapters disabled)."""
     if "reference_chosen_logps" in batch:
-        return jnp.stack([batch["reference_chosen_logps"], batch["reference_rejected_logps"]],
+        return jnp.stack([batch["reference_chosen_logps"].reshape(-1),
+                          batch["reference_rejected_logps"].reshape(-1)],
                          axis=1).astype(jnp.float32)
     with reference_model(model) as ref:
         logps, _ = sequence_logps(ref, batch, chunk_size)
@@ -101,14 +143,13 @@ def reference_logps(model: Any, batch: Batch, chunk_size: int) -> jax.Array:
 
 
 def pair_count(batch: Batch) -> jax.Array:
-    """The normaliser: pairs with trained tokens on both sides (padding rows have none)."""
-    return jnp.maximum(_valid(batch).sum(), 1.0)
+    """The normaliser: pairs with trained tokens on both sides (padding rows and empty pair
+    slots of packed rows have none)."""
+    return jnp.maximum(_valid(pair_tokens(batch)).sum(), 1.0)
 
 
-def _valid(batch: Batch) -> jax.Array:
-    c = batch["chosen_loss_mask"].astype(jnp.float32).sum(-1)
-    r = batch["rejected_loss_mask"].astype(jnp.float32).sum(-1)
-    return ((c > 0) & (r > 0)).astype(jnp.float32)
+def _valid(tokens_N2: jax.Array) -> jax.Array:
+    return (tokens_N2.min(axis=-1) > 0).astype(jnp.float32)
 
 
 def _denominator(batch: Batch) -> jax.Array:
@@ -123,14 +164,14 @@ def _log1mexp(x: jax.Array) -> jax.Array:
     return jnp.where(x < -0.6931471805599453, jnp.log1p(-jnp.exp(x)), jnp.log(-jnp.expm1(x)))
 
 
-def _finish(batch: Batch, logps: jax.Array, per_pair: jax.Array, chosen_reward: jax.Array,
-            rejected_reward: jax.Array, extra: dict | None = None):
+def _finish(batch: Batch, logps: jax.Array, tokens: jax.Array, losses: jax.Array,
+            chosen_reward: jax.Array, rejected_reward: jax.Array, extra: dict | None = None):
     """``(loss, aux)`` as contributions to the global means over pairs."""
-    valid = _valid(batch)
+    valid = _valid(tokens)
     denom = _denominator(batch)
 
-    def mean(x):
-        return jnp.sum(jax.lax.stop_gradient(x) * valid) / denom
+    def mean(x):  # empty pair slots (padding) count for nothing, whatever their value
+        return jnp.sum(jnp.where(valid > 0, jax.lax.stop_gradient(x), 0.0)) / denom
 
     aux = {
         "rewards/chosen": mean(chosen_reward),
@@ -142,7 +183,7 @@ def _finish(batch: Batch, logps: jax.Array, per_pair: jax.Array, chosen_reward: 
         "pairs": valid.sum(),
         **{k: mean(v) for k, v in (extra or {}).items()},
     }
-    return jnp.sum(per_pair * valid) / denom, aux
+    return jnp.sum(jnp.where(valid > 0, losses, 0.0)) / denom, aux
 
 
 def dpo_terms(logps: jax.Array, ref: jax.Array, tokens: jax.Array, *, beta: float,
@@ -197,13 +238,13 @@ def dpo_loss(model: Any, batch: Batch, *, beta: float = 0.1, loss_type: str = "s
     ref = reference_logps(model, batch, chunk_size)
     terms = dpo_terms(logps, ref, tokens, beta=beta, loss_type=loss_type,
                       label_smoothing=label_smoothing)
-    return add_model_aux(*_finish(batch, logps, *terms), model_aux, batch)
+    return add_model_aux(*_finish(batch, logps, tokens, *terms), model_aux, batch)
 
 
 def orpo_loss(model: Any, batch: Batch, *, beta: float = 0.1, chunk_size: int = 1024):
     """ORPO: NLL of the chosen completion plus ``beta`` times the odds-ratio term."""
     logps, tokens, model_aux = policy_logps(model, batch, chunk_size)
-    return add_model_aux(*_finish(batch, logps, *orpo_terms(logps, tokens, beta=beta)),
+    return add_model_aux(*_finish(batch, logps, tokens, *orpo_terms(logps, tokens, beta=beta)),
                          model_aux, batch)
 
 
@@ -212,7 +253,7 @@ def simpo_loss(model: Any, batch: Batch, *, beta: float = 2.0, gamma: float = 0.
     """SimPO: length-averaged log-prob margin against the target ``gamma``; no reference."""
     logps, tokens, model_aux = policy_logps(model, batch, chunk_size)
     terms = simpo_terms(logps, tokens, beta=beta, gamma=gamma, label_smoothing=label_smoothing)
-    return add_model_aux(*_finish(batch, logps, *terms), model_aux, batch)
+    return add_model_aux(*_finish(batch, logps, tokens, *terms), model_aux, batch)
 
 
 _METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy",
@@ -231,17 +272,22 @@ def pair_eval_metrics(sums: Mapping[str, float]) -> dict[str, float]:
 
 
 def pair_batch_shapes(cfg) -> dict[str, jax.ShapeDtypeStruct]:
-    """A batch of pairs' shapes (``jaxtune plan``): both sides' token rows per pair."""
+    """A batch of pairs' shapes (``jaxtune plan``): a chosen and a rejected row per pair, or
+    with ``data.packing`` rows of ``2 * seq_len`` positions holding whole pairs."""
     rows, seq = cfg.trainer.global_batch_size, cfg.data.seq_len
-    out = {k: jax.ShapeDtypeStruct((rows, seq), jnp.float32 if k.endswith("loss_mask")
-                                   else jnp.int32) for k in PAIR_AXES}
+    packed = cfg.data.packing
+    keys, width = (PACKED_PAIR_AXES, 2 * seq) if packed else (PAIR_AXES, seq)
+    out = {k: jax.ShapeDtypeStruct((rows, width), jnp.float32 if k.endswith("loss_mask")
+                                   else jnp.int32) for k in keys}
     if cfg.trainer.objective == "dpo" and cfg.trainer.preference.precompute_reference:
-        out.update({k: jax.ShapeDtypeStruct((rows,), jnp.float32) for k in REFERENCE_AXES})
+        shape = (rows, pair_slots(seq)) if packed else (rows,)
+        out.update({k: jax.ShapeDtypeStruct(shape, jnp.float32) for k in REFERENCE_AXES})
     return out
 
 
 def _axes(with_reference: bool):
-    return {**PAIR_AXES, **(REFERENCE_AXES if with_reference else {})}
+    # Both layouts: the loss takes whichever the data pipeline gives (``is_packed``).
+    return {**PAIR_AXES, **PACKED_PAIR_AXES, **(REFERENCE_AXES if with_reference else {})}
 
 
 def _pref(cfg):
@@ -284,9 +330,9 @@ register_objective("simpo", _simpo)
 
 
 def reference_logps_fn(state, mesh, rules, chunk_size: int):
-    """A jitted ``(state, batch) -> [B, 2]`` of the reference log-probs of the state's model:
-    its base with adapters disabled under LoRA, else the model as it is (call it before
-    training, when the weights still are the reference)."""
+    """A jitted ``(state, batch) -> [N, 2]`` of the reference log-probs of the state's model per
+    pair slot (:func:`pair_columns`): its base with adapters disabled under LoRA, else the model
+    as it is (call it before training, when the weights still are the reference)."""
     from jax.sharding import NamedSharding, PartitionSpec
 
     from jaxtune import lora
@@ -328,15 +374,22 @@ def precompute_reference_logps(trainer) -> None:
             continue
         fn = fn or reference_logps_fn(trainer.state, trainer.mesh, trainer.rules,
                                       cfg.trainer.loss_chunk_size)
+        batch = cfg.trainer.global_batch_size
         it = PreferenceBatchIterator(
-            prepared, seq_len=cfg.data.seq_len, global_batch_size=cfg.trainer.global_batch_size,
+            prepared, seq_len=cfg.data.seq_len, global_batch_size=batch,
             process_index=jax.process_index(), process_count=jax.process_count(),
-            shuffle=False, train=False, pad_id=prepared.pad_id)
-        out = []
-        for host_batch in it:
-            out.append(np.asarray(jax.device_get(
-                fn(trainer.state, data_mod.to_global_batch(host_batch, trainer.mesh)))))
-        logps = np.concatenate(out)[:len(prepared.docs)].astype(np.float32)
+            shuffle=False, train=False, packing=cfg.data.packing, pad_id=prepared.pad_id)
+        # An eval iterator's batch j is rows [j * batch, (j + 1) * batch) of its plan; the
+        # step's output is every process's rows, pair slot by pair slot.
+        plan, slots = it.plan(0), pair_slots(cfg.data.seq_len) if cfg.data.packing else 1
+        logps = np.full((len(prepared.docs), 2), np.nan, np.float32)
+        for j, host_batch in enumerate(it):
+            got = np.asarray(jax.device_get(
+                fn(trainer.state, data_mod.to_global_batch(host_batch, trainer.mesh))))
+            got = got.reshape(batch, slots, 2)
+            for r, docs in enumerate(plan[j * batch:(j + 1) * batch]):
+                logps[docs] = got[r, :len(docs)]
+        assert not np.isnan(logps).any(), "a pair was left out of the reference pass"
         # Every process writes the same array under a private name and renames it into
         # place, so on a shared or a local disk each finds the file once it is done here.
         tmp = f"{path}.tmp-{jax.process_index()}-{os.getpid()}.npy"
