@@ -35,8 +35,8 @@ maximum instead (``jaxtune.train_step.combine_aux``).
 An objective is callable as its loss, so it is passed to ``train_step`` as ``loss_fn``; a
 plain function there gets SFT's axes and normaliser. Objectives register themselves with
 :func:`register_objective`, one file each in this package: ``sft`` (:mod:`.sft`), ``dpo``,
-``orpo`` and ``simpo`` (:mod:`.preference`), ``grpo`` (:mod:`.grpo`). The registry is the only
-list.
+``orpo`` and ``simpo`` (:mod:`.preference`), ``grpo`` (:mod:`.grpo`), ``distill``
+(:mod:`.distill`). The registry is the only list.
 
 The reference model (DPO-style objectives) is :func:`reference_model` inside the loss: the
 frozen copy in the train state when the run keeps one (full fine-tuning), else the same model
@@ -137,7 +137,7 @@ _OBJECTIVES: dict[str, Callable[[Any], Objective]] = {}
 #: Modules whose objectives are built in, one file each; imported on first use of the registry
 #: (they build on this module, so it cannot import them at its top).
 _BUILTIN_MODULES = ("jaxtune.objectives.sft", "jaxtune.objectives.preference",
-                    "jaxtune.objectives.grpo")
+                    "jaxtune.objectives.grpo", "jaxtune.objectives.distill")
 
 
 def _load_builtins() -> None:
