@@ -418,9 +418,6 @@ class Trainer:
             "tokens, %d steps%s", c.run.name, jax.device_count(), dict(self.mesh.shape),
             self.num_params / 1e6, self.num_trainable / 1e6, c.trainer.global_batch_size,
             c.data.seq_len, c.trainer.steps, f", resuming at {start}" if start else "")
-        if self.teacher is not None:
-            log.info("teacher %s: %.1fM params, frozen outside the train state",
-                     self.teacher.description, self.teacher.num_params / 1e6)
         stats = getattr(self.batches, "stats", None)
         if stats:  # what the model will train on, once, so a bad mask or cut shows up early
             log.info("train data: %s", ", ".join(

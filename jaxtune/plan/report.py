@@ -50,6 +50,7 @@ class MemoryPlan:
     hbm: int
     compiler: dict[str, int] = field(default_factory=dict)
     oom_message: str = ""  # the TPU compiler's RESOURCE_EXHAUSTED text, when it refused
+    teacher: int = 0  # a frozen teacher's parameters (distillation), an argument of the step
 
     @property
     def fits(self) -> bool:
@@ -60,8 +61,10 @@ class MemoryPlan:
         return self.hbm - self.peak
 
 
-def memory_plan(state, state_shardings, batch_bytes: int, stats: Any, hbm: int) -> MemoryPlan:
-    """Break ``compiled.memory_analysis()`` down; ``state_shardings`` as the jit's in_shardings."""
+def memory_plan(state, state_shardings, batch_bytes: int, stats: Any, hbm: int,
+                teacher: int = 0) -> MemoryPlan:
+    """Break ``compiled.memory_analysis()`` down; ``state_shardings`` as the jit's in_shardings.
+    ``teacher``: bytes per chip of a teacher given to the step (already in its arguments)."""
     params = shard_bytes(state.params, state_shardings.params)
     frozen = shard_bytes(state.frozen, state_shardings.frozen)
     opt = shard_bytes(state.opt_state, state_shardings.opt_state)
@@ -72,7 +75,8 @@ def memory_plan(state, state_shardings, batch_bytes: int, stats: Any, hbm: int) 
     peak = (compiler["argument_size_in_bytes"] + compiler["output_size_in_bytes"]
             - compiler["alias_size_in_bytes"] + temp + compiler["generated_code_size_in_bytes"])
     grads = min(params, temp)
-    return MemoryPlan(params, frozen, opt, grads, temp - grads, batch_bytes, peak, hbm, compiler)
+    return MemoryPlan(params, frozen, opt, grads, temp - grads, batch_bytes, peak, hbm, compiler,
+                      teacher=teacher)
 
 
 _OOM_PATTERNS = (
@@ -95,7 +99,8 @@ def parse_oom(message: str) -> tuple[int, int] | None:
     return None
 
 
-def oom_plan(state, state_shardings, batch_bytes: int, message: str, hbm: int) -> MemoryPlan:
+def oom_plan(state, state_shardings, batch_bytes: int, message: str, hbm: int,
+             teacher: int = 0) -> MemoryPlan:
     """A plan for a program the TPU compiler refused: state from shardings, peak from its text.
 
     The message counts one kind of buffer (usually temporaries), so the peak is the state and
@@ -107,11 +112,11 @@ def oom_plan(state, state_shardings, batch_bytes: int, message: str, hbm: int) -
     parsed = parse_oom(message)
     needed = parsed[0] if parsed else 0
     temps = needed if parsed and "temporaries" in message else max(
-        0, needed - params - frozen - opt - batch_bytes)
+        0, needed - params - frozen - opt - batch_bytes - teacher)
     grads = min(params, temps)
-    peak = params + frozen + opt + batch_bytes + temps
+    peak = params + frozen + opt + batch_bytes + teacher + temps
     return MemoryPlan(params, frozen, opt, grads, temps - grads, batch_bytes, peak, hbm,
-                      oom_message=message.strip().splitlines()[0][:400])
+                      oom_message=message.strip().splitlines()[0][:400], teacher=teacher)
 
 
 # --------------------------------------------------------------------------- suggestions
@@ -170,6 +175,7 @@ def format_table(plan: MemoryPlan, target: Target) -> str:
         ("parameters (trainable)", plan.params),
         ("parameters (frozen)", plan.frozen),
         ("optimizer state", plan.opt_state),
+        *([("teacher (frozen, not trained)", plan.teacher)] if plan.teacher else []),
         ("gradients", plan.gradients),
         ("activations + temporaries", plan.activations),
         ("batch", plan.batch),
