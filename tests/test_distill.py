@@ -55,8 +55,11 @@ def recipe(tmp_path_factory, distill_pair, data_tokenizers):
     return make
 
 
-def test_the_student_moves_towards_the_teacher(recipe):
-    result = train(config_from_dict(recipe("learns", trainer={"steps": 8})))
+@pytest.mark.parametrize("lora", [0, 4])
+def test_the_student_moves_towards_the_teacher(recipe, lora):
+    """Full fine-tuning, and LoRA (the student's head frozen: its gradient is never made)."""
+    result = train(config_from_dict(recipe(f"learns-{lora}", trainer={"steps": 8},
+                                           lora={"rank": lora, "alpha": 2 * lora})))
     first, last = result.evals[0], result.evals[-1]
     assert last["eval_divergence"] < first["eval_divergence"] - 0.02, (first, last)
     for h in result.history:

@@ -201,9 +201,11 @@ class DistillBatches:
         from jaxtune.data.errors import DataError
 
         if state.get("kind") != "distill":
-            raise DataError("This checkpoint's data position was saved by another objective's "
-                            "data (not distillation's); resume it with the objective it "
-                            "trained.")
+            raise DataError(
+                "This checkpoint's data position was not saved by distillation's batch source "
+                "(another objective's data, or a distillation run with lmbda 0, no seq_kd and "
+                "no precompute_teacher, whose batches come straight from the data iterator); "
+                "resume it with the objective and distill settings it trained with.")
         self.iterator.set_state(state["data"])
         self.produced = int(state["produced"])
 
