@@ -176,6 +176,23 @@ class RLConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Distillation from a teacher's token distributions (trainer.objective: distill), with
+    the names and meanings of TRL's GKDTrainer (see docs/distillation.md)."""
+
+    teacher: str = ""  # the teacher: an HF model folder or hub id, an export, or a run directory
+    dtype: str = ""  # the teacher's parameter and compute dtype; empty: model.dtype
+    beta: float = 0.5  # generalised JSD: 0 forward KL(teacher||student), 1 reverse KL, else JSD
+    temperature: float = 1.0  # softmax temperature of both distributions, and of sampling
+    lmbda: float = 0.0  # share of steps trained on the student's own completions (on-policy)
+    seq_kd: bool = False  # the other steps train on the teacher's completions (sequence-level KD)
+    max_new_tokens: int = 128  # generated completions: new tokens at most
+    ce_weight: float = 0.0  # weight of the token cross-entropy on the data's answers, added
+    top_k: int = 0  # 0: the whole vocabulary; k: the teacher's top k tokens and the rest as one
+    precompute_teacher: bool = False  # top-k teacher log-probs computed once, cached with the data
+
+
+@dataclass
 class TrainerConfig:
     steps: int = 100  # optimizer steps to run
     global_batch_size: int = 8  # rows per optimizer step, over all devices and micro-batches
@@ -183,7 +200,7 @@ class TrainerConfig:
     eval_every: int = 0  # evaluate every N steps; 0 only at the start and end
     eval_batches: int = 0  # eval batches per evaluation; 0 means the whole eval set
     log_every: int = 1  # write metrics every N steps
-    # what to train for (jaxtune.objectives): sft | dpo | orpo | simpo | grpo
+    # what to train for (jaxtune.objectives): sft | dpo | orpo | simpo | grpo | distill
     objective: str = "sft"
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)  # dpo / orpo / simpo
     loss_fn: str = ""  # replacement loss 'pkg.module:function'; empty uses the objective's
@@ -249,6 +266,7 @@ class TrainConfig:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     rl: RLConfig = field(default_factory=RLConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
@@ -516,6 +534,7 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("'data.format: preference' does not stream; set "
                           "'data.streaming: false'.")
     _validate_rl(cfg)
+    _validate_distill(cfg)
     for i, src in enumerate(cfg.data.sources + cfg.data.eval_sources):
         if src.weight <= 0:
             raise ConfigError(f"Data source {i} ('{src.path}') has weight {src.weight}; use > 0.")
@@ -565,6 +584,58 @@ def _validate_rl(cfg: TrainConfig) -> None:
         if not r.function:
             raise ConfigError(f"'rl.rewards[{i}].function' is empty: give a built-in name or "
                               "'pkg.module:function'.")
+
+
+def _validate_distill(cfg: TrainConfig) -> None:
+    """The distill section: only when trainer.objective is distill (its teacher's path,
+    family and vocabulary are checked when the objective is built, before any weight is read:
+    jaxtune.distill.teacher)."""
+    d = cfg.distill
+    if cfg.trainer.objective != "distill":
+        return
+    if not d.teacher:
+        raise ConfigError("'distill.teacher' is empty: give the teacher model (a Hugging Face "
+                          "folder or hub id, an export, or a training run's directory).")
+    if d.dtype and d.dtype not in _CHOICES["model.dtype"]:
+        raise ConfigError(f"'distill.dtype' is '{d.dtype}'; use float32, bfloat16, float16 or "
+                          "leave it empty (model.dtype).")
+    for key in ("distill.beta", "distill.lmbda"):
+        if not 0.0 <= _get(cfg, key) <= 1.0:
+            raise ConfigError(f"'{key}' must be in [0, 1] (as TRL's), got {_get(cfg, key)}.")
+    if d.temperature <= 0:
+        raise ConfigError(f"'distill.temperature' must be > 0, got {d.temperature}.")
+    if d.ce_weight < 0:
+        raise ConfigError(f"'distill.ce_weight' must be >= 0, got {d.ce_weight}.")
+    if d.top_k < 0:
+        raise ConfigError(f"'distill.top_k' must be >= 0 (0: the whole vocabulary), got "
+                          f"{d.top_k}.")
+    generates = d.lmbda > 0 or d.seq_kd
+    if cfg.data.format in ("preference", "prompt") or (generates and cfg.data.format == "text"):
+        raise ConfigError(
+            f"trainer.objective distill with {'lmbda > 0 or seq_kd' if generates else 'these'} "
+            f"settings trains on prompts with answers (data.format chat, completion or alpaca"
+            f"{'' if generates else ', or text'}), not data.format '{cfg.data.format}'.")
+    if generates:
+        if d.max_new_tokens < 1:
+            raise ConfigError(f"'distill.max_new_tokens' must be at least 1, got "
+                              f"{d.max_new_tokens}.")
+        if cfg.data.packing:
+            raise ConfigError(
+                "'distill.lmbda' > 0 (or seq_kd) replaces each row's answer with a generated "
+                "one, so each row must hold one conversation: set 'data.packing: false' (or "
+                "lmbda: 0 and seq_kd: false to distill on the data's answers only).")
+    if d.precompute_teacher:
+        if not d.top_k:
+            raise ConfigError("'distill.precompute_teacher' caches the teacher's top-k "
+                              "log-probs: set 'distill.top_k' (e.g. 64).")
+        if generates:
+            raise ConfigError(
+                "'distill.precompute_teacher' caches the teacher on the data's answers, but "
+                "lmbda > 0 (or seq_kd) trains on generated answers, which need the teacher "
+                "during training: set lmbda: 0 and seq_kd: false, or precompute_teacher: false.")
+        if cfg.data.streaming:
+            raise ConfigError("'distill.precompute_teacher' caches per tokenised example and "
+                              "does not stream; set 'data.streaming: false'.")
 
 
 def _divisors(n: int) -> list[int]:

@@ -115,7 +115,7 @@ def add_model_aux(loss: jax.Array, aux: dict[str, jax.Array], model_aux: dict[st
     return loss + model_aux["loss"] * share, aux
 
 
-def _batch_shards(batch_size: int) -> int:
+def batch_shards(batch_size: int) -> int:
     """How many ways the batch axis is split under the active activation rules (1 outside)."""
     # The mesh and rules the train step traces under (set by sharding.activation_rules).
     current = sharding.current_mesh_rules()
@@ -152,7 +152,7 @@ def chunked_token_terms(
     the sums are metrics.
     """
     b, t, d = hidden_BTD.shape
-    groups = _batch_shards(b)
+    groups = batch_shards(b)
     groups = groups if b % groups == 0 else 1
     n = b // groups * t  # tokens per device
     c = max(1, min(n, chunk_size))
@@ -400,7 +400,7 @@ def chunked_sequence_logps(
     one chunk's ``[B, S, V]`` logits are ever live. Differentiable.
     """
     b, t, d = hidden_BTD.shape
-    rows_per_device = max(1, b // _batch_shards(b))
+    rows_per_device = max(1, b // batch_shards(b))
     s = max(1, min(t, -(-chunk_size // rows_per_device)))
     num_chunks = -(-t // s)
     pad = num_chunks * s - t
@@ -521,7 +521,7 @@ def chunked_token_logps(
     differentiable; the entropy is a metric (no gradient).
     """
     b, t, d = hidden_BSD.shape
-    rows_per_device = max(1, b // _batch_shards(b))
+    rows_per_device = max(1, b // batch_shards(b))
     s = max(1, min(t, -(-chunk_size // rows_per_device)))
     num_chunks = -(-t // s)
     pad = num_chunks * s - t

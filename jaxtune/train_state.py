@@ -54,6 +54,40 @@ class TrainState(struct.PyTreeNode):
         return out
 
 
+@dataclasses.dataclass
+class FrozenModel:
+    """A model beside the train state that is read, never trained (distillation's teacher).
+
+    Not a TrainState field, so it has no optimizer state and is never checkpointed; its
+    ``state`` (sharded arrays on the training mesh) is an argument of the jitted step, not a
+    constant compiled into it, and :meth:`model` rebuilds the module inside the step with its
+    gradient stopped.
+    """
+
+    graphdef: nnx.GraphDef
+    state: nnx.State
+    description: str = ""  # where it came from, for logs
+
+    @classmethod
+    def of(cls, model: nnx.Module, description: str = "") -> FrozenModel:
+        graphdef, state = nnx.split(model)
+        return cls(graphdef, state, description)
+
+    def model(self, state: nnx.State | None = None) -> nnx.Module:
+        """The module over its own arrays, or inside a jitted step over ``state`` (the step's
+        teacher argument) with the gradient stopped."""
+        if state is None:
+            return nnx.merge(self.graphdef, self.state)
+        return nnx.merge(self.graphdef, jax.lax.stop_gradient(state))
+
+    def shardings(self, mesh: Mesh, rules: Rules | None = None) -> Any:
+        return state_shardings(self.state, mesh, rules)
+
+    @property
+    def num_params(self) -> int:
+        return count_params(self.state)
+
+
 def split_model(model: nnx.Module, trainable: Any = nnx.Param):
     """``(graphdef, params, frozen)``; ``trainable`` is an NNX filter (type, path predicate)."""
     return nnx.split(model, trainable, ...)

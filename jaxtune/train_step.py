@@ -15,6 +15,12 @@ are sharded, so micro-batches split every per-row key, whatever the objective ad
 rejected ids, per-sequence rewards). When the train state keeps a frozen reference model, the
 loss finds it through :func:`jaxtune.objectives.reference_model`.
 
+A frozen model outside the train state (distillation's teacher, a
+:class:`~jaxtune.train_state.FrozenModel`) is given to :func:`jit_train_step` as ``teacher``:
+the jitted step then takes its arrays as a third argument, ``step(state, batch, teacher)``,
+sharded by the same rules and never donated, and the loss reads the model through
+:func:`jaxtune.objectives.teacher_model`. The step functions themselves do not change.
+
 A replacement step (``trainer.train_step: pkg.mod:fn``) takes the same arguments.
 """
 
@@ -30,9 +36,14 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxtune.errors import JaxtuneError
-from jaxtune.objectives import batch_axes_of, denominator_of, reference_available
+from jaxtune.objectives import (
+    batch_axes_of,
+    denominator_of,
+    reference_available,
+    teacher_available,
+)
 from jaxtune.sharding import Rules, activation_rules, constrain
-from jaxtune.train_state import TrainState, train_state_shardings
+from jaxtune.train_state import FrozenModel, TrainState, train_state_shardings
 
 Batch = dict[str, jax.Array]
 LossFn = Callable[[nnx.Module, Batch], tuple[jax.Array, dict[str, jax.Array]]]
@@ -167,30 +178,55 @@ def jit_train_step(
     state: TrainState,
     mesh: Mesh,
     rules: Rules | None = None,
+    *,
+    teacher: FrozenModel | None = None,
     **step_kwargs: Any,
 ):
-    """The single jit of the train step: state and batch shardings in and out, state donated."""
+    """The single jit of the train step: state and batch shardings in and out, state donated.
+
+    With ``teacher`` the jitted step is ``step(state, batch, teacher_state)``: the teacher's
+    arrays are an argument (sharded by ``rules``, not donated), read by the loss through
+    :func:`jaxtune.objectives.teacher_model`."""
     state_sh = train_state_shardings(state, mesh, rules)
     replicated = NamedSharding(mesh, PartitionSpec())
 
-    def step(state: TrainState, batch: Batch):
-        with activation_rules(mesh, rules):
+    def step(state: TrainState, batch: Batch, *teacher_state: Any):
+        with activation_rules(mesh, rules), _teacher_in(teacher, teacher_state):
             return step_fn(state, batch, **step_kwargs)
 
     # The batch keeps the shardings it was placed with (by its keys' logical axes, see
     # jaxtune.data.to_global_batch), which the step pins again by the objective's batch_axes.
-    return jax.jit(step, in_shardings=(state_sh, None), out_shardings=(state_sh, replicated),
-                   donate_argnums=(0,))
+    return jax.jit(step, in_shardings=(state_sh, None, *_teacher_shardings(teacher, mesh,
+                                                                            rules)),
+                   out_shardings=(state_sh, replicated), donate_argnums=(0,))
+
+
+def _teacher_in(teacher: FrozenModel | None, teacher_state: tuple):
+    """The context that makes the step's teacher argument the loss's teacher model."""
+    import contextlib
+
+    if teacher is None:
+        if teacher_state:
+            raise JaxtuneError("the step was given a teacher argument but built without one")
+        return contextlib.nullcontext()
+    return teacher_available(teacher.model(teacher_state[0]))
+
+
+def _teacher_shardings(teacher: FrozenModel | None, mesh: Mesh, rules: Rules | None) -> tuple:
+    return () if teacher is None else (teacher.shardings(mesh, rules),)
 
 
 def jit_eval_step(state: TrainState, mesh: Mesh, rules: Rules | None = None, *,
-                  loss_fn: LossFn):
+                  loss_fn: LossFn, teacher: FrozenModel | None = None):
+    """The jitted eval step, ``step(state, batch)``, or ``step(state, batch, teacher_state)``
+    with a teacher (see :func:`jit_train_step`)."""
     state_sh = train_state_shardings(state, mesh, rules)
     replicated = NamedSharding(mesh, PartitionSpec())
 
-    def step(state: TrainState, batch: Batch):
-        with activation_rules(mesh, rules):
+    def step(state: TrainState, batch: Batch, *teacher_state: Any):
+        with activation_rules(mesh, rules), _teacher_in(teacher, teacher_state):
             return eval_step(state, batch, loss_fn=loss_fn)
 
-    return jax.jit(step, in_shardings=(state_sh, None), out_shardings=replicated)
-
+    return jax.jit(step, in_shardings=(state_sh, None, *_teacher_shardings(teacher, mesh,
+                                                                            rules)),
+                   out_shardings=replicated)

@@ -99,6 +99,10 @@ class Trainer:
             keep_reference=self.loss_fn.needs_reference and cfg.lora.rank == 0)
         self.num_params = count_params(self.state.params) + count_params(self.state.frozen)
         self.num_trainable = count_params(self.state.params)
+        # A frozen model beside the state (distillation's teacher): its arrays are the jitted
+        # step's third argument, never in the state, its optimizer or a checkpoint.
+        self.teacher = self.loss_fn.teacher(self) if self.loss_fn.teacher is not None else None
+        self.step_inputs = () if self.teacher is None else (self.teacher.state,)
 
         train_loss = self.loss_fn
         if cfg.lora.rank > 0 and cfg.lora.dropout > 0:  # dropout in the train step only
@@ -110,8 +114,9 @@ class Trainer:
         self.train_step = jit_train_step(
             step_fn, self.state, self.mesh, self.rules, loss_fn=train_loss,
             optimizer=self.optimizer, grad_accum_steps=cfg.trainer.grad_accum_steps,
-            schedule=self.schedule)
-        self.eval_step = jit_eval_step(self.state, self.mesh, self.rules, loss_fn=self.loss_fn)
+            schedule=self.schedule, teacher=self.teacher)
+        self.eval_step = jit_eval_step(self.state, self.mesh, self.rules, loss_fn=self.loss_fn,
+                                       teacher=self.teacher)
         if getattr(self.loss_fn, "prepare", None) is not None:
             self.loss_fn.prepare(self)  # e.g. precomputed reference log-probs, before training
         # Where each step's batch comes from: the data iterator, or the objective's producer
@@ -190,12 +195,18 @@ class Trainer:
             return self.loss_fn.evaluate(self)
         from jaxtune import data
 
-        it = data.make_batch_iterator(self.cfg, self.tokenizer, split="eval")
+        return self.evaluate_batches(data.make_batch_iterator(self.cfg, self.tokenizer,
+                                                              split="eval"))
+
+    def evaluate_batches(self, host_batches) -> dict[str, float]:
+        """The objective's eval metrics from its loss summed over these host batches (at most
+        ``trainer.eval_batches`` of them)."""
         sums: dict[str, float] = {}
-        for i, host_batch in enumerate(it):
+        for i, host_batch in enumerate(host_batches):
             if self.cfg.trainer.eval_batches and i >= self.cfg.trainer.eval_batches:
                 break
-            out = jax.device_get(self.eval_step(self.state, self.to_global(host_batch)))
+            out = jax.device_get(self.eval_step(self.state, self.to_global(host_batch),
+                                                *self.step_inputs))
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
         if not sums:
@@ -230,7 +241,8 @@ class Trainer:
                 self._last_done = time.perf_counter()
             dispatched = time.perf_counter()
             with jax.transfer_guard("disallow"):
-                self.state, step_metrics = compiled(self.state, produced.batch)
+                self.state, step_metrics = compiled(self.state, produced.batch,
+                                                    *self.step_inputs)
             if pending is not None:  # step N is queued; now read step N-1 back
                 history.append(self._finish_step(*pending, bar))
             pending = (step, step_metrics, produced, dispatched)
@@ -328,7 +340,7 @@ class Trainer:
 
     def _compile(self, batch):
         tick = time.perf_counter()
-        compiled = self.train_step.lower(self.state, batch).compile()
+        compiled = self.train_step.lower(self.state, batch, *self.step_inputs).compile()
         took = time.perf_counter() - tick
         memory = self._metrics.compiled_memory(compiled)
         log.info("compiled the train step in %.1f s%s", took, f" ({memory})" if memory else "")

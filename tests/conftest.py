@@ -40,6 +40,7 @@ if not os.environ.get("JAXTUNE_PLAN_COMPILE"):
     collect_ignore.append("plan_compile")
 from tests.fixtures_chat_templates import *  # noqa: F401,F403,E402
 from tests.fixtures_data import *  # noqa: F401,F403,E402
+from tests.fixtures_distill import *  # noqa: F401,F403,E402
 from tests.fixtures_gemma import *  # noqa: F401,F403,E402
 from tests.fixtures_models import *  # noqa: F401,F403,E402
 from tests.fixtures_moe import *  # noqa: F401,F403,E402

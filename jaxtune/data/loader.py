@@ -89,6 +89,8 @@ class BatchIterator:
         self._plans: dict[int, Plan] = {}
         #: per local row of the last batch: ``(source, shard, row)`` of each of its documents
         self.last_examples: list[list[tuple[int, int, int]]] = []
+        #: per local row of the last batch: its documents' indices into ``data.docs``
+        self.last_docs: list[list[int]] = []
         if train and len(data.docs) == 0:
             raise DataError(
                 "The training data has no usable examples (all were dropped or skipped); "
@@ -154,6 +156,7 @@ class BatchIterator:
         self.epoch, self.row = epoch, row
         self.batches += 1
         docs = self.data.docs
+        self.last_docs = [list(r) for r in mine]
         self.last_examples = [
             [(int(docs.source[d]), int(docs.shard[d]), int(docs.row[d])) for d in r] for r in mine
         ]

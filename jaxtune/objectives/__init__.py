@@ -22,7 +22,12 @@ objective, so SFT, DPO, ORPO or SimPO are each "one function" and never a traine
 - ``batch_shapes(cfg)``: the global batch's shapes for a config, which ``jaxtune plan``
   compiles the step with (no data is read);
 - ``generates(cfg)``: optional, ``(rows, prompt tokens, new tokens)`` its producer generates
-  each step, which ``jaxtune plan`` compiles beside the step (both must fit).
+  each step, which ``jaxtune plan`` compiles beside the step (both must fit);
+- ``teacher(trainer)``: optional, loads the frozen model the loss reads through
+  :func:`teacher_model` (distillation's teacher): a :class:`~jaxtune.train_state.FrozenModel`
+  laid out on the training mesh, outside the train state (no optimizer state, never in a
+  checkpoint), whose arrays enter the jitted step as an argument. None when the objective
+  needs none (or, with precomputed teacher log-probs, no longer needs it).
 
 ``aux`` values are contributions that add up over micro-batches; a key ending in ``_max`` is a
 maximum instead (``jaxtune.train_step.combine_aux``).
@@ -30,8 +35,8 @@ maximum instead (``jaxtune.train_step.combine_aux``).
 An objective is callable as its loss, so it is passed to ``train_step`` as ``loss_fn``; a
 plain function there gets SFT's axes and normaliser. Objectives register themselves with
 :func:`register_objective`, one file each in this package: ``sft`` (:mod:`.sft`), ``dpo``,
-``orpo`` and ``simpo`` (:mod:`.preference`), ``grpo`` (:mod:`.grpo`). The registry is the only
-list.
+``orpo`` and ``simpo`` (:mod:`.preference`), ``grpo`` (:mod:`.grpo`), ``distill``
+(:mod:`.distill`). The registry is the only list.
 
 The reference model (DPO-style objectives) is :func:`reference_model` inside the loss: the
 frozen copy in the train state when the run keeps one (full fine-tuning), else the same model
@@ -103,6 +108,7 @@ class Objective:
     evaluate: Callable[[Any], dict[str, float]] | None = None
     batch_shapes: Callable[[Any], dict[str, jax.ShapeDtypeStruct]] = token_batch_shapes
     generates: Callable[[Any], tuple[int, int, int]] | None = None
+    teacher: Callable[[Any], Any] | None = None
 
     def __call__(self, model: Any, batch: Batch):
         return self.loss(model, batch)
@@ -131,7 +137,7 @@ _OBJECTIVES: dict[str, Callable[[Any], Objective]] = {}
 #: Modules whose objectives are built in, one file each; imported on first use of the registry
 #: (they build on this module, so it cannot import them at its top).
 _BUILTIN_MODULES = ("jaxtune.objectives.sft", "jaxtune.objectives.preference",
-                    "jaxtune.objectives.grpo")
+                    "jaxtune.objectives.grpo", "jaxtune.objectives.distill")
 
 
 def _load_builtins() -> None:
@@ -208,6 +214,34 @@ def reference_model(model: Any) -> Iterator[Any]:
             "fine-tuning (the trainer does when the objective needs one).")
     with lora.adapters_disabled():
         yield model
+
+
+# --------------------------------------------------------------------------- teacher
+
+_teacher = threading.local()
+
+
+@contextlib.contextmanager
+def teacher_available(teacher: Any) -> Iterator[None]:
+    """Within this context (the jitted step, at trace time) :func:`teacher_model` is
+    ``teacher``: an NNX model whose arrays are the step's teacher argument."""
+    prev = getattr(_teacher, "value", None)
+    _teacher.value = teacher
+    try:
+        yield
+    finally:
+        _teacher.value = prev
+
+
+def teacher_model() -> Any:
+    """The frozen teacher of this step (distillation); gradients never reach it."""
+    teacher = getattr(_teacher, "value", None)
+    if teacher is None:
+        raise JaxtuneError(
+            "This loss reads a teacher model, but the step was built without one: the "
+            "objective's teacher (Objective.teacher) must be loaded and given to "
+            "jit_train_step / jit_eval_step as teacher=... (the trainer does this).")
+    return teacher
 
 
 def make_loss_fn(cfg: Any) -> Objective:

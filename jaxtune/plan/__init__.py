@@ -120,19 +120,22 @@ def make_plan(cfg, target: Target, *, compare: bool = False, flops: bool = True)
     shardings = train_state_shardings(built.state, built.mesh, make_rules(cfg.mesh.rules))
     batch_bytes = tree_bytes(built.batch) // max(1, built.mesh.shape["data"]
                                                  * built.mesh.shape["fsdp"])
+    teacher = 0 if built.teacher is None else report.shard_bytes(
+        built.teacher.state, built.teacher.shardings(built.mesh, make_rules(cfg.mesh.rules)))
     tick = time.perf_counter()
     try:
         compiled = _compile(built, target.platform)
     except Exception as err:  # the TPU compiler refuses a program that does not fit
         if not _is_oom(err):
             raise
-        memory = report.oom_plan(built.state, shardings, batch_bytes, str(err), target.hbm_bytes)
+        memory = report.oom_plan(built.state, shardings, batch_bytes, str(err), target.hbm_bytes,
+                                 teacher)
     else:
         memory = report.memory_plan(built.state, shardings, batch_bytes,
-                                    compiled.memory_analysis(), target.hbm_bytes)
+                                    compiled.memory_analysis(), target.hbm_bytes, teacher)
     generates = getattr(built.objective, "generates", None)
     generation = None
-    if generates is not None:  # RL: its rollouts are generated on the same chips every step
+    if generates is not None:  # RL, GKD: completions are generated on the same chips each step
         from jaxtune.plan.rollouts import generation_plan
 
         generation = generation_plan(built, cfg, generates(cfg), target.platform,

@@ -37,6 +37,7 @@ class BuiltStep:
     num_params: int
     num_trainable: int
     objective: Any = None  # the objective the step trains (its producer may generate, RL)
+    teacher: Any = None  # a FrozenModel of shapes given to the step as its third argument
 
 
 def _dtype(name: str) -> Any:
@@ -128,19 +129,26 @@ def build_train_step(cfg: TrainConfig, hf_config: dict[str, Any], devices: list,
         loss_fn = with_dropout(loss_fn)
     step_fn = loss.load_callable(cfg.trainer.train_step) if cfg.trainer.train_step \
         else train_step
+    teacher = None
+    if loss_fn.teacher is not None:  # distillation: the teacher's arrays sit on the same chips
+        from jaxtune.distill.teacher import abstract_teacher
+
+        teacher = abstract_teacher(cfg, platform)
     jitted = jit_train_step(step_fn, state, mesh, rules, loss_fn=loss_fn, optimizer=optimizer,
                             grad_accum_steps=cfg.trainer.grad_accum_steps,
-                            schedule=optim.make_schedule(cfg.optimizer, cfg.trainer.steps))
+                            schedule=optim.make_schedule(cfg.optimizer, cfg.trainer.steps),
+                            teacher=teacher)
     return BuiltStep(jitted, state, abstract_batch(loss_fn, cfg, mesh, rules), mesh,
                      model_config,
                      attention, count_params(params) + count_params(frozen),
-                     count_params(params), loss_fn)
+                     count_params(params), loss_fn, teacher)
 
 
 def lower(built: BuiltStep, platform: str):
     """Trace and lower the step for the target (kernels are chosen while tracing)."""
+    extra = () if built.teacher is None else (built.teacher.state,)
     with compiling_for(platform):
-        return built.jitted.lower(built.state, built.batch)
+        return built.jitted.lower(built.state, built.batch, *extra)
 
 
 def probe_config(cfg: TrainConfig, layers: int, *, remat: str | None = None,

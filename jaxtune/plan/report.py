@@ -51,6 +51,7 @@ class MemoryPlan:
     compiler: dict[str, int] = field(default_factory=dict)
     oom_message: str = ""  # the TPU compiler's RESOURCE_EXHAUSTED text, when it refused
     params_total: int = 0  # the trainable parameters' bytes on all chips together
+    teacher: int = 0  # a frozen teacher's parameters (distillation), an argument of the step
 
     @property
     def fits(self) -> bool:
@@ -61,8 +62,10 @@ class MemoryPlan:
         return self.hbm - self.peak
 
 
-def memory_plan(state, state_shardings, batch_bytes: int, stats: Any, hbm: int) -> MemoryPlan:
-    """Break ``compiled.memory_analysis()`` down; ``state_shardings`` as the jit's in_shardings."""
+def memory_plan(state, state_shardings, batch_bytes: int, stats: Any, hbm: int,
+                teacher: int = 0) -> MemoryPlan:
+    """Break ``compiled.memory_analysis()`` down; ``state_shardings`` as the jit's in_shardings.
+    ``teacher``: bytes per chip of a teacher given to the step (already in its arguments)."""
     params = shard_bytes(state.params, state_shardings.params)
     frozen = shard_bytes(state.frozen, state_shardings.frozen)
     opt = shard_bytes(state.opt_state, state_shardings.opt_state)
@@ -74,7 +77,7 @@ def memory_plan(state, state_shardings, batch_bytes: int, stats: Any, hbm: int) 
             - compiler["alias_size_in_bytes"] + temp + compiler["generated_code_size_in_bytes"])
     grads = min(params, temp)
     return MemoryPlan(params, frozen, opt, grads, temp - grads, batch_bytes, peak, hbm, compiler,
-                      params_total=_total_bytes(state.params))
+                      params_total=_total_bytes(state.params), teacher=teacher)
 
 
 def _total_bytes(tree: Any) -> int:
@@ -101,7 +104,8 @@ def parse_oom(message: str) -> tuple[int, int] | None:
     return None
 
 
-def oom_plan(state, state_shardings, batch_bytes: int, message: str, hbm: int) -> MemoryPlan:
+def oom_plan(state, state_shardings, batch_bytes: int, message: str, hbm: int,
+             teacher: int = 0) -> MemoryPlan:
     """A plan for a program the TPU compiler refused: state from shardings, peak from its text.
 
     The message counts one kind of buffer (usually temporaries), so the peak is the state and
@@ -113,12 +117,12 @@ def oom_plan(state, state_shardings, batch_bytes: int, message: str, hbm: int) -
     parsed = parse_oom(message)
     needed = parsed[0] if parsed else 0
     temps = needed if parsed and "temporaries" in message else max(
-        0, needed - params - frozen - opt - batch_bytes)
+        0, needed - params - frozen - opt - batch_bytes - teacher)
     grads = min(params, temps)
-    peak = params + frozen + opt + batch_bytes + temps
+    peak = params + frozen + opt + batch_bytes + teacher + temps
     return MemoryPlan(params, frozen, opt, grads, temps - grads, batch_bytes, peak, hbm,
                       oom_message=message.strip().splitlines()[0][:400],
-                      params_total=_total_bytes(state.params))
+                      params_total=_total_bytes(state.params), teacher=teacher)
 
 
 # --------------------------------------------------------------------------- suggestions
@@ -177,6 +181,7 @@ def format_table(plan: MemoryPlan, target: Target) -> str:
         ("parameters (trainable)", plan.params),
         ("parameters (frozen)", plan.frozen),
         ("optimizer state", plan.opt_state),
+        *([("teacher (frozen, not trained)", plan.teacher)] if plan.teacher else []),
         ("gradients", plan.gradients),
         ("activations + temporaries", plan.activations),
         ("batch", plan.batch),

@@ -1,4 +1,5 @@
-"""The generation an RL recipe runs every step, compiled for the target beside its train step.
+"""The generation an RL (or on-policy distillation) recipe runs every step, compiled for the
+target beside its train step.
 
 RL generates each step's completions on the training mesh, from the parameters the step
 updates: the KV cache (rows x (prompt + new tokens) slots per layer) and the decode loop's
@@ -44,7 +45,7 @@ class GenerationPlan:
         gib = float(1 << 30)
         return (f"rollout generation ({self.rows} rows x {self.slots} slots): KV cache "
                 f"{self.cache / gib:.2f} GiB, parameters {self.model / gib:.2f} GiB, optimizer "
-                f"state and reference held {self.resident / gib:.2f} GiB, temporaries "
+                f"state, reference and teacher held {self.resident / gib:.2f} GiB, temporaries "
                 f"{self.temporaries / gib:.2f} GiB; peak {self.peak / gib:.2f} GiB of "
                 f"{self.hbm / gib:.0f} GiB per chip")
 
@@ -78,7 +79,8 @@ def generation_plan(built: Any, cfg: Any, shape: tuple[int, int, int], platform:
     model_sh = state_shardings(gen.state, mesh, rules)
     cache_sh = jax.tree.map(lambda x: _cache_leaf_sharding(x, mesh, rules), cache)
     row_sh, rows_sh = batch_sharding(mesh, rules, 2), batch_sharding(mesh, rules, 1)
-    sampling = Sampling(cfg.rl.temperature, cfg.rl.top_k, cfg.rl.top_p, cfg.rl.min_p)
+    sampling = (Sampling(cfg.distill.temperature) if cfg.trainer.objective == "distill"
+                else Sampling(cfg.rl.temperature, cfg.rl.top_k, cfg.rl.top_p, cfg.rl.min_p))
 
     def rollout(model_state, ids, positions, segments, cache, nxt, key, done, stops):
         logits, cache = prefill(gen.graphdef, gen.ctx, model_state, ids, positions, segments,
@@ -104,6 +106,8 @@ def generation_plan(built: Any, cfg: Any, shape: tuple[int, int, int], platform:
     resident = shard_bytes(state.opt_state, state_sh.opt_state)
     if state.reference is not None:
         resident += shard_bytes(state.reference, state_sh.reference)
+    if getattr(built, "teacher", None) is not None:  # distillation's teacher stays on the chips
+        resident += shard_bytes(built.teacher.state, built.teacher.shardings(mesh, rules))
     peak = (compiler["argument_size_in_bytes"] + compiler["output_size_in_bytes"]
             - compiler["alias_size_in_bytes"] + compiler["temp_size_in_bytes"]
             + compiler["generated_code_size_in_bytes"] + resident)

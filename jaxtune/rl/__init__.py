@@ -8,7 +8,9 @@ pieces that are not a loss, beside the producer that uses them:
   evaluation by rewards;
 - :mod:`.rewards`: reward functions (TRL's signature), the built-ins, safe calling;
 - :mod:`.advantages`: TRL's group-relative advantages, DAPO's informative groups;
-- :mod:`.rollout`: completions cut at their stop id and laid out as training rows.
+- :mod:`.rollout`: completions cut at their stop id and laid out as training rows;
+- :mod:`.sampler`: completions from a model on the training mesh (the generator over the
+  arrays it is given), shared with distillation's producer (``jaxtune.distill.batches``).
 
 See ``docs/rl.md``.
 """

@@ -39,7 +39,8 @@ from jaxtune.batches import Produced
 from jaxtune.data.prompts import Prompt, PromptIterator, load_prompts
 from jaxtune.rl.advantages import advantages, informative_groups, nanstd, total_rewards
 from jaxtune.rl.rewards import Reward, TrainerStateView, load_rewards, score
-from jaxtune.rl.rollout import Completion, cut_at_stop, rollout_arrays
+from jaxtune.rl.rollout import Completion, rollout_arrays
+from jaxtune.rl.sampler import ModelSampler, pad_id, stop_ids
 
 log = logging.getLogger("jaxtune")
 
@@ -101,12 +102,12 @@ class RolloutProducer:
         longest = max(len(p.ids) for p in self.prompts)
         self.prompt_width = min(budget, -(-longest // 8) * 8)  # static: one compiled step
         self.completion_width = cfg.rl.max_completion_length
-        self.stop_ids = _stop_ids(cfg, self.tokenizer)
-        self.pad_id = _pad_id(self.tokenizer)
+        self.stop_ids = stop_ids(cfg, self.tokenizer)
+        self.pad_id = pad_id(self.tokenizer)
         self.max_steps = cfg.trainer.steps
         self.rounds = 0  # generation rounds so far: round r samples with seed (seed, r)
         self.pending: _Pending | None = None
-        self._generator = None
+        self.sampler = ModelSampler(self.mesh, self.rules, self.stop_ids)
         self._logps_fn = None
         self._eval_prompts: list[Prompt] | None = None
 
@@ -114,12 +115,7 @@ class RolloutProducer:
 
     def generator(self, state: Any):
         """The KV-cache generator over the state's current parameters."""
-        from jaxtune.generation.loop import Generator
-
-        model = state.model()
-        if self._generator is None:
-            self._generator = Generator(model, mesh=self.mesh, rules=self.rules)
-        return self._generator.use(model)
+        return self.sampler.generator(state.model())
 
     def sample(self, state: Any, prompts: list[Prompt], *, greedy: bool = False,
                max_new_tokens: int | None = None, seed: int = 0) -> tuple[list[Completion],
@@ -130,15 +126,9 @@ class RolloutProducer:
         rl = self.rl
         sampling = Sampling() if greedy else Sampling(rl.temperature, rl.top_k, rl.top_p,
                                                       rl.min_p)
-        limit = max_new_tokens or self.completion_width
-        start = time.perf_counter()
-        out = self.generator(state).generate(
-            [list(p.ids) for p in prompts], max_new_tokens=limit, sampling=sampling,
-            seed=seed, stop_ids=self.stop_ids)
-        took = time.perf_counter() - start
-        completions = [cut_at_stop(ids, logps, self.stop_ids, limit)
-                       for ids, logps in zip(out.tokens, out.logps, strict=True)]
-        return completions, took, sum(len(c.ids) for c in completions)
+        return self.sampler.sample(state.model(), [p.ids for p in prompts], sampling,
+                                   max_new_tokens=max_new_tokens or self.completion_width,
+                                   seed=seed)
 
     def score(self, prompts: list[Prompt], completions: list[Completion], step: int
               ) -> np.ndarray:
@@ -382,31 +372,6 @@ def _gather(x: jax.Array) -> np.ndarray:
     from jaxtune.sharding import host_array
 
     return host_array(x)
-
-
-def _stop_ids(cfg, tokenizer) -> list[int]:
-    """The base model's generation_config EOS ids, the tokenizer's EOS and end-of-turn."""
-    from jaxtune.export.writer import read_generation_config
-    from jaxtune.generation.api import default_stop_ids
-    from jaxtune.weights import resolve_model_dir
-
-    generation = read_generation_config(resolve_model_dir(cfg.model.path))
-    ids = default_stop_ids(tokenizer, generation)
-    if not ids:
-        from jaxtune.errors import JaxtuneError
-
-        raise JaxtuneError(
-            f"Neither the tokenizer nor {cfg.model.path}'s generation_config names an EOS or "
-            "end-of-turn token, so completions could never end; set the tokenizer's "
-            "eos_token (or a chat template with an end-of-turn token).")
-    return ids
-
-
-def _pad_id(tokenizer) -> int:
-    for tok in (tokenizer.pad_token_id, tokenizer.unk_token_id):
-        if tok is not None:
-            return int(tok)
-    return 0  # padding has segment 0: its id is never seen by a real token nor trained
 
 
 def _logps_fn(state, mesh, rules, cfg, need_old: bool, need_ref: bool):

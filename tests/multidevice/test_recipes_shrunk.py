@@ -2,8 +2,9 @@
 
 Same structure (model family and RoPE type, LoRA settings, dtypes, scan/remat, mesh axes,
 accumulation, checkpoint and export settings), tiny dimensions: a random tiny model of the
-same family, a tiny chat (preference, or RL prompt) dataset, seq 32 (RL: 128), and mesh axes cut
-down to fit 8 devices.
+same family, a tiny chat (preference, or RL prompt) dataset, seq 32 (RL: 128; on-policy
+distillation: 64), a tiny teacher of another family for distillation, and mesh axes cut down
+to fit 8 devices.
 """
 
 import json
@@ -105,9 +106,13 @@ def test_shrunk_recipe_runs_two_steps(recipe, tmp_path, tiny_hf_model, data_toke
                             tokenizer=data_tokenizers["chatml"])
     if raw["model"]["attention"] == "cudnn":  # a GPU recipe: CPU test devices take XLA's kernel
         raw["model"]["attention"] = "auto"
+    generates = raw["trainer"]["objective"] == "distill" and (
+        raw["distill"]["lmbda"] > 0 or raw["distill"]["seq_kd"])
+    if raw["trainer"]["objective"] == "distill":  # a tiny teacher with the student's vocabulary
+        raw["distill"].update(teacher=str(tiny_hf_model("qwen2")), max_new_tokens=8)
     raw["data"].update(sources=[{"path": rows}], eval_sources=[{"path": rows}],
-                       seq_len=128 if raw["data"]["format"] == "prompt" else 32,
-                       cache_dir=str(tmp_path / "cache"))
+                       seq_len=128 if raw["data"]["format"] == "prompt" else
+                       64 if generates else 32, cache_dir=str(tmp_path / "cache"))
     raw["trainer"].update(steps=2, global_batch_size=8 * accum, grad_accum_steps=accum,
                           eval_every=0, eval_batches=1, progress=False)
     raw["mesh"] = _shrink_mesh(raw["mesh"])

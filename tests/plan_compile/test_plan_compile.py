@@ -146,3 +146,23 @@ def test_lora_adapters_are_split_over_a_pure_fsdp_mesh(tiny_dir):
     assert m.params_total == 16 * m.params > 0
     assert m.opt_state == pytest.approx(2 * m.params, abs=64)  # + the step count
     assert f"(of {m.params_total / GIB:.2f} GiB on all chips)" in format_plan(cfg, result)
+
+
+def test_a_distillation_recipe_plans_its_teacher_and_generation(tiny_dir, tmp_path_factory):
+    """GKD: the teacher (twice the student's width) is an argument of the compiled step, on
+    the same chips; its bytes are in the table and the peak, and held while generating."""
+    teacher = _model_dir(tmp_path_factory, hidden_size=512, intermediate_size=1024,
+                         num_attention_heads=8, num_key_value_heads=4, head_dim=64)
+    cfg = _cfg(tiny_dir, "--trainer.objective=distill", f"--distill.teacher={teacher}",
+               "--distill.dtype=bfloat16", "--distill.lmbda=0.5", "--distill.max_new_tokens=64",
+               "--data.packing=false", "--model.attention=xla", "--mesh.fsdp=8")
+    result = make_plan(cfg, parse_target("v5e-8"), flops=False)
+    m, g = result.memory, result.generation
+    # the bf16 teacher's parameters, one chip's share of their FSDP shards
+    layer = 2 * 512 * 512 + 2 * 512 * 256 + 3 * 512 * 1024 + 2 * 512
+    params = 2 * layer + 2 * 512 * 512 + 512  # untied embeddings and head, final norm
+    assert m.teacher == pytest.approx(2 * params / 8, rel=0.05)
+    assert m.peak > m.teacher + m.params + m.opt_state
+    assert g is not None and g.resident >= m.teacher + m.opt_state
+    text = format_plan(cfg, result)
+    assert "teacher (frozen, not trained)" in text and "verdict: fits" in text
