@@ -135,13 +135,17 @@ def test_readme_commands_on_a_fresh_clone(tmp_path, capsys, monkeypatch):
     commands = [shlex.split(line.split("#")[0]) for line in block.splitlines() if line.strip()]
     assert [c[:2] for c in commands] == [["jaxtune", "train"], ["jaxtune", "print-config"],
                                          ["jaxtune", "inspect-data"], ["jaxtune", "export"],
-                                         ["jaxtune", "generate"], ["jaxtune", "launch"]]
+                                         ["jaxtune", "generate"], ["jaxtune", "train"],
+                                         ["jaxtune", "launch"]]
     needs = {"train": "python scripts/make_smollm2.py",
+             "quickstart-grpo": "runs/quickstart/hf",
              "inspect-data": "python scripts/make_smollm2.py",
              "export": "jaxtune train configs/quickstart.yaml",
              "generate": "jaxtune train configs/quickstart.yaml"}
     for argv in commands:
         name = argv[1]
+        if name == "train" and "grpo" in argv[2]:
+            name = "quickstart-grpo"  # RL starts from the SFT quickstart's export
         if name in needs:
             assert needs[name] in fails(capsys, *argv[1:]), argv
             continue

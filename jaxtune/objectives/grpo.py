@@ -41,9 +41,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxtune.loss import add_model_aux, chunked_token_logps
-from jaxtune.models.family import hidden_states_and_aux
+from jaxtune.loss import add_model_aux
 from jaxtune.objectives import Objective, register_objective
+from jaxtune.rl.logps import completion_logps
 
 Batch = dict[str, jax.Array]
 
@@ -81,19 +81,6 @@ class GRPOSettings:
         return cls(rl.loss_type, rl.importance_sampling_level, rl.epsilon, rl.epsilon_high,
                    rl.delta, rl.beta, rl.temperature, rl.max_completion_length,
                    rl.use_bias_correction_kl)
-
-
-def completion_logps(model: Any, batch: Batch, *, temperature: float, chunk_size: int):
-    """``(logps [B, C], entropy [B, C], model_aux)`` of each row's completion tokens."""
-    ids_BT = batch["input_ids"]
-    hidden_BTD, model_aux = hidden_states_and_aux(model, ids_BT, batch["positions"],
-                                                  batch["segment_ids"])
-    t, c = ids_BT.shape[1], batch["completion_mask"].shape[1]
-    p = t - c  # the completion starts at column P in every row (prompts are left-padded)
-    logps_BC, entropy_BC = chunked_token_logps(
-        model.unembed, hidden_BTD[:, p - 1:t - 1], ids_BT[:, p:].astype(jnp.int32),
-        temperature=temperature, chunk_size=chunk_size)
-    return logps_BC, entropy_BC, model_aux
 
 
 def grpo_terms(logps_BC: jax.Array, batch: Batch, s: GRPOSettings):

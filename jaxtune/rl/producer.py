@@ -377,7 +377,7 @@ def _gather(x: jax.Array) -> np.ndarray:
 def _logps_fn(state, mesh, rules, cfg, need_old: bool, need_ref: bool):
     """A jitted ``(state, batch) -> {old_logps, ref_logps}`` of the rollout rows."""
     from jaxtune.objectives import reference_available, reference_model
-    from jaxtune.objectives.grpo import completion_logps
+    from jaxtune.rl.logps import completion_logps
     from jaxtune.sharding import activation_rules, constrain
     from jaxtune.train_state import train_state_shardings
 
