@@ -330,6 +330,14 @@ def _select(model: nnx.Module, patterns: Sequence[str], candidates: list[tuple[t
 def _no_match_message(model: nnx.Module, unused: list[str], key: str,
                       candidates: list[tuple[tuple, Any]]) -> str:
     short = sorted({str(p[-1]) for p, _ in candidates if p})
+    skipped = [m for m in getattr(model.config, "skipped_modules", ()) or ()
+               if any(m in u for u in unused)]
+    if skipped:  # a multimodal checkpoint's tower: not loaded, so nothing can train it
+        source = str(model.config.model_type).removesuffix("_text")
+        return (f"'{key}' entries {unused} name {', '.join(skipped)}: this model is the "
+                f"language model of a {source} checkpoint, and its "
+                f"{', '.join(model.config.skipped_modules)} were not loaded (jaxtune trains the "
+                "text model). Target the language model's modules (q_proj, o_proj, ...).")
     msg = f"'{key}' entries {unused} match no module of this model."
     if key == "lora.targets":
         others = [str(p[-1]) for p, _ in _modules(model)

@@ -24,6 +24,7 @@ from flax import nnx
 from jaxtune.export.errors import ExportError
 from jaxtune.export.safetensors_out import TensorGroup, TensorSpec
 from jaxtune.models.family import family_table
+from jaxtune.models.layers import WEIGHTS
 from jaxtune.models.table import Transform
 from jaxtune.sharding import host_array
 
@@ -140,7 +141,7 @@ def iter_hf_tensors(model_or_state: Any, config: Any = None, *,
     ``config`` is needed for a bare state."""
     if isinstance(model_or_state, nnx.Module):
         config = config or model_or_state.config
-        state = nnx.state(model_or_state, nnx.Param)
+        state = nnx.state(model_or_state, WEIGHTS)
     else:
         state = model_or_state
     if config is None:
@@ -170,7 +171,8 @@ def iter_hf_tensors(model_or_state: Any, config: Any = None, *,
 
 
 def model_sources(state: nnx.State) -> list[ParamSource]:
-    """Sources for the parameters of a model in memory (``nnx.state(model, nnx.Param)``)."""
+    """Sources for the weights of a model in memory (``nnx.state(model, WEIGHTS)``: its
+    parameters and buffers)."""
     out = []
     for path, var in nnx.to_flat_state(state):
         name = ".".join(map(str, path))
