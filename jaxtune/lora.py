@@ -351,10 +351,37 @@ def _no_match_message(model: nnx.Module, unused: list[str], key: str,
         "'model.layers.0.self_attn.q_proj', or all-linear)."
 
 
+def _bare_parameter(table: ParamTable, path: tuple, linear: Linear) -> str | None:
+    """The HF name of a Linear that transformers keeps as a bare parameter, not a Linear
+    module (Gemma 4's fused experts, ``experts.gate_up_proj``), else None."""
+    kernel = linear.kernel
+    shape = kernel.get_value().shape if isinstance(kernel, nnx.Variable) else kernel.shape
+    entries = table.entries(".".join(map(str, (*path, "kernel"))), shape)
+    if entries and not entries[0].key.endswith(".weight"):
+        return entries[0].key
+    return None
+
+
 def resolve_targets(model: nnx.Module, targets: Sequence[str]) -> list[tuple]:
-    """Paths of the Linear modules ``targets`` selects (``all-linear``: all but ``lm_head``)."""
-    linears = _linears(model)
+    """Paths of the Linear modules ``targets`` selects (``all-linear``: all but ``lm_head``,
+    as PEFT's: only what transformers holds as Linear modules)."""
+    table = _table(model)
+    linears, bare = [], []
+    for path, linear in _linears(model):
+        name = _bare_parameter(table, path, linear)
+        (bare if name else linears).append((path, linear, name))
     patterns = [t for t in targets if t != ALL_LINEAR]
+    names = [n for p, lin, _ in linears for n in _hf_names(table, p, lin)]
+    for pattern in patterns:
+        hits = [name for _, _, name in bare if _matches(pattern, name)]
+        if hits and not any(_matches(pattern, n) for n in names):
+            raise ConfigError(
+                f"'lora.targets' entry '{pattern}' selects only {hits[0]}, which transformers "
+                "keeps as a fused parameter of all experts, not a Linear module, so LoRA (and "
+                "a PEFT adapter, whose target_modules are modules) does not apply to it. "
+                "Target the attention, the dense MLP and the other Linear modules (q_proj, "
+                "gate_proj, ...).")
+    linears = [(p, lin) for p, lin, _ in linears]
     chosen = {p for p, _ in linears if p[-1] != "lm_head"} if ALL_LINEAR in targets else set()
     if patterns:
         chosen.update(_select(model, patterns, linears, "lora.targets"))

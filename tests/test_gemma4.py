@@ -333,3 +333,19 @@ def test_family_is_registered_and_the_blocks_are_static():
     assert sum(r.period * r.repeats for r in runs) == 6
     assert cfg.kv_stores() == (2, 3) and cfg.layer_kinds() == {
         "sliding": 3, "full": 1, "sliding_shared": 1, "full_shared": 1}
+
+
+def test_lora_skips_the_fused_experts_as_peft_does(gemma4_model):
+    """transformers keeps Gemma 4's experts as fused parameters, not Linear modules: PEFT's
+    target_modules never select them, nor does all-linear here; naming only them is an error."""
+    from jaxtune import lora
+    from jaxtune.config import LoraConfig
+
+    model = from_pretrained(gemma4_model("moe"))
+    for targets in (["all-linear"], ["down_proj"]):
+        adapted, _ = lora.apply_lora(model, LoraConfig(rank=2, targets=targets))
+        names = list(lora.lora_state(adapted))
+        assert names and not any("experts" in n for n in names), targets
+        assert any("mlp.down_proj" in n for n in names)
+    with pytest.raises(JaxtuneError, match="fused parameter of all experts"):
+        lora.apply_lora(model, LoraConfig(rank=2, targets=["gate_up_proj"]))
