@@ -86,7 +86,7 @@ class DataConfig:
     messages_field: str = "messages"  # chat field: list of {role, content} or {from, value}
     role_map: dict[str, str] = field(default_factory=dict)  # extra role names, e.g. gpt: assistant
     system_prompt: str = ""  # system prompt added to chats (and alpaca prompts) that have none
-    chat_template: str = ""  # override the chat template: chatml | llama3 | gemma, a file, Jinja
+    chat_template: str = ""  # chat template: chatml | llama3 | gemma | gemma4, a file, or Jinja
     alpaca_prompt: str = "auto"  # alpaca: auto (chat template if any) | chat | classic
     train_on_inputs: bool = False  # also train on prompts / user turns
     seq_len: int = 512  # tokens per row
