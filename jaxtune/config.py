@@ -88,7 +88,7 @@ class DataConfig:
     role_map: dict[str, str] = field(default_factory=dict)  # extra role names, e.g. gpt: assistant
     system_prompt: str = ""  # system prompt added to chats (and alpaca prompts) that have none
     prompt_as_chat: bool = False  # prompt format: a text prompt becomes the user turn of a chat
-    chat_template: str = ""  # override the chat template: chatml | llama3 | gemma, a file, Jinja
+    chat_template: str = ""  # chat template: chatml | llama3 | gemma | gemma4, a file, Jinja
     alpaca_prompt: str = "auto"  # alpaca: auto (chat template if any) | chat | classic
     train_on_inputs: bool = False  # also train on prompts / user turns
     seq_len: int = 512  # tokens per row (preference: per side, a pair row has 2 * seq_len)

@@ -330,6 +330,14 @@ def _select(model: nnx.Module, patterns: Sequence[str], candidates: list[tuple[t
 def _no_match_message(model: nnx.Module, unused: list[str], key: str,
                       candidates: list[tuple[tuple, Any]]) -> str:
     short = sorted({str(p[-1]) for p, _ in candidates if p})
+    skipped = [m for m in getattr(model.config, "skipped_modules", ()) or ()
+               if any(m in u for u in unused)]
+    if skipped:  # a multimodal checkpoint's tower: not loaded, so nothing can train it
+        source = str(model.config.model_type).removesuffix("_text")
+        return (f"'{key}' entries {unused} name {', '.join(skipped)}: this model is the "
+                f"language model of a {source} checkpoint, and its "
+                f"{', '.join(model.config.skipped_modules)} were not loaded (jaxtune trains the "
+                "text model). Target the language model's modules (q_proj, o_proj, ...).")
     msg = f"'{key}' entries {unused} match no module of this model."
     if key == "lora.targets":
         others = [str(p[-1]) for p, _ in _modules(model)
@@ -343,10 +351,37 @@ def _no_match_message(model: nnx.Module, unused: list[str], key: str,
         "'model.layers.0.self_attn.q_proj', or all-linear)."
 
 
+def _bare_parameter(table: ParamTable, path: tuple, linear: Linear) -> str | None:
+    """The HF name of a Linear that transformers keeps as a bare parameter, not a Linear
+    module (Gemma 4's fused experts, ``experts.gate_up_proj``), else None."""
+    kernel = linear.kernel
+    shape = kernel.get_value().shape if isinstance(kernel, nnx.Variable) else kernel.shape
+    entries = table.entries(".".join(map(str, (*path, "kernel"))), shape)
+    if entries and not entries[0].key.endswith(".weight"):
+        return entries[0].key
+    return None
+
+
 def resolve_targets(model: nnx.Module, targets: Sequence[str]) -> list[tuple]:
-    """Paths of the Linear modules ``targets`` selects (``all-linear``: all but ``lm_head``)."""
-    linears = _linears(model)
+    """Paths of the Linear modules ``targets`` selects (``all-linear``: all but ``lm_head``,
+    as PEFT's: only what transformers holds as Linear modules)."""
+    table = _table(model)
+    linears, bare = [], []
+    for path, linear in _linears(model):
+        name = _bare_parameter(table, path, linear)
+        (bare if name else linears).append((path, linear, name))
     patterns = [t for t in targets if t != ALL_LINEAR]
+    names = [n for p, lin, _ in linears for n in _hf_names(table, p, lin)]
+    for pattern in patterns:
+        hits = [name for _, _, name in bare if _matches(pattern, name)]
+        if hits and not any(_matches(pattern, n) for n in names):
+            raise ConfigError(
+                f"'lora.targets' entry '{pattern}' selects only {hits[0]}, which transformers "
+                "keeps as a fused parameter of all experts, not a Linear module, so LoRA (and "
+                "a PEFT adapter, whose target_modules are modules) does not apply to it. "
+                "Target the attention, the dense MLP and the other Linear modules (q_proj, "
+                "gate_proj, ...).")
+    linears = [(p, lin) for p, lin, _ in linears]
     chosen = {p for p, _ in linears if p[-1] != "lm_head"} if ALL_LINEAR in targets else set()
     if patterns:
         chosen.update(_select(model, patterns, linears, "lora.targets"))

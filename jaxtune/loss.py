@@ -451,7 +451,7 @@ def chunked_segment_logps(
     backward pass, so only one chunk's ``[G, C, V]`` logits are ever live. Differentiable.
     """
     b, t, d = hidden_BTD.shape
-    groups = _batch_shards(b)
+    groups = batch_shards(b)
     groups = groups if b % groups == 0 else 1
     rows = b // groups  # rows per device
     n = rows * t  # tokens per device

@@ -237,11 +237,12 @@ def checkpoint_sources(ckpt: RunCheckpoint, config: Any) -> list:
     from flax import nnx
 
     from jaxtune.models import abstract_model
+    from jaxtune.models.layers import WEIGHTS
 
     m = ckpt.config.model
     abstract = abstract_model(config, param_dtype=m.dtype, scan_layers=m.scan_layers)
     sources, missing, wrong = [], [], []
-    for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+    for path, var in nnx.to_flat_state(nnx.state(abstract, WEIGHTS)):
         name = ".".join(map(str, path))
         shape = tuple(var.get_value().shape)
         saved = ckpt.find(name)

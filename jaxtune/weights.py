@@ -39,7 +39,8 @@ from jaxtune.errors import JaxtuneError
 from jaxtune.locate import ModelFolderError, hf_config_file, read_hf_config, resolve_model_dir
 from jaxtune.models import Family, abstract_model, get_family, init_model
 from jaxtune.models.build import single_device_mesh
-from jaxtune.models.table import ParamTable, Transform
+from jaxtune.models.family import family_table
+from jaxtune.models.table import Rule
 from jaxtune.sharding import Rules, state_shardings
 
 __all__ = ["ModelFolderError", "checkpoint_index", "from_pretrained", "init_model",
@@ -130,7 +131,7 @@ class _ParamPlan:
 
     shape: tuple[int, ...]
     depth: int = 0  # how many leading axes are stacked
-    transform: Transform | None = None
+    rule: Rule | None = None  # its transform and, for a part of an HF tensor, which part
     sources: dict[tuple[int, ...], TensorInfo] = field(default_factory=dict)
 
     def indices(self) -> Iterator[tuple[int, ...]]:
@@ -145,8 +146,7 @@ def plan_load(family: Family, cfg: Any, abstract_state: nnx.State,
               tensors: Mapping[str, TensorInfo], *, scan_layers: bool,
               where: str) -> dict[str, _ParamPlan]:
     """Match checkpoint keys to parameters; raise one error listing every problem."""
-    table = ParamTable(family.hf_table(cfg), layers_path=family.layers_path,
-                       scan_layers=scan_layers)
+    table = family_table(cfg, scan_layers)
     plans: dict[str, _ParamPlan] = {}
     for path, var in _flat_params(abstract_state).items():
         shape = tuple(var.get_value().shape)
@@ -154,25 +154,26 @@ def plan_load(family: Family, cfg: Any, abstract_state: nnx.State,
     unexpected, wrong, dtypes = [], [], []
     for key in sorted(tensors, key=_natural):
         info = tensors[key]
-        loc = table.locate(key)
-        if loc is None:
+        locations = table.locate_all(key)
+        if not locations:
             unexpected.append(f"{key} (no rule in the {family.name} table)")
             continue
-        if loc.path is None:
-            continue  # known, deliberately not loaded
-        plan = plans.get(loc.path)
-        if plan is None or len(loc.index) != plan.depth or any(
-                i >= n for i, n in zip(loc.index, plan.shape, strict=False)):
-            unexpected.append(f"{key} (the model built from config.json has no "
-                              f"{loc.path}{list(loc.index) if loc.index else ''})")
-            continue
-        want = loc.rule.transform.hf_shape(plan.shape[plan.depth:])
-        if info.shape != want:
-            wrong.append(f"{key}: file has {list(info.shape)}, the model needs {list(want)}")
-        if info.dtype not in SAFETENSORS_DTYPES:
-            dtypes.append(f"{key}: {info.dtype} (supported: {', '.join(SAFETENSORS_DTYPES)})")
-        plan.transform = loc.rule.transform
-        plan.sources[loc.index] = info
+        for loc in locations:
+            if loc.path is None:
+                continue  # known, deliberately not loaded
+            plan = plans.get(loc.path)
+            if plan is None or len(loc.index) != plan.depth or any(
+                    i >= n for i, n in zip(loc.index, plan.shape, strict=False)):
+                unexpected.append(f"{key} (the model built from config.json has no "
+                                  f"{loc.path}{list(loc.index) if loc.index else ''})")
+                break
+            want = loc.rule.hf_shape(plan.shape[plan.depth:])
+            if info.shape != want:
+                wrong.append(f"{key}: file has {list(info.shape)}, the model needs {list(want)}")
+            if info.dtype not in SAFETENSORS_DTYPES:
+                dtypes.append(f"{key}: {info.dtype} (supported: {', '.join(SAFETENSORS_DTYPES)})")
+            plan.rule = loc.rule
+            plan.sources[loc.index] = info
     missing = []
     for path, plan in plans.items():
         entries = table.entries(path, plan.shape) or []
@@ -215,11 +216,12 @@ def read_block(plan: _ParamPlan, block: tuple[slice, ...], dtype: np.dtype) -> n
     lead, rest = block[:plan.depth], block[plan.depth:]
     inner = plan.shape[plan.depth:]
     out = np.empty([s.stop - s.start for s in block], dtype=dtype)
+    rule = plan.rule
     for index in itertools.product(*(range(s.start, s.stop) for s in lead)):
         info = plan.sources[index]
         local = tuple(i - s.start for i, s in zip(index, lead, strict=True))
-        out[local] = plan.transform.read_block(lambda s, info=info: _read_slices(info, s), rest,
-                                               inner)
+        out[local] = rule.transform.read_block(
+            lambda s, info=info: _read_slices(info, rule.part_slices(s, inner)), rest, inner)
     return out
 
 

@@ -42,6 +42,7 @@ from tests.fixtures_chat_templates import *  # noqa: F401,F403,E402
 from tests.fixtures_data import *  # noqa: F401,F403,E402
 from tests.fixtures_distill import *  # noqa: F401,F403,E402
 from tests.fixtures_gemma import *  # noqa: F401,F403,E402
+from tests.fixtures_gemma4 import *  # noqa: F401,F403,E402
 from tests.fixtures_models import *  # noqa: F401,F403,E402
 from tests.fixtures_moe import *  # noqa: F401,F403,E402
 from tests.fixtures_preference import *  # noqa: F401,F403,E402

@@ -17,6 +17,8 @@ where a reply sits:
 * ``llama31``: Llama 3.1 (a system header with a knowledge-cutoff date always written);
 * ``gemma``: Gemma 3 (``<start_of_turn>``/``<end_of_turn>``, the system prompt folded into
   the first user turn, the assistant called ``model``);
+* ``gemma4``: Gemma 4, text parts, thinking off (``<|turn>``/``<turn|>``, a system turn of
+  its own, the assistant called ``model``, trimmed content);
 * ``zephyr``: Zephyr (``<|user|>``/``<|assistant|>`` as plain text, each turn ending in
   ``</s>``, newlines from ``trim_blocks`` rendering);
 * ``llama2``: Llama 2 (``<<SYS>>`` in the first user turn, replies as ``' ' + reply + ' </s>'``);
@@ -323,6 +325,53 @@ LLAMA2_MARKED = LLAMA2.replace(
     "{{ ' ' }}{% generation %}{{ content.strip() + ' ' + eos_token }}{% endgeneration %}")
 
 
+GEMMA4 = r"""{{- bos_token -}}
+{%- macro render_content(content) -%}
+    {%- if content is string -%}
+        {{- content | trim -}}
+    {%- elif content is sequence -%}
+        {%- for item in content -%}
+            {%- if item['type'] == 'text' -%}
+                {{- item['text'] | trim -}}
+            {%- elif item['type'] == 'image' -%}
+                {{- '\n\n<|image|>\n\n' -}}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- endif -%}
+{%- endmacro -%}
+{%- if messages[0]['role'] in ['system', 'developer'] -%}
+    {{- '<|turn>system\n' -}}
+    {{- render_content(messages[0]['content']) -}}
+    {{- '<turn|>\n' -}}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}
+    {{- '<|turn>' + role + '\n' -}}
+    {{- render_content(message['content']) -}}
+    {{- '<turn|>\n' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- '<|turn>model\n' -}}
+{%- endif -%}
+"""
+GEMMA4_MARKED = GEMMA4.replace(
+    """    {{- render_content(message['content']) -}}
+    {{- '<turn|>\\n' -}}
+{%- endfor -%}""",
+    """    {%- if role == 'model' -%}
+        {%- generation -%}{{- render_content(message['content']) + '<turn|>' -}}{%- endgeneration -%}
+        {{- '\\n' -}}
+    {%- else -%}
+        {{- render_content(message['content']) -}}
+        {{- '<turn|>\\n' -}}
+    {%- endif -%}
+{%- endfor -%}""")
+assert GEMMA4_MARKED != GEMMA4
+
+
 class ChatTemplate(NamedTuple):
     text: str  # the template, with its family's structure
     marked: str  # the same, with {% generation %} around what the model writes
@@ -356,6 +405,8 @@ CHAT_TEMPLATES = {
     "llama31": ChatTemplate(LLAMA31, LLAMA31_MARKED, "<|begin_of_text|>", "<|eot_id|>", None,
                             "<|eot_id|>"),
     "gemma": ChatTemplate(GEMMA, GEMMA_MARKED, "<bos>", "<eos>", None, "<end_of_turn>"),
+    "gemma4": ChatTemplate(GEMMA4, GEMMA4_MARKED, "<bos>", "<eos>", None, "<turn|>",
+                           specials=("<|turn>", "<turn|>")),
     "zephyr": ChatTemplate(ZEPHYR, ZEPHYR_MARKED, "<s>", "</s>", None, "</s>"),
     "phi3": ChatTemplate(PHI3, PHI3_MARKED, None, "<|endoftext|>", None, "<|end|>",
                          specials=("<|end|>", "<|user|>", "<|assistant|>", "<|system|>")),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from jaxtune.data.encode import Encoder
-from jaxtune.data.errors import BadRowError, RowProblem
+from jaxtune.data.errors import BadRowError, DataError, RowProblem
 from jaxtune.data.formats import FormatSpec
 from tests.fixtures_chat_templates import CHAT_TEMPLATES
 from tests.fixtures_data import chat_rows, make_data_config, write_jsonl
@@ -176,6 +176,7 @@ def test_mistral_v1_keeps_leading_whitespace_of_replies(chat_template_tokenizers
     ("llama3", ["Yes<|eot_id|>", "A<|eot_id|>", "345<|eot_id|>", "12<|eot_id|>"]),
     ("llama31", ["Yes<|eot_id|>", "A<|eot_id|>", "345<|eot_id|>", "12<|eot_id|>"]),
     ("gemma", ["Yes<end_of_turn>", "A<end_of_turn>", "345<end_of_turn>", "12<end_of_turn>"]),
+    ("gemma4", ["Yes<turn|>", "A<turn|>", "345<turn|>", "12<turn|>"]),
     ("zephyr", ["Yes</s>", "A</s>", "345</s>", "12</s>"]),
 ])
 def test_short_answers_that_appear_in_the_prompt(chat_template_tokenizers, style, expected):
@@ -276,3 +277,28 @@ def test_built_in_gemma_template_is_gemmas_own(chat_template_tokenizers):
                                        chat_template=NAMED_TEMPLATES["gemma"])
         assert ours == tok.apply_chat_template(conv, tokenize=False)
         assert "<start_of_turn>system" not in ours
+
+
+def test_built_in_gemma4_template_is_gemma4s_own_and_ends_turns_with_a_stop_token(
+        chat_template_tokenizers):
+    # data.chat_template: gemma4 renders what Gemma 4 was trained on (a system turn of its
+    # own, <|turn>model for the assistant); its end of turn <turn|> is trained (above) and a
+    # stop id of generation and of the export's generation_config.
+    from jaxtune.data.tokenizer import NAMED_TEMPLATES, resolve_chat_template
+    from jaxtune.export.hf_folder import end_of_turn_token, stop_token_ids
+
+    tok = chat_template_tokenizers["gemma4"]
+    convs = rows_for("gemma4")
+    assert any(conv[0]["role"] == "system" for conv in convs)
+    for conv in convs:
+        ours = tok.apply_chat_template(conv, tokenize=False,
+                                       chat_template=NAMED_TEMPLATES["gemma4"])
+        assert ours == tok.apply_chat_template(conv, tokenize=False)
+    assert tok.apply_chat_template(
+        [{"role": "system", "content": " Be brief. "}, {"role": "user", "content": "Hi"}],
+        tokenize=False, add_generation_prompt=True, chat_template=NAMED_TEMPLATES["gemma4"]
+    ) == "<bos><|turn>system\nBe brief.<turn|>\n<|turn>user\nHi<turn|>\n<|turn>model\n"
+    assert end_of_turn_token(tok) == "<turn|>"
+    assert tok.convert_tokens_to_ids("<turn|>") in stop_token_ids(tok)
+    with pytest.raises(DataError, match=r"<turn\|>"):
+        resolve_chat_template("gemma4", chat_template_tokenizers["gemma"])

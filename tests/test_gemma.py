@@ -388,15 +388,3 @@ def test_gemma3_270m_matches_transformers(gemma3_dir):
         buf[0, n + i] = logits(model, buf)[0, n + i - 1].argmax()
     assert len(greedy) >= 1
     np.testing.assert_array_equal(buf[0, n:n + len(greedy)], greedy)
-
-
-@pytest.mark.parametrize("model_type", ["gemma4_text", "gemma4"])
-def test_gemma4_is_refused_naming_what_is_not_modelled(tmp_path, model_type):
-    # A Gemma 4 checkpoint must not load as a Gemma 3 with missing parts: the error says what
-    # is not modelled and what to use instead, and names the other model types.
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
-    with pytest.raises(JaxtuneError) as err:
-        from_pretrained(tmp_path)
-    msg = str(err.value)
-    assert f"model_type '{model_type}'" in msg and "per-layer input embeddings" in msg
-    assert "num_kv_shared_layers" in msg and "gemma3_text" in msg

@@ -36,8 +36,8 @@ class Encoder:
         if needs_template and not self.info.has_chat_template:
             raise DataError(
                 f"data.format {spec.format} renders chats, but the tokenizer has no chat "
-                "template. Set data.chat_template to a built-in name (chatml, llama3, gemma), "
-                "a Jinja file or a Jinja string" + (
+                "template. Set data.chat_template to a built-in name (chatml, llama3, gemma, "
+                "gemma4), a Jinja file or a Jinja string" + (
                     ", or data.alpaca_prompt: classic." if spec.format == "alpaca" else ".")
             )
         if spec.format != "chat" and self.info.eos_id is None:

@@ -228,8 +228,8 @@ class PreferenceEncoder:
             if isinstance(example, ChatExample) and not self.encoder.info.has_chat_template:
                 raise DataError(
                     "data.format preference has conversational rows, but the tokenizer has no "
-                    "chat template. Set data.chat_template (chatml, llama3, gemma, a file or "
-                    "Jinja).")
+                    "chat template. Set data.chat_template (chatml, llama3, gemma, gemma4, a file "
+                    "or Jinja).")
             r = self.encoder.render_example(example)
             r.spans = r.spans[n_prompt:]  # the prompt's own assistant turns are not trained
             out.append(r)

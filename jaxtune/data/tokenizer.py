@@ -75,6 +75,38 @@ NAMED_TEMPLATES: dict[str, str] = {
     {{'<start_of_turn>model\n'}}
 {%- endif -%}
 """,
+    # Gemma 4's own (google/gemma-4-*-it, text parts, thinking off): a system turn of its own,
+    # each turn <|turn>role ... <turn|> with the assistant called model, content trimmed.
+    "gemma4": r"""{{- bos_token -}}
+{%- macro render_content(content) -%}
+    {%- if content is string -%}
+        {{- content | trim -}}
+    {%- else -%}
+        {%- for item in content -%}
+            {%- if item['type'] == 'text' -%}
+                {{- item['text'] | trim -}}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- endif -%}
+{%- endmacro -%}
+{%- if messages[0]['role'] in ['system', 'developer'] -%}
+    {{- '<|turn>system\n' -}}
+    {{- render_content(messages[0]['content']) -}}
+    {{- '<turn|>\n' -}}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}
+    {{- '<|turn>' + role + '\n' -}}
+    {{- render_content(message['content']) -}}
+    {{- '<turn|>\n' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- '<|turn>model\n' -}}
+{%- endif -%}
+""",
 }
 
 # Special tokens each named template writes; the tokenizer must know them as single tokens.
@@ -82,6 +114,7 @@ _NAMED_TEMPLATE_TOKENS = {
     "chatml": ["<|im_start|>", "<|im_end|>"],
     "llama3": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
     "gemma": ["<start_of_turn>", "<end_of_turn>"],
+    "gemma4": ["<|turn>", "<turn|>"],
 }
 
 

@@ -16,6 +16,7 @@ from jaxtune.export.errors import ExportError
 from jaxtune.export.safetensors_out import TensorGroup, parse_size
 from jaxtune.export.tensors import model_sources
 from jaxtune.export.writer import read_generation_config, reference_model, write_hf_export
+from jaxtune.models.layers import WEIGHTS
 from jaxtune.run_dir import base_model, checkpoint_sources, open_run
 
 LORA_MODES = ("merged", "adapter", "both")
@@ -33,6 +34,18 @@ def _summary(groups: list[TensorGroup], weight_map: dict[str, str]) -> str:
     size = sum(s.nbytes for g in groups for s in g.specs)
     files = len(set(weight_map.values()))
     return f"{len(weight_map)} tensors, {describe_size(size)} in {files} file{'s' * (files > 1)}"
+
+
+def skipped_note(config: Any) -> str | None:
+    """What an export of ``config``'s model leaves out of the checkpoint it was loaded from
+    (the towers of a multimodal checkpoint whose language model jaxtune trains), or None."""
+    skipped = tuple(getattr(config, "skipped_modules", ()) or ())
+    if not skipped:
+        return None
+    return (f"note: this export is the text-only language model ({config.model_type}); the "
+            f"source checkpoint's {', '.join(skipped)} were not loaded and are not in it. "
+            "Use the original checkpoint's towers with these language-model weights, or "
+            "export from a text-only checkpoint.")
 
 
 # --------------------------------------------------------------------------- a run
@@ -62,6 +75,12 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
     verify = e.verify if verify is None else verify
     base = base_model(ckpt)
     base_dir, base_hf, config = base.directory, base.hf_config, base.config
+    # The config.json of the model jaxtune built: the file itself, except for a multimodal
+    # checkpoint's, whose language model is what was trained and what is written.
+    base_hf = base.family.config_cls.from_hf_config(base_hf).to_hf_config()
+    note = skipped_note(config)
+    if note:
+        echo(note)
     protect = (run_dir, base_dir)
     if not str(ckpt.directory).startswith(("gs://", "s3://")):
         protect += (Path(str(ckpt.directory)),)
@@ -113,7 +132,8 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
 def save_pretrained(model: nnx.Module, out_dir: str | os.PathLike, tokenizer: Any = None, *,
                     dtype: str | None = None, max_shard_size: str | int = "5GB",
                     lora: str = "merged", base: nnx.Module | None = None,
-                    base_model_name_or_path: str = "", overwrite: bool = False) -> Path:
+                    base_model_name_or_path: str = "", overwrite: bool = False,
+                    echo: Echo | None = None) -> Path:
     """Write a jaxtune model in memory as a folder ``transformers`` (or ``peft``) loads.
 
     Args:
@@ -130,6 +150,8 @@ def save_pretrained(model: nnx.Module, out_dir: str | os.PathLike, tokenizer: An
       base: for ``merged``, the unquantised base model to merge into (see
         ``jaxtune.lora.merge``); default: the model's own (possibly quantised) kernels.
       base_model_name_or_path: written into a PEFT ``adapter_config.json``.
+      echo: where notes go (default: a logged warning), e.g. that a model loaded from a
+        multimodal checkpoint is written as its text-only language model.
 
     Tied embeddings stay tied (no ``lm_head.weight``). Returns the folder.
     """
@@ -145,6 +167,14 @@ def save_pretrained(model: nnx.Module, out_dir: str | os.PathLike, tokenizer: An
 
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer), trust_remote_code=False)
     out_dtype = None if dtype is None else hf_folder.resolve_dtype(dtype)
+    note = skipped_note(model.config)
+    if note:
+        if echo is None:
+            import logging
+
+            logging.getLogger(__name__).warning(note)
+        else:
+            echo(note)
     if _has_adapters(model):
         from jaxtune.export import lora_export
 
@@ -156,7 +186,7 @@ def save_pretrained(model: nnx.Module, out_dir: str | os.PathLike, tokenizer: An
 
         model = merge(model, base=base)
     config = model.config
-    sources = model_sources(nnx.state(model, nnx.Param))
+    sources = model_sources(nnx.state(model, WEIGHTS))
     cfg_dtype = out_dtype or next(s.dtype for s in sources if "embed" in s.path)
     write_hf_export(Path(out_dir), sources, config, out_dtype=out_dtype,
                     hf_config=hf_folder.export_hf_config(config.to_hf_config(), None, cfg_dtype),

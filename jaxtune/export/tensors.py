@@ -24,6 +24,7 @@ from flax import nnx
 from jaxtune.export.errors import ExportError
 from jaxtune.export.safetensors_out import TensorGroup, TensorSpec
 from jaxtune.models.family import family_table
+from jaxtune.models.layers import WEIGHTS
 from jaxtune.models.table import Transform
 from jaxtune.sharding import host_array
 
@@ -59,22 +60,29 @@ def hf_groups(sources: list[ParamSource], config: Any, dtype: Any = None) -> lis
     """One :class:`TensorGroup` per parameter, in the order transformers would list them.
 
     ``dtype`` (a numpy dtype) is the written dtype; None keeps each parameter's dtype.
+    Parameters that are parts of one HF tensor (``Rule.part``) are joined into one group.
     Raises :class:`ExportError` listing parameters the family's table does not cover (e.g.
     LoRA adapters that were not merged).
     """
     table = family_table(config)
     groups, unmapped = [], []
+    parts: dict[tuple[str, ...], dict[int, tuple[ParamSource, list]]] = {}
     for src in sources:
         entries = table.entries(src.path, src.shape)
         if entries is None:
             unmapped.append(src.path)
             continue
+        rule = entries[0].rule
+        if rule.part is not None:
+            parts.setdefault(tuple(e.key for e in entries), {})[rule.part[0]] = (src, entries)
+            continue
         depth = len(entries[0].index) if entries else 0
-        transform = entries[0].rule.transform
         out = np.dtype(dtype) if dtype is not None else np.dtype(src.dtype)
-        shape = transform.hf_shape(src.shape[depth:])
+        shape = rule.hf_shape(src.shape[depth:])
         specs = [TensorSpec(e.key, shape, out) for e in entries]
-        groups.append(TensorGroup(specs, _producer(src, transform, depth)))
+        groups.append(TensorGroup(specs, _producer(src, rule.transform, depth)))
+    for keys, found in parts.items():
+        groups.append(_joined_group(keys, found, dtype))
     if unmapped:
         raise ExportError(
             f"The {config.model_type} table has no Hugging Face key for {unmapped[:8]}"
@@ -83,6 +91,27 @@ def hf_groups(sources: list[ParamSource], config: Any, dtype: Any = None) -> lis
         )
     groups.sort(key=lambda g: natural_key(g.specs[0].key))
     return groups
+
+
+def _joined_group(keys: tuple[str, ...], found: dict[int, tuple[ParamSource, list]],
+                  dtype: Any) -> TensorGroup:
+    """The HF tensors that several parameters are parts of, each part's slice side by side."""
+    src0, entries0 = next(iter(found.values()))
+    rule = entries0[0].rule
+    n, axis = rule.part[1], rule.part[2]
+    if sorted(found) != list(range(n)):
+        raise ExportError(f"{keys[0]} is written from {n} parameters, and only parts "
+                          f"{sorted(found)} are in the model.")
+    depth = len(entries0[0].index)
+    out = np.dtype(dtype) if dtype is not None else np.dtype(src0.dtype)
+    shape = rule.hf_shape(src0.shape[depth:])
+    producers = [_producer(found[k][0], found[k][1][0].rule.transform, depth) for k in range(n)]
+
+    def produce() -> Iterator[np.ndarray]:
+        for blocks in zip(*(p() for p in producers), strict=True):
+            yield np.concatenate(blocks, axis=axis)
+
+    return TensorGroup([TensorSpec(k, shape, out) for k in keys], produce)
 
 
 def _producer(src: ParamSource, transform: Transform,
@@ -112,23 +141,29 @@ def iter_hf_tensors(model_or_state: Any, config: Any = None, *,
     ``config`` is needed for a bare state."""
     if isinstance(model_or_state, nnx.Module):
         config = config or model_or_state.config
-        state = nnx.state(model_or_state, nnx.Param)
+        state = nnx.state(model_or_state, WEIGHTS)
     else:
         state = model_or_state
     if config is None:
         raise ExportError("iter_hf_tensors needs the family config when given a bare state.")
     out = None if dtype is None else np.dtype(jnp.dtype(dtype))
     table = family_table(config)
-    items = []
+    items: dict[str, list] = {}
     for src in model_sources(state):
         entries = table.entries(src.path, src.shape)
         if entries is None:
             hf_groups([src], config)  # raises the export's error naming the parameter
-        items += [(e.key, e.index, e.rule.transform, src) for e in entries]
-    for key, index, transform, src in sorted(items, key=lambda it: natural_key(it[0])):
-        whole = np.asarray(src.read(index[0], index[0] + 1))[0][index[1:]] if index \
-            else read_whole(src)
-        array = transform.to_hf(whole)
+        for e in entries:
+            items.setdefault(e.key, []).append((e.index, e.rule, src))
+    for key in sorted(items, key=natural_key):
+        pieces = []
+        for index, rule, src in sorted(items[key], key=lambda it: (it[1].part or (0,))[0]):
+            whole = np.asarray(src.read(index[0], index[0] + 1))[0][index[1:]] if index \
+                else read_whole(src)
+            pieces.append((rule, rule.transform.to_hf(whole)))
+        rule = pieces[0][0]
+        array = pieces[0][1] if rule.part is None else np.concatenate(
+            [a for _, a in pieces], axis=rule.part[2])
         yield key, array if out is None else array.astype(out)
 
 
@@ -136,7 +171,8 @@ def iter_hf_tensors(model_or_state: Any, config: Any = None, *,
 
 
 def model_sources(state: nnx.State) -> list[ParamSource]:
-    """Sources for the parameters of a model in memory (``nnx.state(model, nnx.Param)``)."""
+    """Sources for the weights of a model in memory (``nnx.state(model, WEIGHTS)``: its
+    parameters and buffers)."""
     out = []
     for path, var in nnx.to_flat_state(state):
         name = ".".join(map(str, path))

@@ -15,6 +15,12 @@ it is left out for correctness first.
 
 Sharding follows the logical rules: ``batch`` over data/fsdp, ``kv_heads`` over tensor,
 ``layers`` / ``seq`` / ``head_dim`` as the rules say (replicated by default).
+
+A model whose layers differ in key/value geometry (Gemma 4: sliding and full layers with their
+own head counts and head dims) keeps one stack per kind of layer: its ``kv_cache_layout()``
+returns ``{kind: (layers, kv_heads, head_dim)}`` and ``layers`` is then ``{kind: LayerKV}``
+(the model threads it through ``stack.apply_slots``). Layers that read another layer's keys
+and values (Gemma 4's KV sharing) have no slots of their own.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ class KVCache:
         cache = cache.update(layers)
     """
 
-    layers: LayerKV  # k/v [L, B, S, K, H]; index [L] (the same value, for the scan)
+    layers: LayerKV | dict[str, LayerKV]  # k/v [L, B, S, K, H]; index [L] (the same value)
     positions_BS: jax.Array  # int32
     segment_ids_BS: jax.Array  # int32; 0 = empty slot or padding
     index: jax.Array  # int32 scalar: the next slot to write
@@ -66,23 +72,36 @@ class KVCache:
         seg_BS = jax.lax.dynamic_update_slice(self.segment_ids_BS,
                                               segment_ids_BT.astype(jnp.int32), at)
         pos_BS, seg_BS = constrain(pos_BS, SLOT_AXES), constrain(seg_BS, SLOT_AXES)
-        num_layers = self.layers.index.shape[0]
-        layers = self.layers.replace(index=jnp.full((num_layers,), self.index, jnp.int32))
+        layers = _at_index(self.layers, self.index)
         mask = AttentionMask(positions_BT, pos_BS, segment_ids_BT.astype(jnp.int32), seg_BS)
         return mask, self.replace(layers=layers, positions_BS=pos_BS, segment_ids_BS=seg_BS,
                                   index=self.index + t)
 
-    def update(self, layers: LayerKV) -> KVCache:
+    def update(self, layers: LayerKV | dict[str, LayerKV]) -> KVCache:
         """The cache with the layers' updated keys and values (from ``apply_layers``)."""
         return self.replace(layers=layers)
 
 
-def cache_layout(model: Any) -> tuple[int, int, int]:
+def _at_index(layers: LayerKV | dict[str, LayerKV], index: jax.Array) -> Any:
+    """Every layer's write index set to ``index``."""
+    if isinstance(layers, dict):
+        return {k: _at_index(v, index) for k, v in layers.items()}
+    return layers.replace(index=jnp.full(layers.index.shape, index, jnp.int32))
+
+
+Layout = tuple[int, int, int]
+
+
+def cache_layout(model: Any) -> Layout | dict[str, Layout]:
     """``(num_layers, kv_heads, head_dim)`` of a family's model: its ``kv_cache_layout()`` if
-    it has one, else its config's ``num_hidden_layers``, ``num_key_value_heads``, ``head_dim``."""
+    it has one (a dict of them for a model with one cache stack per kind of layer), else its
+    config's ``num_hidden_layers``, ``num_key_value_heads``, ``head_dim``."""
     custom = getattr(model, "kv_cache_layout", None)
     if custom is not None:
-        return tuple(custom())
+        layout = custom()
+        if isinstance(layout, dict):
+            return {k: tuple(v) for k, v in layout.items()}
+        return tuple(layout)
     cfg = model.config
     kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -113,3 +132,24 @@ def empty_cache(num_layers: int, batch: int, slots: int, kv_heads: int, head_dim
     if mesh is None:
         return jax.jit(make)()
     return jax.jit(make, out_shardings=cache_shardings(mesh, rules, shape))()
+
+
+def empty_grouped_cache(layout: dict[str, Layout], batch: int, slots: int, dtype: Any,
+                        mesh: Mesh | None = None, rules: Rules | None = None) -> KVCache:
+    """:func:`empty_cache` with one key/value stack per kind of layer (``layout``: ``{kind:
+    (layers, kv_heads, head_dim)}``)."""
+    shapes = {k: (n, batch, slots, kv, h) for k, (n, kv, h) in layout.items()}
+
+    def make() -> KVCache:
+        layers = {k: LayerKV(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+                             jnp.zeros((shape[0],), jnp.int32)) for k, shape in shapes.items()}
+        return KVCache(layers, jnp.zeros((batch, slots), jnp.int32),
+                       jnp.zeros((batch, slots), jnp.int32), jnp.zeros((), jnp.int32))
+
+    if mesh is None:
+        return jax.jit(make)()
+    per_kind = {k: cache_shardings(mesh, rules, shape) for k, shape in shapes.items()}
+    first = next(iter(per_kind.values()))
+    shardings = KVCache({k: c.layers for k, c in per_kind.items()}, first.positions_BS,
+                        first.segment_ids_BS, first.index)
+    return jax.jit(make, out_shardings=shardings)()

@@ -35,7 +35,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from jaxtune.generation.cache import KVCache, cache_layout, empty_cache
+from jaxtune.generation.cache import KVCache, cache_layout, empty_cache, empty_grouped_cache
 from jaxtune.generation.errors import GenerateError
 from jaxtune.generation.sampling import Sampling, sample, token_logps
 from jaxtune.sharding import (
@@ -216,6 +216,9 @@ class Generator:
     # ------------------------------------------------------------ building blocks
 
     def new_cache(self, batch: int, slots: int) -> KVCache:
+        if isinstance(self.layout, dict):  # one stack per kind of layer (Gemma 4)
+            return empty_grouped_cache(self.layout, batch, slots, self.dtype, self.mesh,
+                                       self.rules)
         layers, kv_heads, head_dim = self.layout
         return empty_cache(layers, batch, slots, kv_heads, head_dim, self.dtype, self.mesh,
                            self.rules)

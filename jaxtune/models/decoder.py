@@ -44,10 +44,15 @@ def attention_mask(positions_BT: jax.Array, segment_ids_BT: jax.Array | None,
 
 
 def scan_windows(windows: Sequence[int | None], scan_layers: bool) -> tuple[int | None, ...]:
-    """Per-layer sliding windows as the stack takes them: under scan, mixed full and sliding
-    layers scan one window per layer, so a full layer's is :data:`NO_WINDOW`."""
+    """Per-layer sliding windows as the stack takes them. Under scan, mixed full and sliding
+    layers in a repeating pattern (Gemma's) are scanned over blocks of the pattern, each
+    layer's window static (``stack.block_runs``); without such a pattern they scan one window
+    per layer as an array, so a full layer's is :data:`NO_WINDOW`."""
+    from jaxtune.models.stack import block_runs
+
     windows = tuple(windows)
-    if scan_layers and len(set(windows)) > 1:
+    if scan_layers and len(set(windows)) > 1 and \
+            block_runs([{"window": w} for w in windows]) is None:
         return tuple(w or NO_WINDOW for w in windows)
     return windows
 

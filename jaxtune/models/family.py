@@ -142,6 +142,9 @@ class Family:
     ``fused_experts(hf_module)``: for a family whose transformers model holds experts fused
     in 3-D parameters, where the expert projection ``hf_module`` (a checkpoint name, one
     expert) lives in memory (:class:`FusedExpert`), else None; PEFT adapters name those.
+    ``layer_groups(config)``: for a family whose scanned layers are several stacked modules
+    (one per kind of layer, ``model.layers.<group>``), each HF layer's ``(group, index in the
+    group)`` (see ``jaxtune.models.table``); None when the layers are one stack.
     """
 
     name: str
@@ -153,6 +156,7 @@ class Family:
     layers_path: str = "model.layers"
     declined: tuple[tuple[str, str], ...] = ()
     fused_experts: Callable[[str], FusedExpert | None] | None = None
+    layer_groups: Callable[[Any], tuple[tuple[str, int], ...]] | None = None
 
 
 @dataclass(frozen=True)
@@ -234,8 +238,9 @@ def family_table(config: Any, scan_layers: bool = False) -> ParamTable:
     """The family's HF table for ``config`` bound to its layers path. Going from parameters
     to HF keys, ``scan_layers`` does not matter (a path says whether it is stacked)."""
     family = family_of(config)
+    groups = family.layer_groups(config) if family.layer_groups is not None else None
     return ParamTable(family.hf_table(config), layers_path=family.layers_path,
-                      scan_layers=scan_layers)
+                      scan_layers=scan_layers, layer_groups=groups)
 
 
 def write_back_hf_config(config: Any, config_cls: Any,

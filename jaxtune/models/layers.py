@@ -166,6 +166,20 @@ class Linear(nnx.Module):
         return y
 
 
+# --------------------------------------------------------------------------- Buffer
+
+
+class Buffer(nnx.Variable):
+    """A checkpoint tensor the model reads but never trains: transformers' persistent buffers
+    (Gemma 4's per-layer ``layer_scalar``). Loaded and exported like a parameter (it is in
+    :data:`WEIGHTS`), but not an ``nnx.Param``, so training keeps it frozen as transformers
+    does."""
+
+
+#: Every variable a checkpoint holds: parameters and buffers (what loading and export cover).
+WEIGHTS = nnx.Any(nnx.Param, Buffer)
+
+
 # --------------------------------------------------------------------------- Embed, RMSNorm
 
 
@@ -193,28 +207,37 @@ class RMSNorm(nnx.Module):
 
     ``plus_one`` is Gemma's form: the weight is stored as an offset from 1 (zeros at init),
     ``(1 + w)`` is taken in float32 and the result is rounded to the input dtype only after
-    the multiply (Llama rounds before it).
+    the multiply (Llama rounds before it). ``f32_weight``: Gemma 4's ``x * w`` with the
+    multiply in float32 too, rounded after it. ``with_scale=False``: no weight at all (Gemma
+    4's value norm and router norm).
     """
 
     def __init__(self, dim: int, *, eps: float, axis_name: str = "embed",
-                 param_dtype: Any = jnp.float32, plus_one: bool = False):
+                 param_dtype: Any = jnp.float32, plus_one: bool = False,
+                 f32_weight: bool = False, with_scale: bool = True):
         init = jnp.zeros if plus_one else jnp.ones
-        self.scale = nnx.Param(init((dim,), param_dtype), logical_axes=(axis_name,))
+        self.scale = (nnx.Param(init((dim,), param_dtype), logical_axes=(axis_name,))
+                      if with_scale else None)
         self.eps = eps
         self.plus_one = plus_one
+        self.f32_weight = f32_weight
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.scale is None:
+            return normed.astype(x.dtype)
         if self.plus_one:
             return (normed * (1.0 + self.scale[...].astype(jnp.float32))).astype(x.dtype)
+        if self.f32_weight:
+            return (normed * self.scale[...].astype(jnp.float32)).astype(x.dtype)
         # transformers rounds to the input dtype before multiplying by the weight.
         return normed.astype(x.dtype) * self.scale[...].astype(x.dtype)
 
 
 # --------------------------------------------------------------------------- RoPE
 
-ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional")
 
 
 @dataclass(frozen=True)
@@ -233,6 +256,7 @@ class RopeParameters:
     mscale: float | None = None  # yarn
     mscale_all_dim: float | None = None  # yarn
     truncate: bool | None = None  # yarn
+    partial_rotary_factor: float | None = None  # proportional (Gemma 4's full layers)
 
     @classmethod
     def from_hf(cls, params: dict[str, Any], max_position_embeddings: int) -> RopeParameters:
@@ -244,8 +268,9 @@ class RopeParameters:
                 f"{', '.join(ROPE_TYPES)}. Check rope_parameters / rope_scaling in config.json."
             )
         known = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(params) - known - {"type", "partial_rotary_factor"})
-        if unknown or params.get("partial_rotary_factor", 1.0) != 1.0:
+        unknown = sorted(set(params) - known - {"type"})
+        partial = params.get("partial_rotary_factor", 1.0)
+        if unknown or (rope_type != "proportional" and partial not in (None, 1.0)):
             raise JaxtuneError(
                 f"RoPE parameters {unknown or ['partial_rotary_factor']} are not supported "
                 f"for rope_type '{rope_type}'."
@@ -269,10 +294,21 @@ class RopeParameters:
 def rope_frequencies(rope: RopeParameters, head_dim: int) -> tuple[np.ndarray, float]:
     """Inverse frequencies ``[H/2]`` (float32) and the cos/sin scale, as transformers computes them.
 
-    Follows ``transformers.modeling_rope_utils`` for the default, linear, llama3 and yarn types.
+    Follows ``transformers.modeling_rope_utils`` for the default, linear, llama3, yarn and
+    proportional types. ``proportional`` (Gemma 4's full layers) rotates the first
+    ``partial_rotary_factor * H / 2`` frequency pairs with exponents over the whole head dim
+    and leaves the rest unrotated (frequency 0), then divides by ``factor``.
     """
     dim = head_dim
     base = float(rope.rope_theta)
+    if rope.rope_type == "proportional":
+        angles = int((rope.partial_rotary_factor if rope.partial_rotary_factor is not None
+                      else 1.0) * dim // 2)
+        exponents = np.arange(0, 2 * angles, 2, dtype=np.int64).astype(np.float32) / np.float32(
+            dim)
+        rotated = (1.0 / (np.float32(base) ** exponents)).astype(np.float32)
+        inv_freq = np.concatenate([rotated, np.zeros(dim // 2 - angles, np.float32)])
+        return (inv_freq / np.float32(rope.factor or 1.0)).astype(np.float32), 1.0
     exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
     inv_freq = (1.0 / (np.float32(base) ** exponents)).astype(np.float32)
     scale = 1.0

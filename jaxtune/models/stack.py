@@ -9,14 +9,24 @@ policies below).
 Layers may differ, as data rather than code (MaxText's ``if decoder_block == ...`` chains are
 what this avoids): ``layer_args`` gives each layer its own keyword arguments (a sliding
 window on some layers, a RoPE table, a soft-cap). Under scan, an argument that is the same for
-every layer stays a static Python value; one that varies is stacked into an array ``[L]``
-and scanned over, so the layer must accept either (e.g. a window as an int or a traced int).
+every layer stays a static Python value. Arguments that vary in a repeating pattern (Gemma's
+five sliding layers then one full) are scanned over blocks of the pattern: the scan's body
+runs one block, each of its layers with its own arguments as static values, so a fused
+attention kernel sees a static window on every layer (:func:`block_runs`, :func:`apply_slots`).
+Only when no short pattern repeats is a varying argument stacked into an array ``[L]`` and
+scanned over, so the layer must accept either (e.g. a window as an int or a traced int).
+
+:func:`apply_slots` is the general form: layers kept in several stacked modules (one per kind
+of layer, each with its own parameter shapes: Gemma 4's sliding and full layers), each layer
+a :class:`Slot` (its module, its index there, its static arguments). The scan runs blocks of
+the repeating pattern; a layer outside any repeat runs on its own.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -96,8 +106,15 @@ def apply_layers(layers: nnx.Module, x: jax.Array, *args: Any, num_layers: int,
         raise JaxtuneError(f"{len(layer_args)} layer_args for {num_layers} layers.")
     policy = REMAT_POLICIES[remat]
     if cache is not None:
+        if scan_layers and block_runs(layer_args) is not None:
+            x, group_cache = apply_slots({"": layers}, x, *args, slots=_slots(layer_args),
+                                         remat=remat, scan_layers=True, cache={"": cache})
+            return x, group_cache[""]
         return _apply_layers_cached(layers, x, args, num_layers, scan_layers, policy, remat,
                                     layer_args, cache)
+    if scan_layers and block_runs(layer_args) is not None:
+        return apply_slots({"": layers}, x, *args, slots=_slots(layer_args), remat=remat,
+                           scan_layers=True)
     if not scan_layers:
         for layer, kwargs in zip(layers, layer_args, strict=True):
             graphdef, state = nnx.split(layer)
@@ -158,3 +175,167 @@ def _split_layer_args(layer_args: list[Mapping[str, Any]]) -> tuple[dict, dict]:
         else:
             varying[k] = jnp.asarray(values)
     return static, varying
+
+
+# --------------------------------------------------------------------------- blocks of a pattern
+
+#: The longest block of a repeating layer pattern that is scanned as one body (its layers are
+#: unrolled in the body: compile time grows with it), and the most runs a stack may split into.
+MAX_BLOCK = 16
+MAX_RUNS = 4
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One layer of a stack: its stacked module (``group``), its index there, and its keyword
+    arguments (static: a window, a RoPE table's index, a geometry)."""
+
+    group: str
+    index: int
+    kwargs: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def args(self) -> dict[str, Any]:
+        return dict(self.kwargs)
+
+
+@dataclass(frozen=True)
+class Run:
+    """Layers ``start .. start + p * repeats - 1``: ``repeats`` blocks of the ``p`` slots from
+    ``start``; block ``b``'s layer ``k`` is ``slots[start + k]`` with its index moved on by
+    ``b * step[k]`` (the layers of its group in one block)."""
+
+    start: int
+    period: int
+    repeats: int
+    step: tuple[int, ...]
+
+
+def _slots(layer_args: Sequence[Mapping[str, Any]]) -> list[Slot]:
+    return [Slot("", i, tuple(sorted(a.items()))) for i, a in enumerate(layer_args)]
+
+
+def _repeats(slots: Sequence[Slot], start: int, p: int) -> tuple[int, tuple[int, ...]]:
+    """How many times the block ``slots[start:start + p]`` repeats from ``start``."""
+    block = slots[start:start + p]
+    step = tuple(sum(s.group == b.group for s in block) for b in block)
+    m = 1
+    while start + (m + 1) * p <= len(slots):
+        nxt = slots[start + m * p:start + (m + 1) * p]
+        if any(n.group != b.group or n.kwargs != b.kwargs or n.index != b.index + m * c
+               for n, b, c in zip(nxt, block, step, strict=True)):
+            break
+        m += 1
+    return m, step
+
+
+def find_runs(slots: Sequence[Slot]) -> list[Run]:
+    """The stack as runs of repeated blocks, greedily from the first layer: at each layer the
+    block (of at most :data:`MAX_BLOCK` layers) whose repeats cover the most layers; a layer
+    that starts no repeat is a run of one."""
+    runs, i = [], 0
+    while i < len(slots):
+        best = Run(i, 1, 1, (1,))
+        for p in range(1, min(MAX_BLOCK, len(slots) - i) + 1):
+            m, step = _repeats(slots, i, p)
+            if m >= 2 and m * p > best.period * best.repeats:
+                best = Run(i, p, m, step)
+        runs.append(best)
+        i += best.period * best.repeats
+    return runs
+
+
+def block_runs(layer_args: Sequence[Mapping[str, Any]]) -> list[Run] | None:
+    """The runs a scanned stack with these per-layer arguments is split into, or None when
+    its arguments follow no short repeating pattern (they are then stacked as arrays ``[L]``)
+    or are the same on every layer (one plain scan)."""
+    layer_args = list(layer_args)
+    if all(a == layer_args[0] for a in layer_args):
+        return None
+    try:
+        slots = _slots(layer_args)
+        hash(tuple(slots))
+    except TypeError:  # an argument that cannot be static (an array)
+        return None
+    runs = find_runs(slots)
+    return runs if len(runs) <= MAX_RUNS else None
+
+
+def _take(tree: Any, index: Any) -> Any:
+    """Layer ``index`` (a Python int or a traced one) of every leaf of a stacked state."""
+    if isinstance(index, int):
+        return jax.tree.map(lambda a: a[index], tree)
+    return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, index, keepdims=False), tree)
+
+
+def _put(tree: Any, index: Any, value: Any) -> Any:
+    return jax.tree.map(
+        lambda a, v: jax.lax.dynamic_update_index_in_dim(a, v.astype(a.dtype), index, 0),
+        tree, value)
+
+
+def apply_slots(layers: Mapping[str, nnx.Module] | Sequence[nnx.Module], x: Any, *args: Any,
+                slots: Sequence[Slot], remat: str, scan_layers: bool,
+                cache: Mapping[str, Any] | None = None, layer_index: bool = False
+                ) -> Any:
+    """``x = layer_i(x, *args, **slots[i].args)`` for every layer, in order.
+
+    ``layers``: with ``scan_layers``, the stacked modules by group (each parameter ``[layers
+    of that group, ...]``); without, the layers as a list (index = layer number). Under scan
+    the stack runs as :func:`find_runs` splits it: each run of repeated blocks is one
+    ``lax.scan`` whose body calls the block's layers with their own static arguments (a
+    layer's parameters are read at its index, ``index + b * step``, in its group's stack);
+    a run of one layer is called on its own. Each layer is rematerialised by ``remat`` on
+    its own, so a block keeps what a scan over single layers keeps.
+
+    ``cache`` (generation): per group a pytree with a leading axis over that group's layers.
+    A layer of a group with a cache is called with ``cache=`` its slice and returns ``(x, its
+    updated slice)``; one of a group without (Gemma 4's layers that read another layer's
+    keys and values) is called as in training. The result is then ``(x, the updated
+    caches)``. ``layer_index``: each layer also gets ``layer=`` its number (a traced int
+    inside a scan), e.g. to pick its slice of a per-layer input.
+    """
+    check_remat(remat)
+    policy = REMAT_POLICIES[remat]
+    caches = dict(cache) if cache is not None else None
+
+    def call(graphdef, state, x, slot, index, number, caches, in_scan):
+        kwargs = slot.args
+        if layer_index:
+            kwargs["layer"] = number
+        fn = functools.partial(_apply, graphdef, kwargs)
+        if remat != "none":
+            fn = jax.checkpoint(fn, policy=policy, prevent_cse=not in_scan)
+        if caches is None or slot.group not in caches:
+            return fn(state, x, args, {}), caches
+        layer_cache = _take(caches[slot.group], index)
+        x, layer_cache = fn(state, x, args, {"cache": layer_cache})
+        return x, {**caches, slot.group: _put(caches[slot.group], index, layer_cache)}
+
+    if not scan_layers:
+        for i, slot in enumerate(slots):
+            graphdef, state = nnx.split(layers[i])
+            x, caches = call(graphdef, state, x, slot, slot.index, i, caches, False)
+        return x if caches is None else (x, caches)
+
+    split = {g: nnx.split(m) for g, m in layers.items()}
+    for run in find_runs(slots):
+        block = list(slots[run.start:run.start + run.period])
+        if run.repeats == 1:
+            slot = block[0]
+            graphdef, state = split[slot.group]
+            x, caches = call(graphdef, _take(state, slot.index), x, slot, slot.index,
+                             run.start, caches, False)
+            continue
+
+        def body(carry, b, block=block, run=run):
+            x, caches = carry
+            for k, (slot, step) in enumerate(zip(block, run.step, strict=True)):
+                index = slot.index + b * step
+                graphdef, state = split[slot.group]
+                x, caches = call(graphdef, _take(state, index), x, slot, index,
+                                 run.start + b * run.period + k, caches, True)
+            return (x, caches), None
+
+        (x, caches), _ = jax.lax.scan(body, (x, caches), jnp.arange(run.repeats))
+    return x if caches is None else (x, caches)

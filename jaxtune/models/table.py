@@ -18,6 +18,18 @@ per-device partial reads), export, and LoRA/PEFT naming all use it.
 A :class:`Transform` is a reshape of the HF tensor into "unflattened" axes followed by a
 transpose: ``dst = unflatten(src).transpose(perm)``. That form lets the loader read any
 rectangular block of ``dst`` (one device's shard) from a rectangular slice of ``src``.
+
+Layer groups. A family whose layers are not all alike (Gemma 4: sliding and full layers of
+different shapes, layers without key/value projections) stacks them, under ``scan_layers``,
+in several modules, one per kind of layer: ``model.layers.<group>`` with each parameter
+``[layers of that group, ...]``. ``layer_groups`` (per HF layer ``i``: its group and its index
+in that group) tells the table so; the scanned form of ``model.layers.{i}.<rest>`` is then
+``model.layers.<group>.<rest>`` at that index. Without it the scanned form drops ``.{i}``.
+
+Parts. An HF tensor that holds several parameters side by side (transformers' fused
+``gate_up_proj`` of Gemma 4's experts: gate rows, then up rows) is matched by one rule per
+parameter, each naming its ``part`` (block ``k`` of ``n`` equal blocks along an HF axis): the
+loader reads each parameter's block, and export joins them again.
 """
 
 from __future__ import annotations
@@ -47,6 +59,7 @@ class Transform(enum.Enum):
     LINEAR_SPLIT_OUT = "linear_split_out"  # [N*H, D] -> [D, N, H] (q/k/v_proj)
     LINEAR_SPLIT_IN = "linear_split_in"  # [D, N*H] -> [N, H, D] (o_proj)
     SPLIT_HEADS = "split_heads"  # [N*H] -> [N, H] (q/k/v biases)
+    EXPERTS_LINEAR = "experts_linear"  # [E, out, in] -> [E, in, out] (fused expert weights)
 
     def layout(self, ndim: int) -> _Layout:
         """The (perm, groups) form of this transform for a ``ndim``-dim parameter."""
@@ -57,6 +70,7 @@ class Transform(enum.Enum):
             Transform.LINEAR_SPLIT_OUT: _Layout((2, 0, 1), ((0, 1), (2,))),
             Transform.LINEAR_SPLIT_IN: _Layout((1, 2, 0), ((0,), (1, 2))),
             Transform.SPLIT_HEADS: _Layout((0, 1), ((0, 1),)),
+            Transform.EXPERTS_LINEAR: _Layout((0, 2, 1), ((0,), (1,), (2,))),
         }[self]
 
     def _unflat_shape(self, dst_shape: Sequence[int]) -> list[int]:
@@ -107,11 +121,33 @@ class Rule:
 
     ``target=None`` marks a key that is known and deliberately not loaded (a duplicate of a
     tied embedding, a RoPE buffer recomputed from the config); export never writes it.
+    ``part=(k, n, axis)``: the parameter is block ``k`` of ``n`` equal blocks of the HF tensor
+    along its ``axis``; one rule per block matches the same key (see the module docstring).
     """
 
     pattern: str
     target: str | None
     transform: Transform = Transform.COPY
+    part: tuple[int, int, int] | None = None
+
+    def hf_shape(self, dst_shape: Sequence[int]) -> tuple[int, ...]:
+        """Shape of the whole HF tensor (all its parts) for a parameter of ``dst_shape``."""
+        shape = list(self.transform.hf_shape(dst_shape))
+        if self.part is not None:
+            shape[self.part[2]] *= self.part[1]
+        return tuple(shape)
+
+    def part_slices(self, slices: tuple[slice, ...],
+                    dst_shape: Sequence[int]) -> tuple[slice, ...]:
+        """``slices`` of this rule's block (of a parameter of ``dst_shape``) as slices of the
+        whole HF tensor."""
+        if self.part is None:
+            return slices
+        k, _, axis = self.part
+        offset = k * self.transform.hf_shape(dst_shape)[axis]
+        out = list(slices)
+        out[axis] = slice(out[axis].start + offset, out[axis].stop + offset)
+        return tuple(out)
 
     def match(self, hf_key: str) -> re.Match | None:
         return re.fullmatch(self.pattern, hf_key)
@@ -148,19 +184,29 @@ class HFEntry:
     rule: Rule
 
 
+#: The field of a scanned template that names a layer group (``model.layers.{__g}...``).
+GROUP = "__g"
+
+
 class ParamTable:
     """A family's rules bound to a model layout.
 
     ``layers_path`` is the module that holds the layers (``model.layers``); ``scan_layers``
-    says whether they are one stacked module (needed only to go from HF keys to parameters:
-    going back, a parameter's path says whether it is stacked).
+    says whether they are stacked (needed only to go from HF keys to parameters: going back, a
+    parameter's path says whether it is stacked). ``layer_groups``: per HF layer, ``(group,
+    index in the group)`` of its stacked module under scan (see the module docstring); None
+    when all layers are one stack.
     """
 
     def __init__(self, rules: Sequence[Rule], *, layers_path: str = "model.layers",
-                 scan_layers: bool = False):
+                 scan_layers: bool = False,
+                 layer_groups: Sequence[tuple[str, int]] | None = None):
         self.rules = tuple(rules)
         self.layers_path = layers_path
         self.scan_layers = scan_layers
+        self.layer_groups = tuple(layer_groups) if layer_groups is not None else None
+        self._layer_of = ({g: i for i, g in enumerate(self.layer_groups)}
+                          if self.layer_groups is not None else None)
         self._templates = [self._templates_of(r) for r in self.rules]
 
     def _templates_of(self, rule: Rule) -> list[tuple[str, tuple[str, ...]]]:
@@ -177,7 +223,8 @@ class ParamTable:
                              f"nor stacking placeholders {sorted(STACK_AXES)}.")
         out = [(rule.target, stacked)]
         if "i" in fields and ".{i}" in rule.target:  # the scanned form: layers leave the path
-            out.append((rule.target.replace(".{i}", "", 1), ("i",) + stacked))
+            step = "" if self.layer_groups is None else ".{" + GROUP + "}"
+            out.append((rule.target.replace(".{i}", step, 1), ("i",) + stacked))
         return out
 
     def _layout(self, rule_index: int) -> tuple[str, tuple[str, ...]]:
@@ -188,18 +235,34 @@ class ParamTable:
 
     def locate(self, hf_key: str) -> Location | None:
         """The parameter slice an HF key loads into; ``Location.path`` is None for keys the
-        table knows and deliberately skips. None when no rule matches."""
+        table knows and deliberately skips. None when no rule matches. (A key holding several
+        parts has one location per part: :meth:`locate_all`.)"""
+        found = self.locate_all(hf_key)
+        return found[0] if found else None
+
+    def locate_all(self, hf_key: str) -> list[Location]:
+        """Every parameter slice an HF key loads into: one, or one per part (empty when no
+        rule matches; one location with path None for a key deliberately skipped)."""
+        out = []
         for n, rule in enumerate(self.rules):
             m = rule.match(hf_key)
             if m is None:
                 continue
             if rule.target is None:
-                return Location(None, (), rule)  # type: ignore[arg-type]
+                return out or [Location(None, (), rule)]  # type: ignore[arg-type]
             template, stacked = self._layout(n)
             groups = m.groupdict()
-            index = tuple(int(groups[g]) for g in stacked)
-            return Location(template.format(**groups), index, rule)
-        return None
+            index = [int(groups[g]) for g in stacked]
+            if self.layer_groups is not None and stacked[:1] == ("i",) and \
+                    "{" + GROUP + "}" in template:
+                layer = int(groups["i"])
+                if layer >= len(self.layer_groups):
+                    return []  # a layer the model does not have: unexpected
+                groups[GROUP], index[0] = self.layer_groups[layer]
+            out.append(Location(template.format(**groups), tuple(index), rule))
+            if rule.part is None:
+                break
+        return out
 
     # ---------------------------------------------------------------- parameter -> HF keys
 
@@ -213,10 +276,16 @@ class ParamTable:
                     continue
                 if len(shape) < len(stacked):
                     return None
+                fields = m.groupdict()
+                group = fields.pop(GROUP, None)
                 out = []
                 for index in itertools.product(*(range(shape[k]) for k in range(len(stacked)))):
-                    groups = {**m.groupdict(), **{g: str(v) for g, v in zip(stacked, index,
-                                                                           strict=True)}}
+                    names = dict(zip(stacked, index, strict=True))
+                    if group is not None:
+                        names["i"] = self._layer_of.get((group, index[0]))
+                        if names["i"] is None:
+                            return None  # more stacked layers than the groups say
+                    groups = {**fields, **{g: str(v) for g, v in names.items()}}
                     out.append(HFEntry(_fill_pattern(rule.pattern, groups), index, rule))
                 return out
         return None
@@ -247,6 +316,7 @@ def _match_template(rule: Rule, template: str, path: str) -> re.Match | None:
 @functools.lru_cache(maxsize=4096)
 def _template_regex(pattern: str, template: str) -> re.Pattern:
     groups = dict(re.findall(r"\(\?P<(\w+)>([^)]*)\)", pattern))
+    groups[GROUP] = r"[A-Za-z_]\w*"  # a layer group's name (never a layer number)
     return re.compile(re.sub(r"\\\{(\w+)\\\}",
                              lambda g: f"(?P<{g.group(1)}>{groups[g.group(1)]})",
                              re.escape(template)))

@@ -162,8 +162,8 @@ def objective_names() -> list[str]:
 def make_objective(cfg: Any) -> Objective:
     """The objective ``trainer.objective`` names, with the config's settings bound in.
     ``cfg`` is the run's TrainConfig (a bare trainer section, a TrainerConfig or any object
-    with its fields, is taken as the trainer section of an otherwise default config). ``trainer.loss_fn`` (an import path) replaces its loss and
-    keeps the rest."""
+    with its fields, is taken as the trainer section of an otherwise default config).
+    ``trainer.loss_fn`` (an import path) replaces its loss and keeps the rest."""
     from jaxtune.config import TrainConfig
 
     if not hasattr(cfg, "trainer"):

@@ -73,7 +73,6 @@ def build_train_step(cfg: TrainConfig, hf_config: dict[str, Any], devices: list,
     from jaxtune.mesh import check_batch, make_mesh
     from jaxtune.models import get_family
     from jaxtune.models.build import single_device_mesh
-    from jaxtune.models.layers import Attention
     from jaxtune.objectives import make_objective
     from jaxtune.sharding import make_rules
     from jaxtune.train_step import jit_train_step, train_step
@@ -99,18 +98,23 @@ def build_train_step(cfg: TrainConfig, hf_config: dict[str, Any], devices: list,
     # What the family's model resolved ``attention`` to for the target (a soft-capped Gemma 2
     # takes XLA on GPU), read from its attention layers rather than resolved again here.
     impls = {mod.implementation for _, mod in nnx.iter_graph(abstract)
-             if isinstance(mod, Attention)}
+             if isinstance(mod, nnx.Module) and type(mod).__name__.endswith("Attention")
+             and isinstance(getattr(mod, "implementation", None), str)}
     attention = ", ".join(sorted(impls)) or m.attention
-    if attention == "splash" and m.scan_layers and len(set(model_config.layer_windows())) > 1:
-        # What the layers will run, not what was asked: the kernel falls back (with a warning
-        # while tracing) when scanned layers mix sliding and full windows (Gemma 2 / 3).
-        attention = "xla (splash cannot take the per-layer windows of scanned mixed layers)"
     windows = model_config.layer_windows()
+    # Scanned layers whose windows follow a repeating pattern (Gemma's) run as blocks with a
+    # static window on every layer (jaxtune.models.stack.block_runs); otherwise mixed windows
+    # are a per-layer array, which the kernels cannot take (they fall back to XLA).
+    from jaxtune.models.stack import block_runs
+
+    mixed = m.scan_layers and len(set(windows)) > 1 and \
+        block_runs([{"window": w} for w in windows]) is None
+    if attention == "splash" and mixed:
+        attention = "xla (splash cannot take the per-layer window array of these scanned layers)"
     windowed = sum(w is not None and w < cfg.data.seq_len for w in windows)
     if attention == "pallas_gpu" and windowed:
         # The Triton kernel has no sliding window: those layers fall back to XLA (with a note),
-        # all of them when scanned layers mix windows (the window is then a per-layer array).
-        mixed = m.scan_layers and len(set(windows)) > 1
+        # all of them when scanned layers mix windows in no repeating pattern.
         attention = ("xla (the pallas_gpu kernel has no sliding window)"
                      if windowed == len(windows) or mixed
                      else f"pallas_gpu (XLA on the {windowed} sliding-window layers)")

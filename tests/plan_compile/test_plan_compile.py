@@ -166,3 +166,40 @@ def test_a_distillation_recipe_plans_its_teacher_and_generation(tiny_dir, tmp_pa
     assert g is not None and g.resident >= m.teacher + m.opt_state
     text = format_plan(cfg, result)
     assert "teacher (frozen, not trained)" in text and "verdict: fits" in text
+
+
+_S, _F = "sliding_attention", "full_attention"
+GEMMA3 = {"model_type": "gemma3_text", "vocab_size": 512, "hidden_size": 256,
+          "intermediate_size": 512, "num_hidden_layers": 12, "num_attention_heads": 4,
+          "num_key_value_heads": 2, "head_dim": 128, "sliding_window": 128,
+          "layer_types": ([_S] * 5 + [_F]) * 2, "max_position_embeddings": 4096}
+GEMMA4 = {"model_type": "gemma4_text", "vocab_size": 512, "vocab_size_per_layer_input": 512,
+          "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 12,
+          "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 128,
+          "global_head_dim": 256, "num_global_key_value_heads": 2, "attention_k_eq_v": True,
+          "hidden_size_per_layer_input": 64, "num_kv_shared_layers": 6,
+          "use_double_wide_mlp": True, "sliding_window": 128,
+          "layer_types": ([_S] * 5 + [_F]) * 2, "final_logit_softcapping": 30.0,
+          "max_position_embeddings": 4096}
+
+
+@pytest.mark.parametrize("hf", [GEMMA3, GEMMA4], ids=["gemma3", "gemma4"])
+def test_scanned_gemma_runs_splash_on_every_layer_for_v5e(tmp_path_factory, hf, caplog):
+    """Scanned over blocks of the layer pattern (5 sliding + 1 full), every layer of the block
+    has a static window: splash on all of them, nothing falls back to XLA attention. Gemma 4
+    with per-layer embeddings, KV sharing of the last 6 layers, keys as values on 256-wide
+    global heads."""
+    folder = tmp_path_factory.mktemp("gemma")
+    (folder / "config.json").write_text(json.dumps(hf))
+    cfg = _cfg(str(folder), "--lora.rank=8", "--mesh.fsdp=4", "--mesh.tensor=2")
+    built = build_train_step(cfg, hf, compile_only_devices(parse_target("v5e-8")), "tpu")
+    assert built.attention == "splash"
+    with caplog.at_level("WARNING"):
+        compiled = lower(built, "tpu").compile()
+    assert not [r.getMessage() for r in caplog.records if "falls back" in r.getMessage()]
+    # Per layer in a scan body (or unrolled) the kernel's forward, its forward again (full
+    # remat) and its backward (dq, dkv). Gemma 3: one scan of 2 blocks of 6 layers. Gemma 4:
+    # own-KV layers 0-5 and KV-shared 6-11 are one block each, so each is a scan of the 5
+    # sliding layers and the full layer on its own: 4 layers' worth of kernels.
+    calls = compiled.as_text().count('custom_call_target="tpu_custom_call"')
+    assert calls >= 4 * (4 if hf is GEMMA4 else 6), calls

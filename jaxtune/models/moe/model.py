@@ -128,11 +128,11 @@ class SparseMoeBlock(nnx.Module):
         if self.shared_expert is not None:
             shared_BTD = self.shared_expert(x_BTD)
             out_BTD = out_BTD + jax.nn.sigmoid(self.shared_expert_gate(x_BTD)) * shared_BTD
-        return out_BTD, _add_stats(stats, logits_NE, probs_NE, idx_NK,
-                                                   mask_BT.reshape(-1))
+        return out_BTD, add_router_stats(stats, logits_NE, probs_NE, idx_NK,
+                                         mask_BT.reshape(-1))
 
 
-def _add_stats(stats, logits_NE, probs_NE, idx_NK, mask_N):
+def add_router_stats(stats, logits_NE, probs_NE, idx_NK, mask_N):
     """This layer's router statistics added to ``stats`` (counts carry no gradient)."""
     e, k = probs_NE.shape[1], idx_NK.shape[1]
     counts = jnp.zeros((e,), jnp.float32).at[idx_NK.reshape(-1)].add(jnp.repeat(mask_N, k))
@@ -243,6 +243,24 @@ def router_losses(cfg: MoeConfig, stats: dict[str, jax.Array]) -> dict[str, jax.
                 jnp.sum(stats["counts"]), 1.0)}
 
 
+def router_aux(cfg: Any, stats: dict[str, jax.Array]) -> dict[str, Any]:
+    """The auxiliary output of the family protocol from router statistics: ``loss`` (the
+    weighted router losses, ``cfg.router_aux_loss_coef`` and ``cfg.router_z_loss_coef``) and
+    ``metrics`` (the unweighted losses, the busiest expert's load and each expert's share)."""
+    losses = router_losses(cfg, stats)
+    loss = cfg.router_aux_loss_coef * losses["aux_loss"]
+    if cfg.router_z_loss_coef:
+        loss = loss + cfg.router_z_loss_coef * losses["z_loss"]
+    metrics = {"router_aux_loss": losses["aux_loss"], "router_z_loss": losses["z_loss"]}
+    fractions = losses["expert_fraction"]
+    width = len(str(cfg.num_experts - 1))
+    # The busiest expert's share times E: 1 when balanced, E when one expert takes all.
+    metrics["expert_load_max"] = jnp.max(fractions) * cfg.num_experts
+    metrics.update({f"expert_fraction/{j:0{width}d}": fractions[j]
+                    for j in range(cfg.num_experts)})
+    return {"loss": loss, "metrics": metrics}
+
+
 class MoeForCausalLM(nnx.Module):
     """Causal LM: ``model`` plus ``lm_head`` (or tied embeddings); see the module docstring.
 
@@ -274,18 +292,7 @@ class MoeForCausalLM(nnx.Module):
         cfg = self.config
         if not any(cfg.sparse_layers):
             return hidden_BTD, {"loss": jnp.zeros((), jnp.float32), "metrics": {}}
-        losses = router_losses(cfg, stats)
-        loss = cfg.router_aux_loss_coef * losses["aux_loss"]
-        if cfg.router_z_loss_coef:
-            loss = loss + cfg.router_z_loss_coef * losses["z_loss"]
-        metrics = {"router_aux_loss": losses["aux_loss"], "router_z_loss": losses["z_loss"]}
-        fractions = losses["expert_fraction"]
-        width = len(str(cfg.num_experts - 1))
-        # The busiest expert's share times E: 1 when balanced, E when one expert takes all.
-        metrics["expert_load_max"] = jnp.max(fractions) * cfg.num_experts
-        metrics.update({f"expert_fraction/{j:0{width}d}": fractions[j]
-                        for j in range(cfg.num_experts)})
-        return hidden_BTD, {"loss": loss, "metrics": metrics}
+        return hidden_BTD, router_aux(cfg, stats)
 
     def hidden_states(self, input_ids_BT, positions_BT=None, segment_ids_BT=None, cache=None):
         """Final-norm hidden states ``[B, T, D]`` in the compute dtype; with a generation
