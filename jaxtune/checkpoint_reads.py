@@ -83,7 +83,23 @@ def _not_an_unretrieved_orbax_failure(record: logging.LogRecord) -> bool:
     of a task or future that failed in Orbax's code or awaiting a TensorStore future."""
     if "exception was never retrieved" not in str(record.msg).split("\n", 1)[0]:
         return True
-    return not (record.exc_info and _checkpoint_io(record.exc_info[1]))
+    exc = record.exc_info[1] if record.exc_info else None
+    return not (_checkpoint_io(exc) or _tensorstore_status(exc))
+
+
+# absl status codes TensorStore's errors start with ("FAILED_PRECONDITION: Error reading ...")
+_STATUS = re.compile(r"^(CANCELLED|UNKNOWN|INVALID_ARGUMENT|DEADLINE_EXCEEDED|NOT_FOUND|"
+                     r"ALREADY_EXISTS|PERMISSION_DENIED|RESOURCE_EXHAUSTED|FAILED_PRECONDITION|"
+                     r"ABORTED|OUT_OF_RANGE|UNIMPLEMENTED|INTERNAL|UNAVAILABLE|DATA_LOSS|"
+                     r"UNAUTHENTICATED): ")
+
+
+def _tensorstore_status(exc: BaseException | None) -> bool:
+    """Whether ``exc`` is a TensorStore read's error set on a plain future from native code
+    (no Python frame to recognise it by, only its absl status text)."""
+    if exc is None or exc.__traceback__ is not None or not _STATUS.match(str(exc)):
+        return False
+    return any(word in str(exc) for word in ("Error reading", "Error opening", "OCDBT"))
 
 
 def _checkpoint_io(exc: BaseException | None) -> bool:
