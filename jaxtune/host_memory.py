@@ -14,8 +14,8 @@ process's memory is unchanged: the same block, in larger pages.
 
 glibc reads its tunables only when a process starts, so :func:`reexec_with_huge_pages` starts
 the command again, in the same process (``execv``), with the tunable added. ``jaxtune train``,
-``jaxtune generate`` and ``jaxtune eval`` call it first thing, before anything is imported or printed. It acts
-only where it helps:
+``jaxtune generate`` and ``jaxtune eval`` call it first thing, before anything is imported or
+printed. It acts only where it helps:
 
 - Linux with glibc 2.35 or newer (the first with the tunable);
 - transparent huge pages on for ``madvise`` or ``always`` (``/sys/kernel/mm/transparent_
