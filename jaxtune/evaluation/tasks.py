@@ -47,18 +47,16 @@ def _known(manager: Any, name: str) -> bool:
 def task_manager(names: Sequence[str], include_paths: Sequence[str] = ()) -> Any:
     """An lm_eval ``TaskManager`` that knows every name in ``names`` (else :class:`EvalError`
     naming the closest ones)."""
-    from lm_eval.tasks import TaskManager
-
     _quiet_lm_eval()
     for path in include_paths:
         if not Path(path).is_dir():
             raise EvalError(f"--include-path {path} is not a folder; give a folder of lm_eval "
                             "task YAML files (docs/eval.md shows one).")
-    paths = [str(OFFLINE_TASKS), *map(str, include_paths)]
-    manager = TaskManager(include_path=paths, include_defaults=False)
+    paths = (str(OFFLINE_TASKS), *map(str, include_paths))
+    manager = _manager(paths, defaults=False)
     if all(_known(manager, n) for n in names):
         return manager
-    manager = TaskManager(include_path=paths, include_defaults=True)
+    manager = _manager(paths, defaults=True)
     unknown = [n for n in names if not _known(manager, n)]
     if unknown:
         name = unknown[0]
@@ -70,6 +68,20 @@ def task_manager(names: Sequence[str], include_paths: Sequence[str] = ()) -> Any
             "listed by `lm_eval ls tasks`; a folder of your own task YAML files is added with "
             "--include-path DIR.")
     return manager
+
+
+_MANAGERS: dict[tuple[tuple[str, ...], bool], Any] = {}
+
+
+def _manager(paths: tuple[str, ...], defaults: bool) -> Any:
+    """A task index, built once per process (lm_eval's own takes seconds); each ``load``
+    still builds fresh Task objects."""
+    from lm_eval.tasks import TaskManager
+
+    key = (paths, defaults)
+    if key not in _MANAGERS:
+        _MANAGERS[key] = TaskManager(include_path=list(paths), include_defaults=defaults)
+    return _MANAGERS[key]
 
 
 def offline_task_names() -> list[str]:
