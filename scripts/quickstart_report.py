@@ -172,7 +172,7 @@ def main() -> int:
     p.add_argument("run_dir", type=Path)
     p.add_argument("--questions", type=Path, default=ROOT / "examples/support/questions.json")
     p.add_argument("--max-new-tokens", type=int, default=72)
-    p.add_argument("--lm-eval-limit", type=int, default=40,
+    p.add_argument("--lm-eval-limit", type=int, default=20,
                    help="examples per offline lm_eval task (0 skips the table)")
     args = p.parse_args()
     run_dir = args.run_dir
