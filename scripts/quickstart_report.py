@@ -138,11 +138,11 @@ def lm_eval_scores(loaded, system_prompt: str | None, limit: int, label: str
                    ) -> dict[str, float]:
     """``{task/metric: value}`` of one model on the offline support tasks, through lm_eval with
     jaxtune's backend (chat template, the report's system prompt)."""
+    import logging
+
     from jaxtune.evaluation.engine import Engine
     from jaxtune.evaluation.harness import HarnessOptions, run_harness, scores
     from jaxtune.generation.api import default_stop_ids
-
-    import logging
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)  # the table is the report's
     print(f"lm_eval on the offline support tasks ({limit} examples each): {label}", flush=True)

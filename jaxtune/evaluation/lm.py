@@ -91,6 +91,12 @@ class JaxtuneLM(TemplateLM):
             if pretrained is None:
                 raise EvalError("the jaxtune lm_eval model needs pretrained=PATH (a model "
                                 "folder, export or run directory) or an engine.")
+            import jax
+
+            if jax.process_count() > 1:  # the others would never see process 0's requests
+                raise EvalError("with several processes, run `jaxtune eval` on every one "
+                                "(process 0 drives lm_eval, the others follow); "
+                                "model='jaxtune' in lm_eval's own API is for one process.")
             from jaxtune.generation.source import load
 
             loaded = load(str(pretrained), step=None if step is None else int(step),
