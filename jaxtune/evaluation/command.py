@@ -144,45 +144,70 @@ def eval_main(argv: list[str]) -> int:
     _distributed(args)
     import jax
 
+    from jaxtune import distributed
+    from jaxtune.evaluation.follow import Leader, LeaderStopped
+
+    if jax.process_index() == 0:
+        leader = Leader(None)
+        try:
+            return _lead(args, argv, options, leader)
+        except BaseException as e:
+            # The others are loading the model or waiting for a request: tell them (a no-op
+            # once they were told, or with one process).
+            leader.stop(error=str(e) if isinstance(e, EvalError) else
+                        f"{type(e).__name__}: {e}")
+            raise
+    try:
+        _model_engine(args)  # then follow process 0's requests
+        return 0
+    except LeaderStopped:
+        raise
+    except BaseException as e:  # process 0 is waiting in a collective: stop it too
+        distributed.fail_fast(e)
+        raise
+
+
+def _model_engine(args: argparse.Namespace, options: Any = None, prepared: Any = None,
+                  leader: Any = None) -> tuple[Any, Any, dict[str, Any] | None]:
+    """Load the model on the mesh over every device and run the harness (process 0 leads
+    with ``leader``, the others follow): ``(loaded, engine, results or None)``."""
     from jaxtune.config import MeshConfig
     from jaxtune.evaluation.engine import Engine
-    from jaxtune.evaluation.follow import Leader
-    from jaxtune.evaluation.harness import prepare_tasks, run_harness, table
+    from jaxtune.evaluation.harness import run_harness
+    from jaxtune.generation.api import default_stop_ids
     from jaxtune.generation.source import is_run_dir, load
     from jaxtune.mesh import make_mesh
     from jaxtune.sharding import make_rules
 
-    main = jax.process_index() == 0
-    # Tasks first (process 0): a misspelt name or an offline dataset fails before the model
-    # is read. The others learn of such a failure when they start to follow.
-    prepared, failure = None, None
-    if main:
-        try:
-            prepared = prepare_tasks(options)
-        except EvalError as e:
-            failure = e
-    if failure is not None and jax.process_count() == 1:
-        raise failure
-    mesh = make_mesh(MeshConfig(fsdp=args.fsdp, tensor=args.tensor))
-    rules = make_rules()
-    if failure is not None:
-        Leader(None).stop(error=str(failure))
-        raise failure
     if args.step is not None and not is_run_dir(args.model):
         raise EvalError(f"--step {args.step} needs a run directory (with config.yaml); "
                         f"{args.model} is a model folder or hub id.")
+    mesh = make_mesh(MeshConfig(fsdp=args.fsdp, tensor=args.tensor))
+    rules = make_rules()
     loaded = load(args.model, step=args.step, dtype=args.dtype, mesh=mesh, rules=rules)
-    if main:
-        print(f"model: {loaded.description}", file=sys.stderr)
     engine = Engine(loaded.model, loaded.tokenizer, mesh=mesh, rules=rules)
-    from jaxtune.generation.api import default_stop_ids
+    if leader is None:
+        from jaxtune.evaluation.follow import follow
 
+        follow(engine)
+        return loaded, engine, None
+    print(f"model: {loaded.description}", file=sys.stderr)
+    leader.engine = engine
     options.lm_args.update(description=loaded.description,
                            stop_ids=default_stop_ids(loaded.tokenizer, loaded.generation_config))
+    return loaded, engine, run_harness(engine, options, prepared=prepared, leader=leader)
+
+
+def _lead(args: argparse.Namespace, argv: list[str], options: Any, leader: Any) -> int:
+    """Process 0: tasks first (a misspelt name or an offline dataset fails before the model
+    is read), then the model, lm_eval, the table and the JSON."""
+    import jax
+
+    from jaxtune.evaluation.harness import prepare_tasks, table
+
+    prepared = prepare_tasks(options)
     start = time.perf_counter()
-    results = run_harness(engine, options, prepared=prepared)
-    if results is None:  # a follower
-        return 0
+    loaded, _, results = _model_engine(args, options, prepared, leader)
     print(table(results))
     step = _step_of(args.model, args.step)
     about = {"model": loaded.description, "model_path": args.model, "step": step,

@@ -26,6 +26,12 @@ import numpy as np
 from jaxtune.evaluation.errors import EvalError
 
 OPERATIONS = ("score", "generate")
+
+
+class LeaderStopped(EvalError):
+    """Process 0 ended the evaluation with an error (a follower raises its message)."""
+
+
 _STOP, _ERROR = "stop", "error"
 _MIN_WORDS = 256
 
@@ -48,8 +54,8 @@ def _broadcast(message: Any = None) -> Any:
 class Leader:
     """Process 0's side: run an engine operation on every process."""
 
-    def __init__(self, engine: Any):
-        self.engine = engine
+    def __init__(self, engine: Any = None):
+        self.engine = engine  # may be set later (process 0 may fail before it has one)
         self.followers = jax.process_count() > 1
         self.stopped = False
 
@@ -75,5 +81,5 @@ def follow(engine: Any) -> None:
         if operation == _STOP:
             return
         if operation == _ERROR:
-            raise EvalError(f"process 0 stopped the evaluation: {inputs}")
+            raise LeaderStopped(f"process 0 stopped the evaluation: {inputs}")
         getattr(engine, operation)(inputs)

@@ -56,17 +56,19 @@ def prepare_tasks(options: HarnessOptions) -> tuple[Any, list[Any]]:
 
 
 def run_harness(engine: Any, options: HarnessOptions, *,
-                prepared: tuple[Any, list[Any]] | None = None) -> dict[str, Any] | None:
+                prepared: tuple[Any, list[Any]] | None = None,
+                leader: Any = None) -> dict[str, Any] | None:
     """Evaluate ``engine``'s model on the tasks, every process taking part (see module doc).
 
-    ``prepared`` is :func:`prepare_tasks`' result when process 0 made it earlier.
+    ``prepared`` is :func:`prepare_tasks`' result when process 0 made it earlier; ``leader``
+    process 0's :class:`~jaxtune.evaluation.follow.Leader` when it made one earlier.
     """
     from jaxtune.evaluation.follow import Leader, follow
 
     if jax.process_index() != 0:
         follow(engine)
         return None
-    leader = Leader(engine)
+    leader = leader or Leader(engine)
     try:
         manager, tasks = prepared or prepare_tasks(options)
         import lm_eval
