@@ -104,11 +104,13 @@ def test_is_greedy_agrees_with_the_hf_backend(tiny_lm):
     np.testing.assert_allclose([v for v, _ in ours], [v for v, _ in ref], rtol=1e-6, atol=1e-4)
 
 
-def test_packed_equals_one_request_per_row(tiny_lm):
-    """Many requests per row (segment ids) give each request's log-prob and greedy flags as
-    one request per row does; so does a vocabulary projected in small slabs."""
+def test_packed_and_shared_contexts_equal_one_request_per_row(tiny_lm):
+    """Many requests per row (segment ids), and requests that share a context (the context
+    run once into a KV cache, each continuation against its own copy), give each request's
+    log-prob and greedy flags as one request per row does; so does a vocabulary projected in
+    small slabs."""
     from jaxtune.evaluation.engine import Engine
-    from jaxtune.evaluation.packing import Request, pack
+    from jaxtune.evaluation.packing import Request, pack, pack_shared, split_shared
     from jaxtune.generation.source import load
 
     loaded = load(str(tiny_lm))
@@ -116,25 +118,35 @@ def test_packed_equals_one_request_per_row(tiny_lm):
     requests = [Request.from_tokens(rs.randint(3, 389, rs.randint(1, 60)).tolist(),
                                     rs.randint(3, 389, rs.randint(1, 12)).tolist(), 256)
                 for _ in range(23)]
+    for _ in range(5):  # multiple choice: 2-5 continuations (1 to 19 tokens) of one context
+        context = rs.randint(3, 389, rs.randint(8, 70)).tolist()
+        requests += [Request.from_tokens(context, rs.randint(3, 389, rs.randint(1, 20)).tolist(),
+                                         256) for _ in range(rs.randint(2, 6))]
 
-    def scores(engine, **kw):
+    def scores(engine, batches, operation="score"):
         out = {}
-        batches = pack(requests, 3, min_len=64, **kw)
         for batch in batches:
-            out.update({i: (lp, g) for i, lp, g in batch.read(*engine.score(batch.arrays()))})
-        return [out[i] for i in range(len(requests))], batches
+            out.update({i: (lp, g) for i, lp, g in
+                        batch.read(*getattr(engine, operation)(batch.arrays()))})
+        return out
 
-    packed, batches = scores(Engine(loaded.model, loaded.tokenizer))
-    alone, single = scores(Engine(loaded.model, loaded.tokenizer), one_per_row=True)
-    slabs, _ = scores(Engine(loaded.model, loaded.tokenizer, chunk_size=8))
+    engine = Engine(loaded.model, loaded.tokenizer)
+    batches = pack(requests, 3, min_len=64)
+    single = pack(requests, 3, min_len=64, one_per_row=True)
+    alone = scores(engine, single)
+    packed = scores(engine, batches)
+    slabs = scores(Engine(loaded.model, loaded.tokenizer, chunk_size=8), batches)
+    groups, rest = split_shared(requests)
+    assert len(groups) == 5 and len(rest) == 23
+    shared = scores(engine, pack_shared(requests, groups, 2), "score_shared")
     assert len(batches) < len(single)  # it did pack: fewer forward passes
-    assert max(len({p.row for p in b.placements if p.row == r}) for b in batches
-               for r in range(3)) == 1
     assert any(len([p for p in b.placements if p.row == 0]) > 2 for b in batches)
-    for got in (packed, slabs):
-        np.testing.assert_allclose([v for v, _ in got], [v for v, _ in alone], rtol=1e-6,
-                                   atol=2e-5)
-        assert [g for _, g in got] == [g for _, g in alone]
+    for got in (packed, slabs, shared):
+        keys = sorted(got)
+        assert keys == sorted(alone) if got is not shared else set(keys) < set(alone)
+        np.testing.assert_allclose([got[i][0] for i in keys], [alone[i][0] for i in keys],
+                                   rtol=1e-6, atol=2e-5)
+        assert [got[i][1] for i in keys] == [alone[i][1] for i in keys]
 
 
 # --------------------------------------------------------------------------- the command

@@ -3,8 +3,9 @@ benchmarks during training (``trainer.eval_harness``). Needs the ``eval`` extra
 (``pip install 'jaxtune[eval]'``).
 
 - ``lm.py``: :class:`JaxtuneLM`, registered in lm_eval as ``jaxtune``;
-- ``packing.py`` / ``scoring.py``: log-likelihood requests packed into rows, one forward pass
-  per batch; ``generation.py``: generation until stop strings on the KV-cache generator;
+- ``packing.py`` / ``scoring.py``: log-likelihood requests packed into rows (or sharing their
+  context through a KV cache), one forward pass per batch; ``generation.py``: generation
+  until stop strings on the KV-cache generator;
 - ``engine.py`` / ``follow.py``: what every process computes, and how process 0 hands its
   requests to the others;
 - ``tasks.py``: task names, datasets and their errors; ``offline_tasks/``: tasks over local

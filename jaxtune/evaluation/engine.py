@@ -40,6 +40,16 @@ class Engine:
         return self.scorer(arrays["ids_BT"], arrays["positions_BT"], arrays["segment_ids_BT"],
                            arrays["index_BC"], arrays["targets_BC"])
 
+    def score_shared(self, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """``(logp_RC, greedy_RC)`` of one batch of requests sharing contexts
+        (``SharedBatch.arrays()``): each context runs once."""
+        return self.scorer.shared(arrays)
+
+    @property
+    def shares_contexts(self) -> bool:
+        """Whether requests with one context can share its forward pass (a KV cache)."""
+        return self.scorer.cache_spec is not None
+
     def generate(self, request: GenerationRequest) -> list[list[int]]:
         """New tokens per prompt (see :func:`~jaxtune.evaluation.generation.generate_until`)."""
         if self.generator is None:

@@ -25,7 +25,7 @@ import numpy as np
 
 from jaxtune.evaluation.errors import EvalError
 
-OPERATIONS = ("score", "generate")
+OPERATIONS = ("score", "score_shared", "generate")
 
 
 class LeaderStopped(EvalError):

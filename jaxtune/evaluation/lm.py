@@ -38,7 +38,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
 from jaxtune.evaluation.errors import EvalError
-from jaxtune.evaluation.packing import MIN_ROW, Request, pack
+from jaxtune.evaluation.packing import MIN_ROW, Request, pack, pack_shared, split_shared
 
 log = logging.getLogger("jaxtune")
 
@@ -75,7 +75,8 @@ class JaxtuneLM(TemplateLM):
                  add_bos_token: bool | None = None, prefix_token_id: int | None = None,
                  stop_ids: list[int] | None = None, seed: int = 1234,
                  chat_template_args: dict[str, Any] | None = None,
-                 description: str | None = None, **unused: Any):
+                 share_contexts: bool = True, description: str | None = None,
+                 **unused: Any):
         super().__init__()
         from jaxtune.evaluation.engine import Engine
         from jaxtune.evaluation.follow import Leader
@@ -117,6 +118,7 @@ class JaxtuneLM(TemplateLM):
             engine.config, self.tokenizer)
         self._max_gen_toks = int(max_gen_toks)
         self.min_row = int(min_row)
+        self.share_contexts = share_contexts not in (False, "False", "false", 0)
         self.add_bos_token = add_bos_token
         self.custom_prefix_token_id = prefix_token_id
         self.stop_ids = list(stop_ids) if stop_ids is not None else default_stop_ids(
@@ -208,11 +210,22 @@ class JaxtuneLM(TemplateLM):
         packed = [Request.from_tokens(ctx, cont, self.max_length) for _, ctx, cont in requests]
         out: list[tuple[float, bool] | None] = [None] * len(requests)
         bar = tqdm(total=len(requests), disable=disable_tqdm, desc="loglikelihood (jaxtune)")
-        for batch in pack(packed, self.batch_size, min_len=self.min_row,
-                          row_multiple=self.engine.row_multiple):
-            logp_BC, greedy_BC = self.leader.call("score", batch.arrays())
-            for i, logp, greedy in batch.read(logp_BC, greedy_BC):
-                out[i] = (logp, greedy)
+        # Requests that share a context (multiple choice) run it once; the rest are packed.
+        groups, rest = split_shared(packed) if self.share_contexts and \
+            self.engine.shares_contexts else ({}, list(range(len(packed))))
+        work = [("score_shared", b) for b in pack_shared(
+            packed, groups, self.batch_size, row_multiple=self.engine.row_multiple)]
+        if rest:
+            alone = [packed[i] for i in rest]
+            for batch in pack(alone, self.batch_size, min_len=self.min_row,
+                              row_multiple=self.engine.row_multiple):
+                for p in batch.placements:
+                    p.request = rest[p.request]
+                work.append(("score", batch))
+        for operation, batch in work:
+            logp, greedy = self.leader.call(operation, batch.arrays())
+            for i, value, is_greedy in batch.read(logp, greedy):
+                out[i] = (value, is_greedy)
                 if requests[i][0] is not None:
                     self.cache_hook.add_partial("loglikelihood", requests[i][0], out[i])
             bar.update(len(batch.placements))

@@ -33,6 +33,13 @@ def bucket(n: int, minimum: int) -> int:
     return max(minimum, 1 << max(0, n - 1).bit_length())
 
 
+def fine_bucket(n: int, minimum: int) -> int:
+    """``n`` rounded up to one of four sizes per power of two (48, 64, 80, 96, 112, 128,
+    160, ...), at least ``minimum``: less padding than :func:`bucket`, a few more shapes."""
+    step = max(1, bucket(n, 1) // 8)
+    return max(minimum, -(-n // step) * step)
+
+
 @dataclass(frozen=True)
 class Request:
     """One log-likelihood request as the model reads it."""
@@ -86,10 +93,16 @@ class PackedBatch:
     def read(self, logp_BC: np.ndarray, greedy_BC: np.ndarray
              ) -> Iterator[tuple[int, float, bool]]:
         """``(request index, summed log-prob, all tokens greedy)`` of each placed request."""
-        for p in self.placements:
-            cols = slice(p.scored, p.scored + p.length)
-            yield (p.request, float(np.sum(logp_BC[p.row, cols], dtype=np.float64)),
-                   bool(np.all(greedy_BC[p.row, cols])))
+        return read_scores(self.placements, logp_BC, greedy_BC)
+
+
+def read_scores(placements: Sequence[Placement], logp_BC: np.ndarray, greedy_BC: np.ndarray
+                ) -> Iterator[tuple[int, float, bool]]:
+    """``(request index, summed log-prob, all tokens greedy)`` of each placed request."""
+    for p in placements:
+        cols = slice(p.scored, p.scored + p.length)
+        yield (p.request, float(np.sum(logp_BC[p.row, cols], dtype=np.float64)),
+               bool(np.all(greedy_BC[p.row, cols])))
 
 
 def pack(requests: Sequence[Request], rows: int, *, min_len: int = MIN_ROW,
@@ -145,3 +158,113 @@ def _lay_out(requests: Sequence[Request], content: list[list[int]], t: int) -> P
             start += n
             col += k
     return PackedBatch(ids, positions, segments, index, targets, placements)
+
+
+# --------------------------------------------------------------------------- shared contexts
+
+
+@dataclass
+class SharedBatch:
+    """Requests that share their context, scored with the context run once per group.
+
+    Multiple-choice tasks ask for several continuations of one context. Here each distinct
+    context (its tokens up to the position that predicts the first continuation token) is a
+    *prefix*, run once into a KV cache (left-padded ``[G, P]``, as generation prefills); each
+    request then runs only its *tail* (the continuation's other tokens, ``[R, T]``, right-
+    padded) against a copy of its group's cache. Scored positions index ``[prefix end, tail
+    0..T-1]`` (``T + 1`` columns). The context's forward pass is paid once per question, not
+    once per choice, as lm_eval's hf backend pays it.
+    """
+
+    prefix_ids_GP: np.ndarray
+    prefix_positions_GP: np.ndarray
+    prefix_segment_ids_GP: np.ndarray  # 0 = left padding (and unused groups)
+    group_R: np.ndarray  # each tail row's group
+    tail_ids_RT: np.ndarray
+    tail_positions_RT: np.ndarray
+    tail_segment_ids_RT: np.ndarray  # 0 = right padding (and unused rows)
+    index_RC: np.ndarray  # into [prefix end, tail positions]; C = T + 1
+    targets_RC: np.ndarray
+    placements: list[Placement]
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {k: getattr(self, k) for k in (
+            "prefix_ids_GP", "prefix_positions_GP", "prefix_segment_ids_GP", "group_R",
+            "tail_ids_RT", "tail_positions_RT", "tail_segment_ids_RT", "index_RC",
+            "targets_RC")}
+
+    def read(self, logp_BC: np.ndarray, greedy_BC: np.ndarray
+             ) -> Iterator[tuple[int, float, bool]]:
+        return read_scores(self.placements, logp_BC, greedy_BC)
+
+
+def split_shared(requests: Sequence[Request], min_group: int = 2, min_prefix: int = 8
+                 ) -> tuple[dict[tuple[int, ...], list[int]], list[int]]:
+    """``({prefix: request indices}, the other request indices)``: requests grouped by their
+    shared prefix where at least ``min_group`` share one of ``min_prefix`` tokens or more."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, req in enumerate(requests):
+        groups.setdefault(prefix_of(req), []).append(i)
+    shared = {p: ids for p, ids in groups.items()
+              if len(ids) >= min_group and len(p) >= min_prefix}
+    rest = sorted(i for p, ids in groups.items() if p not in shared for i in ids)
+    return shared, rest
+
+
+def prefix_of(req: Request) -> tuple[int, ...]:
+    """The tokens up to (and with) the one whose output predicts the first target."""
+    return req.inputs[:len(req.inputs) - len(req.targets) + 1]
+
+
+def pack_shared(requests: Sequence[Request], groups: dict[tuple[int, ...], list[int]],
+                group_count: int, *, row_multiple: int = 1, rows_per_group: int = 4
+                ) -> list[SharedBatch]:
+    """Batches of ``group_count`` prefixes (rounded up to ``row_multiple``) and their tails,
+    longest prefixes first; tail rows rounded up to a power of two (and ``row_multiple``)."""
+    g = -(-max(1, group_count) // row_multiple) * row_multiple
+    order = sorted(groups, key=lambda p: -len(p))
+    batches = []
+    for at in range(0, len(order), g):
+        chunk = order[at:at + g]
+        batches.append(_lay_out_shared(requests, [(p, groups[p]) for p in chunk], g,
+                                       row_multiple, rows_per_group))
+    return batches
+
+
+def _lay_out_shared(requests, chunk, g, row_multiple, rows_per_group) -> SharedBatch:
+    p = fine_bucket(max(len(prefix) for prefix, _ in chunk), MIN_SCORED)
+    rows = sum(len(ids) for _, ids in chunk)
+    r = g * rows_per_group if rows <= g * rows_per_group else bucket(rows, 1)
+    r = -(-r // row_multiple) * row_multiple
+    t = fine_bucket(max(len(requests[i].targets) - 1 for _, ids in chunk for i in ids),
+                    MIN_SCORED)
+    prefix_ids = np.zeros((g, p), np.int32)
+    prefix_pos = np.zeros((g, p), np.int32)
+    prefix_seg = np.zeros((g, p), np.int32)
+    group = np.zeros((r,), np.int32)
+    tail_ids = np.zeros((r, t), np.int32)
+    tail_pos = np.zeros((r, t), np.int32)
+    tail_seg = np.zeros((r, t), np.int32)
+    index = np.zeros((r, t + 1), np.int32)
+    targets = np.zeros((r, t + 1), np.int32)
+    placements = []
+    row = 0
+    for j, (prefix, ids) in enumerate(chunk):
+        n = len(prefix)
+        prefix_ids[j, p - n:] = prefix
+        prefix_pos[j, p - n:] = np.arange(n)
+        prefix_seg[j, p - n:] = 1
+        for i in ids:
+            req = requests[i]
+            tail = req.inputs[n:]
+            k = len(req.targets)
+            group[row] = j
+            tail_ids[row, :len(tail)] = tail
+            tail_pos[row, :len(tail)] = np.arange(n, n + len(tail))
+            tail_seg[row, :len(tail)] = 1
+            index[row, :k] = np.arange(k)  # column 0 is the prefix's last position
+            targets[row, :k] = req.targets
+            placements.append(Placement(i, row, 0, k))
+            row += 1
+    return SharedBatch(prefix_ids, prefix_pos, prefix_seg, group, tail_ids, tail_pos,
+                       tail_seg, index, targets, placements)

@@ -83,6 +83,20 @@ def score(graphdef, ctx, chunk_size: int, state, ids_BT, positions_BT, segment_i
                               rows_per_device=rows)
 
 
+def _cache_spec(model: nnx.Module, graphdef, state) -> tuple | None:
+    """``((layers, kv heads, head dim), dtype)`` of the model's generation cache, or None
+    for a family without one (it scores every request by packing)."""
+    from jaxtune.generation.cache import cache_layout
+    from jaxtune.generation.loop import supports_cache
+
+    if not supports_cache(model):
+        return None
+    probe = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    dtype = jax.eval_shape(lambda st, ids: nnx.merge(graphdef, st).hidden_states(ids), state,
+                           probe).dtype
+    return tuple(cache_layout(model)), jnp.dtype(dtype)
+
+
 def _state_mesh(state: Any) -> Mesh | None:
     """The mesh the parameters are sharded over (None: plain single-device arrays)."""
     for leaf in jax.tree.leaves(state):
@@ -90,6 +104,45 @@ def _state_mesh(state: Any) -> Mesh | None:
         if isinstance(sharding, NamedSharding):
             return sharding.mesh
     return None
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def score_shared(graphdef, ctx, chunk_size: int, cache_spec, state, prefix_ids_GP,
+                 prefix_positions_GP, prefix_segment_ids_GP, group_R, tail_ids_RT,
+                 tail_positions_RT, tail_segment_ids_RT, index_RC, targets_RC):
+    """``(logp_RC, greedy_RC)`` of requests sharing contexts (``packing.SharedBatch``): each
+    prefix runs once into a KV cache, each request's tail against its group's copy."""
+    from jaxtune.generation.cache import KVCache
+    from jaxtune.models.layers import LayerKV
+
+    mesh, rules = ctx if ctx is not None else (None, None)
+    rules = dict(rules) if rules else None
+    (layers, kv_heads, head_dim), dtype = cache_spec
+    g, p = prefix_ids_GP.shape
+    r, t = tail_ids_RT.shape
+    with activation_rules(mesh, rules):
+        model = nnx.merge(graphdef, state)
+        zeros = jnp.zeros((layers, g, p + t, kv_heads, head_dim), dtype)
+        cache = KVCache(LayerKV(zeros, zeros, jnp.zeros((layers,), jnp.int32)),
+                        jnp.zeros((g, p + t), jnp.int32), jnp.zeros((g, p + t), jnp.int32),
+                        jnp.zeros((), jnp.int32))
+        hidden_GPD, cache = model.hidden_states(prefix_ids_GP, prefix_positions_GP,
+                                                prefix_segment_ids_GP, cache=cache)
+        # Each tail row continues its group's cache (a copy per row: rows never see each
+        # other, since each has its own cache row).
+        rows = cache.replace(
+            layers=cache.layers.replace(k_BSKH=cache.layers.k_BSKH[:, group_R],
+                                        v_BSKH=cache.layers.v_BSKH[:, group_R]),
+            positions_BS=cache.positions_BS[group_R],
+            segment_ids_BS=cache.segment_ids_BS[group_R])
+        hidden_RTD, _ = model.hidden_states(tail_ids_RT, tail_positions_RT,
+                                            tail_segment_ids_RT, cache=rows)
+        # Column 0: the prefix's last position (predicts the first continuation token).
+        hidden_RXD = jnp.concatenate([hidden_GPD[group_R, -1][:, None], hidden_RTD], axis=1)
+        hidden_RCD = jnp.take_along_axis(hidden_RXD, index_RC[..., None], axis=1)
+        per_device = r // (batch_axis_size(mesh, rules) if mesh is not None else 1)
+        return token_logprobs(model.unembed, hidden_RCD, targets_RC, chunk_size=chunk_size,
+                              rows_per_device=per_device)
 
 
 _COMPILED: dict[Any, Any] = {}
@@ -111,6 +164,7 @@ class Scorer:
         self.compiles = 0  # programs this scorer compiled (shape buckets)
         self._state_key = tuple((x.shape, x.dtype, getattr(x, "sharding", None))
                                 for x in jax.tree.leaves(self.state))
+        self.cache_spec = _cache_spec(model, self.graphdef, self.state)
 
     def _put(self, x: np.ndarray) -> jax.Array:
         if self.mesh is None:
@@ -120,17 +174,29 @@ class Scorer:
 
     def __call__(self, ids_BT, positions_BT, segment_ids_BT, index_BC, targets_BC
                  ) -> tuple[np.ndarray, np.ndarray]:
-        """Host arrays in (the same on every process), host arrays out."""
-        args = [self._put(np.asarray(a, np.int32)) for a in
-                (ids_BT, positions_BT, segment_ids_BT, index_BC, targets_BC)]
-        static = (self.graphdef, self.ctx, self.chunk_size)
-        key = (static, self._state_key, tuple((a.shape, a.sharding) for a in args))
+        """Packed rows: host arrays in (the same on every process), host arrays out."""
+        return self._run(score, (self.graphdef, self.ctx, self.chunk_size),
+                         ids_BT, positions_BT, segment_ids_BT, index_BC, targets_BC)
+
+    def shared(self, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Requests sharing contexts (``SharedBatch.arrays()``), through the KV cache."""
+        if self.cache_spec is None:
+            raise ValueError("this family's hidden_states takes no cache")
+        names = ("prefix_ids_GP", "prefix_positions_GP", "prefix_segment_ids_GP", "group_R",
+                 "tail_ids_RT", "tail_positions_RT", "tail_segment_ids_RT", "index_RC",
+                 "targets_RC")
+        return self._run(score_shared, (self.graphdef, self.ctx, self.chunk_size,
+                                        self.cache_spec), *(arrays[n] for n in names))
+
+    def _run(self, fn, static: tuple, *host: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        args = [self._put(np.asarray(a, np.int32)) for a in host]
+        key = (fn, static, self._state_key, tuple((a.shape, a.sharding) for a in args))
         compiled = _COMPILED.get(key)
         if compiled is None:
-            compiled = score.lower(*static, self.state, *args).compile()
+            compiled = fn.lower(*static, self.state, *args).compile()
             self.compiles += 1
             if len(_COMPILED) >= _MAX_COMPILED:
                 _COMPILED.pop(next(iter(_COMPILED)))
             _COMPILED[key] = compiled
-        logp_BC, greedy_BC = compiled(self.state, *args)
-        return host_array(logp_BC), host_array(greedy_BC)
+        logp, greedy = compiled(self.state, *args)
+        return host_array(logp), host_array(greedy)
