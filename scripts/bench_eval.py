@@ -1,19 +1,21 @@
 """Evaluation speed on SmolLM2-135M-Instruct: ``jaxtune eval``'s backend vs lm_eval's ``hf``.
 
     python scripts/bench_eval.py                     # as in docs/benchmarks.md
-    python scripts/bench_eval.py --mc 16 --qa 8      # a quick look
+    python scripts/bench_eval.py --mc 16 --qa 8 --rounds 1   # a quick look
 
 The same offline tasks, the same requests, each backend in its own worker process (started
-one after the other, so they never share the CPU): ``nimbrel_support_mc`` (multiple choice,
-4 log-likelihood requests per question) and ``nimbrel_support_qa`` (greedy generation up to
-96 tokens until EOS), rendered with the chat template and a system prompt, float32, batch
-size 8 in both (jaxtune: 8 packed rows per forward pass, 8 prompts per generation batch;
-hf: 8 requests per forward pass / ``generate`` call, PyTorch on ``--torch-threads`` threads,
-all cores by default). Each task is timed
-as lm_eval's ``simple_evaluate`` call, from the requests to the scores; jaxtune's compilation
-is inside that time (it is part of every ``jaxtune eval``), and shown apart as the difference
-to a second, warm run. Prints the seconds per task and backend, whether both gave the same
-scores, and ``ratio eval:`` (hf seconds / jaxtune seconds over both tasks, compiles counted).
+one after the other, so they never share the CPU; ``--rounds`` alternates them, the order
+flipping every round, so a machine shared with other jobs loads both alike):
+``nimbrel_support_mc`` (multiple choice, 4 log-likelihood requests per question) and
+``nimbrel_support_qa`` (greedy generation up to 96 tokens until EOS), rendered with the chat
+template and a system prompt, float32, batch size 8 in both (jaxtune: 8 packed rows or 8
+shared contexts per forward pass, 8 prompts per generation batch; hf: 8 requests per forward
+pass / ``generate`` call, PyTorch on ``--torch-threads`` threads, all cores by default). Each
+task is timed as lm_eval's ``simple_evaluate`` call, from the requests to the scores;
+jaxtune's compilation is inside that time (it is part of every ``jaxtune eval``). Prints each
+round's seconds per task and backend, whether both gave the same answers and scores, and
+``ratio eval:``: the median over rounds of (hf seconds / jaxtune seconds over both tasks,
+compiles counted).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -36,8 +39,7 @@ def model_dir() -> Path:
     return Path(out.stdout.strip().splitlines()[-1])
 
 
-def worker(backend: str, path: str, limits: dict[str, int], batch: int, warm: bool,
-           threads: int) -> dict:
+def worker(backend: str, path: str, limits: dict[str, int], batch: int, threads: int) -> dict:
     """Time each task through lm_eval with one backend (run in its own process)."""
     import lm_eval
 
@@ -57,35 +59,38 @@ def worker(backend: str, path: str, limits: dict[str, int], batch: int, warm: bo
         lm = JaxtuneLM(pretrained=path, batch_size=batch)
     out = {}
     for task, limit in limits.items():
-        runs = []
-        for _ in range(2 if warm else 1):
-            start = time.perf_counter()
-            res = lm_eval.simple_evaluate(
-                model=lm, tasks=[task], task_manager=task_manager([task]), limit=limit,
-                apply_chat_template=True, system_instruction=SYSTEM, bootstrap_iters=0,
-                log_samples=True, torch_random_seed=None)
-            runs.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        res = lm_eval.simple_evaluate(
+            model=lm, tasks=[task], task_manager=task_manager([task]), limit=limit,
+            apply_chat_template=True, system_instruction=SYSTEM, bootstrap_iters=0,
+            log_samples=True, torch_random_seed=None)
+        seconds = time.perf_counter() - start
         answers = [s["resps"] for s in sorted(res["samples"][task], key=lambda s: s["doc_id"])]
         metrics = {k: v for k, v in res["results"][task].items()
                    if isinstance(v, float) and "stderr" not in k}
-        out[task] = {"seconds": runs, "metrics": metrics, "answers": answers,
+        out[task] = {"seconds": seconds, "metrics": metrics, "answers": answers,
                      "requests": sum(len(a) for a in answers)}
     return out
 
 
-def run_worker(backend: str, path: Path, limits: dict[str, int], batch: int, warm: bool,
+def run_worker(backend: str, path: Path, limits: dict[str, int], batch: int,
                threads: int) -> dict:
     env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"),
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cmd = [sys.executable, __file__, "--worker", backend, "--model", str(path),
            "--limits", json.dumps(limits), "--batch", str(batch), "--torch-threads",
-           str(threads)] + (["--warm"] if warm else [])
+           str(threads)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"{backend} worker failed:\n{proc.stderr[-4000:]}")
     line = [x for x in proc.stdout.splitlines() if x.startswith("BENCH ")][-1]
     return json.loads(line[len("BENCH "):])
+
+
+def rounded(metrics: dict[str, float]) -> dict[str, float]:
+    """Scores rounded to 6 places (float32 sums may differ in their last bits)."""
+    return {k: round(v, 6) for k, v in metrics.items()}
 
 
 def same_answers(a: list, b: list) -> bool:
@@ -112,10 +117,10 @@ def main() -> int:
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--model", default=None, help=argparse.SUPPRESS)
     p.add_argument("--limits", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--warm", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--rounds", type=int, default=2, help="alternating rounds per backend")
     args = p.parse_args()
     if args.worker:
-        result = worker(args.worker, args.model, json.loads(args.limits), args.batch, args.warm,
+        result = worker(args.worker, args.model, json.loads(args.limits), args.batch,
                         args.torch_threads)
         print("BENCH " + json.dumps(result), flush=True)
         return 0
@@ -124,22 +129,27 @@ def main() -> int:
     print(f"SmolLM2-135M-Instruct, float32, batch {args.batch}, {os.cpu_count()} CPUs "
           f"(PyTorch threads {args.torch_threads}); {args.mc} multiple-choice questions, "
           f"{args.qa} generated answers", flush=True)
-    ours = run_worker("jaxtune", path, limits, args.batch, True, args.torch_threads)
-    ref = run_worker("hf", path, limits, args.batch, False, args.torch_threads)
-    total_ours = total_ref = 0.0
-    for task in limits:
-        cold, warm = ours[task]["seconds"]
-        hf = ref[task]["seconds"][0]
-        total_ours, total_ref = total_ours + cold, total_ref + hf
-        same = same_answers(ours[task]["answers"], ref[task]["answers"]) and \
-            ours[task]["metrics"].keys() == ref[task]["metrics"].keys()
-        scores = ", ".join(f"{k.split(',')[0]} {v:.4f}" for k, v in ours[task]["metrics"].items())
-        print(f"{task}: {ours[task]['requests']} requests; jaxtune {cold:.1f} s "
-              f"(compile ~{max(cold - warm, 0):.1f} s, warm {warm:.1f} s), hf {hf:.1f} s; "
-              f"ratio {hf / cold:.2f} ({hf / warm:.2f} warm); same answers and scores: "
-              f"{'yes' if same else 'NO'} ({scores})", flush=True)
-    print(f"ratio eval: {total_ref / total_ours:.2f} (hf {total_ref:.1f} s / jaxtune "
-          f"{total_ours:.1f} s, compiles counted)")
+    ratios = []
+    for round_ in range(args.rounds):
+        order = ("jaxtune", "hf") if round_ % 2 == 0 else ("hf", "jaxtune")
+        out = {b: run_worker(b, path, limits, args.batch, args.torch_threads) for b in order}
+        ours, ref = out["jaxtune"], out["hf"]
+        for task in limits:
+            same = same_answers(ours[task]["answers"], ref[task]["answers"]) and \
+                rounded(ours[task]["metrics"]) == rounded(ref[task]["metrics"])
+            scores = ", ".join(f"{k.split(',')[0]} {v:.4f}"
+                               for k, v in ours[task]["metrics"].items())
+            a, b = ours[task]["seconds"], ref[task]["seconds"]
+            print(f"round {round_ + 1} {task}: {ours[task]['requests']} requests; jaxtune "
+                  f"{a:.1f} s, hf {b:.1f} s, ratio {b / a:.2f}; same answers and scores: "
+                  f"{'yes' if same else 'NO'} ({scores})", flush=True)
+        total_ours = sum(ours[t]["seconds"] for t in limits)
+        total_ref = sum(ref[t]["seconds"] for t in limits)
+        ratios.append(total_ref / total_ours)
+        print(f"round {round_ + 1}: hf {total_ref:.1f} s / jaxtune {total_ours:.1f} s = "
+              f"{ratios[-1]:.2f}", flush=True)
+    print(f"ratio eval: {statistics.median(ratios):.2f} (median of {len(ratios)} rounds: "
+          f"{', '.join(f'{r:.2f}' for r in ratios)}; compiles counted)")
     return 0
 
 
