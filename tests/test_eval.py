@@ -118,9 +118,9 @@ def test_packed_and_shared_contexts_equal_one_request_per_row(tiny_lm):
     requests = [Request.from_tokens(rs.randint(3, 389, rs.randint(1, 60)).tolist(),
                                     rs.randint(3, 389, rs.randint(1, 12)).tolist(), 256)
                 for _ in range(23)]
-    for _ in range(5):  # multiple choice: 2-5 continuations (1 to 19 tokens) of one context
-        context = rs.randint(3, 389, rs.randint(8, 70)).tolist()
-        requests += [Request.from_tokens(context, rs.randint(3, 389, rs.randint(1, 20)).tolist(),
+    for _ in range(5):  # multiple choice: 2-5 continuations (1 to 9 tokens) of one context
+        context = rs.randint(3, 389, rs.randint(20, 70)).tolist()
+        requests += [Request.from_tokens(context, rs.randint(3, 389, rs.randint(1, 10)).tolist(),
                                          256) for _ in range(rs.randint(2, 6))]
 
     def scores(engine, batches, operation="score"):
@@ -138,6 +138,9 @@ def test_packed_and_shared_contexts_equal_one_request_per_row(tiny_lm):
     slabs = scores(Engine(loaded.model, loaded.tokenizer, chunk_size=8), batches)
     groups, rest = split_shared(requests)
     assert len(groups) == 5 and len(rest) == 23
+    # Long continuations of a short context are cheaper packed: no group then.
+    long_tails = [Request.from_tokens(list(range(3, 13)), list(range(20, 40)), 256)] * 3
+    assert split_shared(long_tails) == ({}, [0, 1, 2])
     shared = scores(engine, pack_shared(requests, groups, 2), "score_shared")
     assert len(batches) < len(single)  # it did pack: fewer forward passes
     assert any(len([p for p in b.placements if p.row == 0]) > 2 for b in batches)
@@ -202,3 +205,26 @@ def test_bad_input_is_one_paragraph(tiny_lm, tmp_path, capsys, monkeypatch):
     assert "--step 3 needs a run directory" in msg
     msg = _fails(capsys, model, "--tasks", "x", "--include-path", str(tmp_path / "nope"))
     assert "is not a folder" in msg
+
+
+def test_sampled_generation_is_seeded_and_unsupported_settings_are_named(tiny_lm, tmp_path,
+                                                                         capsys):
+    """A task (or --gen-kwargs) asking for sampling samples, the same with the same seed and
+    differently with another; beam search is refused by name, before any answer."""
+    def answers(seed: int, extra: str = "") -> list[str]:
+        out = tmp_path / f"s{seed}{extra}.json"
+        assert cli_main(["eval", str(tiny_lm), "--tasks", "nimbrel_support_qa", "--limit", "3",
+                         "--gen-kwargs", f"do_sample=true,temperature=1.0,max_gen_toks=12{extra}",
+                         "--seed", str(seed), "--log-samples", "--output", str(out)]) == 0
+        samples = json.loads(out.read_text())["samples"]["nimbrel_support_qa"]
+        return [s["resps"][0][0] for s in sorted(samples, key=lambda s: s["doc_id"])]
+
+    first, again, other = answers(1), answers(1), answers(2)
+    assert first == again and first != other
+    greedy = answers(1, ",do_sample=false")
+    assert greedy != first
+    capsys.readouterr()
+    assert cli_main(["eval", str(tiny_lm), "--tasks", "nimbrel_support_qa", "--limit", "1",
+                     "--gen-kwargs", "num_beams=2"]) == 2
+    err = capsys.readouterr().err
+    assert "'num_beams': 2" in err and "not supported" in err and "Traceback" not in err
