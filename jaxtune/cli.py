@@ -1,4 +1,5 @@
-"""The ``jaxtune`` command: train, export, inspect-data, print-config, generate, plan, launch.
+"""The ``jaxtune`` command: train, export, inspect-data, print-config, generate, eval, plan,
+launch.
 
 Each subcommand parses its own arguments and imports its (heavy) module only when run, so
 ``jaxtune --help`` and ``jaxtune print-config`` start instantly. User-fixable problems
@@ -73,6 +74,12 @@ def cmd_generate(argv: list[str]) -> int:
     return generate_main(argv)
 
 
+def cmd_eval(argv: list[str]) -> int:
+    from jaxtune.evaluation.command import eval_main
+
+    return eval_main(argv)
+
+
 def cmd_plan(argv: list[str]) -> int:
     from jaxtune.plan import plan_main
 
@@ -91,6 +98,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "inspect-data": (cmd_inspect_data, "show what the model trains on, trained tokens marked"),
     "print-config": (cmd_print_config, "print the resolved config of a recipe plus overrides"),
     "generate": (cmd_generate, "generate text from a model or run directory"),
+    "eval": (cmd_eval, "score a model or run on lm-evaluation-harness tasks"),
     "plan": (cmd_plan, "compile the train step for a TPU/GPU target: memory per chip, FLOPs"),
     "launch": (cmd_launch, "run training on a Cloud TPU slice: jaxtune launch tpu ..."),
 }
@@ -104,7 +112,7 @@ def _usage() -> str:
 
 
 #: Commands whose CPU steps run faster with huge pages (jaxtune.host_memory).
-_HUGE_PAGE_COMMANDS = ("train", "generate")
+_HUGE_PAGE_COMMANDS = ("train", "generate", "eval")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -193,6 +193,18 @@ class DistillConfig:
 
 
 @dataclass
+class EvalHarnessConfig:
+    tasks: list[str] = field(default_factory=list)  # lm_eval tasks to score; empty turns it off
+    every: int = 0  # score every N steps and at the end; 0: only at the end
+    limit: float = 0.0  # examples per task (below 1: a fraction of each); 0 scores every example
+    num_fewshot: int = -1  # few-shot examples; -1 keeps each task's own default
+    include_path: list[str] = field(default_factory=list)  # folders of your own task YAML files
+    batch_size: int = 8  # rows per forward pass (requests packed), prompts per generation batch
+    apply_chat_template: bool = False  # render prompts with the tokenizer's chat template
+    system_instruction: str = ""  # system prompt for every request; empty: none
+
+
+@dataclass
 class TrainerConfig:
     steps: int = 100  # optimizer steps to run
     global_batch_size: int = 8  # rows per optimizer step, over all devices and micro-batches
@@ -212,6 +224,7 @@ class TrainerConfig:
     sample_prompts: str = ""  # jsonl of prompts to answer; empty: the first held-out chats
     sample_count: int = 4  # held-out chats to answer when sample_prompts is empty
     sample_max_new_tokens: int = 64  # answer length limit for the samples
+    eval_harness: EvalHarnessConfig = field(default_factory=EvalHarnessConfig)  # lm_eval scores
 
 
 @dataclass
@@ -520,6 +533,20 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(
             f"'distributed.process_id' ({d.process_id}) must be in [0, {d.num_processes})."
         )
+    harness = cfg.trainer.eval_harness
+    for key in ("every", "limit"):
+        if getattr(harness, key) < 0:
+            raise ConfigError(f"'trainer.eval_harness.{key}' must be >= 0, got "
+                              f"{getattr(harness, key)}.")
+    if harness.limit > 1 and harness.limit != int(harness.limit):
+        raise ConfigError(f"'trainer.eval_harness.limit' is {harness.limit}: give a whole "
+                          "number of examples, or a fraction below 1 (0 scores every example).")
+    if harness.batch_size < 1:
+        raise ConfigError(f"'trainer.eval_harness.batch_size' must be positive, got "
+                          f"{harness.batch_size}.")
+    if harness.num_fewshot < -1:
+        raise ConfigError(f"'trainer.eval_harness.num_fewshot' must be -1 (each task's "
+                          f"default) or more, got {harness.num_fewshot}.")
     pref = cfg.trainer.preference
     if pref.beta <= 0:
         raise ConfigError(f"'trainer.preference.beta' must be > 0, got {pref.beta}.")

@@ -13,9 +13,9 @@ faults and 0.2-0.3 s of system time per M step, 5% off the step (``docs/benchmar
 process's memory is unchanged: the same block, in larger pages.
 
 glibc reads its tunables only when a process starts, so :func:`reexec_with_huge_pages` starts
-the command again, in the same process (``execv``), with the tunable added. ``jaxtune train``
-and ``jaxtune generate`` call it first thing, before anything is imported or printed. It acts
-only where it helps:
+the command again, in the same process (``execv``), with the tunable added. ``jaxtune train``,
+``jaxtune generate`` and ``jaxtune eval`` call it first thing, before anything is imported or
+printed. It acts only where it helps:
 
 - Linux with glibc 2.35 or newer (the first with the tunable);
 - transparent huge pages on for ``madvise`` or ``always`` (``/sys/kernel/mm/transparent_

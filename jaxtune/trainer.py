@@ -127,6 +127,11 @@ class Trainer:
             from jaxtune.generation.samples import TrainingSampler
 
             self.sampler = TrainingSampler(cfg, self.tokenizer, self.run_dir, write=self.main)
+        self.harness = None  # lm_eval scores every trainer.eval_harness.every steps
+        if cfg.trainer.eval_harness.tasks:
+            from jaxtune.evaluation.training import TrainingHarness
+
+            self.harness = TrainingHarness(cfg, self.tokenizer, self.mesh, self.rules)
         self.to_global = lambda b: data.to_global_batch(b, self.mesh)
 
         self.checkpointer = None
@@ -256,6 +261,8 @@ class Trainer:
                 evals.append(self._eval_and_log(step))
             if self.sampler is not None and self.sampler.due(step, t.steps):
                 self.sampler(step, self.state.model(), self.writer)
+            if self.harness is not None and self.harness.due(step, t.steps):
+                self.harness(step, self.state.model(), self.writer)
             self._save(step)
             if pending is None:  # step N was read back before evaluating or saving: the next
                 self._last_done = time.perf_counter()  # step's time starts after those

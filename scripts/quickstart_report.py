@@ -9,8 +9,10 @@ jaxtune's own greedy generation, then counts the facts both state over every hel
 (80 wordings: which intent a greedy answer picks varies run to run, so 6 questions alone cannot
 compare two runs). One transformers check shows that the merged export loads as
 it is and answers every question token for token like jaxtune; the PEFT adapter is loaded
-with ``peft`` on the base and must answer every one like the merged export. Writes
-``report.md`` next to the metrics.
+with ``peft`` on the base and must answer every one like the merged export. Last, both models
+are scored with lm-evaluation-harness on jaxtune's offline support tasks (``jaxtune eval``'s
+backend; ``--lm-eval-limit`` examples per task, 0 skips it) and the report gains the
+before/after table. Writes ``report.md`` next to the metrics.
 """
 
 from __future__ import annotations
@@ -120,11 +122,58 @@ def chat(spec: dict, question: str) -> list[dict[str, str]]:
     return messages + [{"role": "user", "content": question}]
 
 
+#: The lm_eval table: (task, metric, label, format), the metrics lm_eval reports for
+#: jaxtune's offline support tasks (jaxtune/evaluation/offline_tasks/nimbrel_support).
+LM_EVAL_ROWS = [
+    ("nimbrel_support_mc", "acc", "multiple choice: accuracy", "{:.3f}"),
+    ("nimbrel_support_mc", "acc_norm", "multiple choice: accuracy (length-normalised)",
+     "{:.3f}"),
+    ("nimbrel_support_qa", "all_facts", "answers: every key fact stated", "{:.3f}"),
+    ("nimbrel_support_qa", "fact_recall", "answers: share of key facts stated", "{:.3f}"),
+    ("nimbrel_support_ppl", "word_perplexity", "held-out chats: word perplexity", "{:.2f}"),
+]
+
+
+def lm_eval_scores(loaded, system_prompt: str | None, limit: int, label: str
+                   ) -> dict[str, float]:
+    """``{task/metric: value}`` of one model on the offline support tasks, through lm_eval with
+    jaxtune's backend (chat template, the report's system prompt)."""
+    import logging
+
+    from jaxtune.evaluation.engine import Engine
+    from jaxtune.evaluation.harness import HarnessOptions, run_harness, scores
+    from jaxtune.generation.api import default_stop_ids
+
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)  # the table is the report's
+    print(f"lm_eval on the offline support tasks ({limit} examples each): {label}", flush=True)
+    tasks = sorted({task for task, *_ in LM_EVAL_ROWS})
+    options = HarnessOptions(
+        tasks=tasks, limit=limit, apply_chat_template=True, system_instruction=system_prompt,
+        bootstrap_iters=0, lm_args=dict(batch_size=8, description=label, stop_ids=(
+            default_stop_ids(loaded.tokenizer, loaded.generation_config))))
+    return scores(run_harness(Engine(loaded.model, loaded.tokenizer), options))
+
+
+def lm_eval_table(base: dict[str, float], tuned: dict[str, float], limit: int) -> list[str]:
+    """The before/after table, Markdown (lines)."""
+    lines = [f"lm-evaluation-harness on the offline support tasks ({limit} held-out examples "
+             "per task, chat template; `jaxtune eval`'s backend):", "",
+             "| task | metric | base | fine-tuned |", "|---|---|---:|---:|"]
+    for task, metric, label, fmt in LM_EVAL_ROWS:
+        key = f"{task}/{metric}"
+        if key in base and key in tuned:
+            lines.append(f"| `{task}` | {label} | {fmt.format(base[key])} | "
+                         f"{fmt.format(tuned[key])} |")
+    return lines
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("run_dir", type=Path)
     p.add_argument("--questions", type=Path, default=ROOT / "examples/support/questions.json")
     p.add_argument("--max-new-tokens", type=int, default=72)
+    p.add_argument("--lm-eval-limit", type=int, default=20,
+                   help="examples per offline lm_eval task (0 skips the table)")
     args = p.parse_args()
     run_dir = args.run_dir
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -212,6 +261,11 @@ def main() -> int:
                    if same == n else f"DIFFERS from the merged export on {n - same} of {n}")
         lines.append(f"PEFT adapter ({adapter_dir.name}) loaded with peft on the base model: "
                      f"{verdict}.")
+    if args.lm_eval_limit > 0:
+        system = spec.get("system_prompt") or None
+        base_scores = lm_eval_scores(base_run, system, args.lm_eval_limit, "base model")
+        tuned_scores = lm_eval_scores(tuned_run, system, args.lm_eval_limit, "fine-tuned")
+        lines += ["", *lm_eval_table(base_scores, tuned_scores, args.lm_eval_limit)]
     report = "\n".join(lines) + "\n"
     (run_dir / "report.md").write_text(report)
     width = 100
@@ -220,7 +274,7 @@ def main() -> int:
         if line.startswith("!["):
             print(f"Loss curve: {run_dir / 'loss_curve.png'}")
             continue
-        print(textwrap.fill(line, width) if line else "")
+        print(textwrap.fill(line, width) if line and not line.startswith("|") else line)
     print("=" * width)
     print(f"Report: {run_dir / 'report.md'}")
     return 0

@@ -103,5 +103,5 @@ def test_missing_file_is_clear():
 
 def test_help_lists_subcommands():
     out = _cli("--help")
-    for cmd in ("train", "export", "inspect-data", "print-config", "generate"):
+    for cmd in ("train", "export", "inspect-data", "print-config", "generate", "eval"):
         assert cmd in out.stdout

@@ -74,3 +74,22 @@ def test_report_asks_every_held_out_question():
     assert all(any(u.endswith(q["question"]) for u in eval_users) for q in held)
     shown = {q["question"] for q in spec["questions"]}
     assert shown <= {q["question"] for q in held}
+
+
+def test_lm_eval_table_puts_base_and_fine_tuned_side_by_side():
+    from scripts.quickstart_report import LM_EVAL_ROWS, lm_eval_table
+
+    base = {f"{t}/{m}": 0.25 for t, m, *_ in LM_EVAL_ROWS}
+    tuned = {f"{t}/{m}": 0.75 for t, m, *_ in LM_EVAL_ROWS}
+    base["nimbrel_support_ppl/word_perplexity"] = 123.456
+    lines = lm_eval_table(base, tuned, 40)
+    assert "40 held-out examples per task" in lines[0]
+    rows = [line for line in lines if line.startswith("| `")]
+    assert len(rows) == len(LM_EVAL_ROWS)
+    assert rows[0] == "| `nimbrel_support_mc` | multiple choice: accuracy | 0.250 | 0.750 |"
+    assert "| 123.46 | 0.75 |" in rows[-1]
+    assert all(len(line) <= 100 for line in lines[2:])  # printed as they are, not wrapped
+    # A metric lm_eval did not report is left out, not shown as zero.
+    del tuned["nimbrel_support_qa/all_facts"]
+    assert len([x for x in lm_eval_table(base, tuned, 40) if x.startswith("| `")]) == \
+        len(LM_EVAL_ROWS) - 1

@@ -136,12 +136,13 @@ def test_readme_commands_on_a_fresh_clone(tmp_path, capsys, monkeypatch):
     assert [c[:2] for c in commands] == [["jaxtune", "train"], ["jaxtune", "print-config"],
                                          ["jaxtune", "inspect-data"], ["jaxtune", "export"],
                                          ["jaxtune", "generate"], ["jaxtune", "train"],
-                                         ["jaxtune", "launch"]]
+                                         ["jaxtune", "eval"], ["jaxtune", "launch"]]
     needs = {"train": "python scripts/make_smollm2.py",
              "quickstart-grpo": "runs/quickstart/hf",
              "inspect-data": "python scripts/make_smollm2.py",
              "export": "jaxtune train configs/quickstart.yaml",
-             "generate": "jaxtune train configs/quickstart.yaml"}
+             "generate": "jaxtune train configs/quickstart.yaml",
+             "eval": "jaxtune train configs/quickstart.yaml"}
     for argv in commands:
         name = argv[1]
         if name == "train" and "grpo" in argv[2]:

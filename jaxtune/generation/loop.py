@@ -280,6 +280,19 @@ class Generator:
                           self._put(np.asarray(token_B, np.int32)),
                           self._put(np.asarray(position_B, np.int32)), cache)
 
+    def decode_steps(self, logits_BV, position_B, cache: KVCache, *, steps: int, bucket: int,
+                     sampling: Sampling, key: jax.Array, done_B, stops_S) -> tuple:
+        """The on-device loop (:func:`decode_loop`) for up to ``steps`` (<= ``bucket``) new
+        tokens per row, picked from ``logits_BV`` on: ``(tokens [B, bucket] on the host,
+        cache)``. A caller that checks stop strings on the host between calls continues by
+        feeding each row's last token to :meth:`decode`."""
+        static = (self.graphdef, self.ctx, sampling, bucket)
+        tokens_BN, _, cache = self._call(
+            decode_loop, static, self.state, logits_BV,
+            self._put(np.asarray(position_B, np.int32)), cache, key,
+            self._put(np.asarray(done_B)), jnp.asarray(stops_S, jnp.int32), jnp.int32(steps))
+        return host_array(tokens_BN), cache
+
     # ------------------------------------------------------------ the whole thing
 
     def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 128,
