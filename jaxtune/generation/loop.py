@@ -287,7 +287,7 @@ class Generator:
         cache)``. A caller that checks stop strings on the host between calls continues by
         feeding each row's last token to :meth:`decode`."""
         static = (self.graphdef, self.ctx, sampling, bucket)
-        tokens_BN, _, cache = self._call(
+        tokens_BN, _, _, cache = self._call(  # tokens, their log-probs, steps taken, cache
             decode_loop, static, self.state, logits_BV,
             self._put(np.asarray(position_B, np.int32)), cache, key,
             self._put(np.asarray(done_B)), jnp.asarray(stops_S, jnp.int32), jnp.int32(steps))
