@@ -117,8 +117,7 @@ class Gemma4Attention(nnx.Module):
             k_BSKH = constrain(apply_rope(self.k_norm(k_BTKH), cos_BTh, sin_BTh), _KV)
             v_BSKH = constrain(self.v_norm(v_BTKH), _KV)
             if cache is not None:
-                cache = cache.write(k_BSKH, v_BSKH)
-                k_BSKH, v_BSKH = cache.k_BSKH, cache.v_BSKH
+                cache, k_BSKH, v_BSKH, mask = cache.write_and_read(k_BSKH, v_BSKH, mask)
         k_BSKH, v_BSKH = k_BSKH.astype(q_BTNH.dtype), v_BSKH.astype(q_BTNH.dtype)
         impl = self.implementation if mask.aligned else "xla"
         out_BTNH = dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask, window=window,
