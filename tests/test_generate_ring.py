@@ -118,3 +118,18 @@ def test_one_compile_per_shape_bucket(tiny_hf_model):
     compiled = gen.compile_s
     gen.generate([[12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23]], max_new_tokens=30)
     assert gen.compile_s == compiled
+
+
+def test_gemma4_sliding_stack_is_a_ring(gemma4_model):
+    """Gemma 4's sliding layers with their own keys keep the window; its KV-shared layers read
+    the store layer's ring (greedy tokens past the window: tests/test_gemma4.py)."""
+    model = jaxtune.from_pretrained(gemma4_model("shared"), scan_layers=True)
+    cfg = model.config
+    cache = Generator(model).new_cache(2, 64)
+    kinds = cfg.layer_kinds()
+    sliding, full = cache.layers["sliding"], cache.layers["full"]
+    assert sliding.k_BSKH.shape[:3] == (kinds["sliding"], 2, cfg.sliding_window)
+    assert sliding.positions_BS.shape == (kinds["sliding"], 2, cfg.sliding_window)
+    assert full.k_BSKH.shape[:3] == (kinds["full"], 2, 64) and full.positions_BS is None
+    assert cache_layout(model, ring=False)["sliding"] == (kinds["sliding"],
+                                                           *cfg.geometry("sliding_attention"))
