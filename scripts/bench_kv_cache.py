@@ -49,6 +49,7 @@ MODELS = {
 
 
 def nbytes(tree) -> int:
+    """Bytes of a pytree of arrays or shapes."""
     return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 

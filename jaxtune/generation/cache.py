@@ -159,9 +159,15 @@ def cache_shardings(mesh: Mesh | None, rules: Rules | None, shape: tuple[int, ..
     return KVCache(_kv_shardings(mesh, rules, shape, ring), slot, slot, rep)
 
 
-def _empty_layer(layout: Layout, batch: int, slots: int, dtype: Any) -> LayerKV:
+def _kv_shape(layout: Layout, batch: int, slots: int) -> tuple[int, ...]:
+    """``[L, B, S or W, K, H]`` of a stack of ``layout`` in a cache of ``slots`` slots."""
     n, kv_heads, head_dim = layout[:3]
-    shape = (n, batch, ring_slots(layout, slots), kv_heads, head_dim)
+    return n, batch, ring_slots(layout, slots), kv_heads, head_dim
+
+
+def _empty_layer(layout: Layout, batch: int, slots: int, dtype: Any) -> LayerKV:
+    shape = _kv_shape(layout, batch, slots)
+    n = shape[0]
     zeros = jnp.zeros(shape, dtype)
     index = jnp.zeros((n,), jnp.int32)
     if len(layout) == 3:
@@ -184,7 +190,7 @@ def empty_cache(num_layers: int, batch: int, slots: int, kv_heads: int, head_dim
 
     if mesh is None:
         return jax.jit(make)()
-    shape = (num_layers, batch, ring_slots(layout, slots), kv_heads, head_dim)
+    shape = _kv_shape(layout, batch, slots)
     return jax.jit(make, out_shardings=cache_shardings(mesh, rules, shape, window is not None,
                                                        slots))()
 
@@ -202,9 +208,8 @@ def empty_grouped_cache(layout: dict[str, Layout], batch: int, slots: int, dtype
 
     if mesh is None:
         return jax.jit(make)()
-    kinds = {k: _kv_shardings(mesh, rules, (n, batch, ring_slots(lay, slots), kv, h),
-                              len(lay) == 4) for k, lay in layout.items()
-             for n, kv, h in [lay[:3]]}
+    kinds = {k: _kv_shardings(mesh, rules, _kv_shape(lay, batch, slots), len(lay) == 4)
+             for k, lay in layout.items()}
     slot = named_sharding(mesh, SLOT_AXES, rules, (batch, slots))
     shardings = KVCache(kinds, slot, slot, named_sharding(mesh, None))
     return jax.jit(make, out_shardings=shardings)()
