@@ -34,6 +34,7 @@ from flax import nnx
 from jaxtune.errors import ModelConfigError
 from jaxtune.models.decoder import (
     attention_mask,
+    cache_layout_of,
     fill_positions,
     make_lm_head,
     project_logits,
@@ -341,16 +342,9 @@ class Llama(nnx.Module):
         self.lm_head = make_lm_head(config, param_dtype=param_dtype, rngs=rngs)
 
     def kv_cache_layout(self, ring: bool = True) -> tuple[int, ...]:
-        """The generation cache: ``(layers, kv heads, head dim)``, plus the window when every
-        layer slides by the same one (Mistral), so the cache keeps only the window (a ring,
-        ``jaxtune.generation.cache``). Mixed full and sliding layers (Qwen2's
-        ``max_window_layers``) keep every slot and apply their windows in the mask."""
-        cfg = self.config
-        layout = (cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
-        windows = set(cfg.layer_windows())
-        if ring and len(windows) == 1 and None not in windows:
-            return (*layout, windows.pop())
-        return layout
+        """The generation cache: a ring of the window when every layer slides by one
+        (Mistral; :func:`~jaxtune.models.decoder.cache_layout_of`)."""
+        return cache_layout_of(self.config, ring)
 
     def hidden_states(self, input_ids_BT, positions_BT=None, segment_ids_BT=None, cache=None):
         """Final-norm hidden states ``[B, T, D]`` in the compute dtype; with a generation
