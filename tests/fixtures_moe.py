@@ -24,6 +24,8 @@ MOE_TINY: dict[str, Any] = dict(
 #: all-sparse and dense + sparse mixes.
 MOE_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "mixtral": ("mixtral", dict(intermediate_size=14, num_local_experts=5)),
+    "mixtral_sliding": ("mixtral", dict(intermediate_size=14, num_local_experts=5,
+                                        sliding_window=5)),
     "qwen2_moe": ("qwen2_moe", dict(intermediate_size=22, moe_intermediate_size=14,
                                     shared_expert_intermediate_size=18, num_experts=5,
                                     norm_topk_prob=False)),

@@ -94,7 +94,12 @@ def _cache_spec(model: nnx.Module, graphdef, state) -> tuple | None:
     probe = jax.ShapeDtypeStruct((1, 1), jnp.int32)
     dtype = jax.eval_shape(lambda st, ids: nnx.merge(graphdef, st).hidden_states(ids), state,
                            probe).dtype
-    return tuple(cache_layout(model)), jnp.dtype(dtype)
+    # One stack of every slot: the tails continue each prefix's cache (no ring needed for a
+    # prefix and a short tail). A model with a stack per kind of layer scores by packing.
+    layout = cache_layout(model, ring=False)
+    if isinstance(layout, dict):
+        return None
+    return tuple(layout), jnp.dtype(dtype)
 
 
 def _state_mesh(state: Any) -> Mesh | None:

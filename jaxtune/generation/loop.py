@@ -219,9 +219,9 @@ class Generator:
         if isinstance(self.layout, dict):  # one stack per kind of layer (Gemma 4)
             return empty_grouped_cache(self.layout, batch, slots, self.dtype, self.mesh,
                                        self.rules)
-        layers, kv_heads, head_dim = self.layout
+        layers, kv_heads, head_dim, *window = self.layout  # a window: a ring (cache.py)
         return empty_cache(layers, batch, slots, kv_heads, head_dim, self.dtype, self.mesh,
-                           self.rules)
+                           self.rules, window=window[0] if window else None)
 
     def _put(self, x: np.ndarray) -> jax.Array:
         """A host array (the same on every process) as a global array split over batch."""

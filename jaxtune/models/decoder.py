@@ -2,7 +2,8 @@
 
 A family's causal LM fills in default positions (:func:`fill_positions`), builds the attention
 mask, or takes the generation cache's (:func:`attention_mask`), gives each layer its sliding
-window (:func:`scan_windows`), runs ``jaxtune.models.stack.apply_layers``, and projects the
+window (:func:`scan_windows`), runs ``jaxtune.models.stack.apply_layers``, says what its
+generation cache holds (:func:`cache_layout_of`), and projects the
 final hidden states on the tied embedding or an ``lm_head`` (:func:`make_lm_head`,
 :func:`project_logits`). The family keeps only what is its own: the embedding's scaling, its
 RoPE tables, what its layers carry besides the hidden states.
@@ -55,6 +56,18 @@ def scan_windows(windows: Sequence[int | None], scan_layers: bool) -> tuple[int 
             block_runs([{"window": w} for w in windows]) is None:
         return tuple(w or NO_WINDOW for w in windows)
     return windows
+
+
+def cache_layout_of(config: Any, ring: bool = True) -> tuple[int, ...]:
+    """A one-stack generation cache's layout (``jaxtune.generation.cache``): ``(layers, kv
+    heads, head dim)``, plus the window when every layer slides by the same one (Mistral,
+    Mixtral), so that stack keeps only the window (a ring). Mixed full and sliding layers
+    keep every slot and apply their windows in the mask."""
+    layout = (config.num_hidden_layers, config.num_key_value_heads, config.head_dim)
+    windows = set(config.layer_windows())
+    if ring and len(windows) == 1 and None not in windows:
+        return (*layout, windows.pop())
+    return layout
 
 
 def make_lm_head(config: Any, *, param_dtype: Any, rngs: Any) -> Linear | None:

@@ -90,7 +90,8 @@ class CausalLM(Protocol):
        ``(x, cache)`` when given one. A layer with no attention returns its cache unchanged.
 
     The cache's shape comes from ``config.num_hidden_layers``, ``num_key_value_heads`` and
-    ``head_dim`` (or the model's ``kv_cache_layout() -> (layers, kv_heads, head_dim)``), its
+    ``head_dim`` (or the model's ``kv_cache_layout(ring=True) -> (layers, kv_heads, head_dim
+    [, window])``, a window making that stack a ring of the window, or ``{kind: layout}``), its
     dtype from ``hidden_states``' output (the compute dtype). Positions passed while
     generating are the true token positions (prompts are left-padded with segment 0).
     """

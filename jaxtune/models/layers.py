@@ -667,11 +667,19 @@ class LayerKV:
     ``k_BSKH`` / ``v_BSKH`` hold ``S`` slots in the cache dtype; ``index`` is the slot the
     current call's first new token goes to (the same for every row: prompts are left-padded).
     Under a scanned stack every leaf has a leading ``[L]`` axis, ``index`` included.
+
+    A sliding-window layer's cache may be a **ring** of ``W`` slots (its window): it then
+    keeps each slot's own position and segment id (``positions_BS`` / ``segment_ids_BS``;
+    ``None`` for a cache of every slot, whose positions are the :class:`KVCache`'s) and token
+    ``index + j`` lives in slot ``(index + j) % W``, as transformers' sliding-window cache
+    keeps only the window.
     """
 
     k_BSKH: jax.Array
     v_BSKH: jax.Array
     index: jax.Array
+    positions_BS: jax.Array | None = None  # int32, ring only
+    segment_ids_BS: jax.Array | None = None  # int32, ring only; 0 = empty slot or padding
 
     def write(self, k_BTKH: jax.Array, v_BTKH: jax.Array) -> LayerKV:
         """The cache with ``T`` new keys / values at slots ``index .. index + T - 1``."""
@@ -680,6 +688,50 @@ class LayerKV:
         k = jax.lax.dynamic_update_slice(self.k_BSKH, k_BTKH.astype(self.k_BSKH.dtype), at)
         v = jax.lax.dynamic_update_slice(self.v_BSKH, v_BTKH.astype(self.v_BSKH.dtype), at)
         return self.replace(k_BSKH=constrain(k, names), v_BSKH=constrain(v, names))
+
+    def write_and_read(self, k_BTKH: jax.Array, v_BTKH: jax.Array, mask: AttentionMask
+                       ) -> tuple[LayerKV, jax.Array, jax.Array, AttentionMask]:
+        """``(updated cache, keys, values, mask)``: what the ``T`` new tokens' queries attend
+        over, in the cache dtype, and their mask (``mask``'s queries over those keys).
+
+        A cache of every slot writes the new keys and values, then the queries attend over
+        all its slots with ``mask`` (the :class:`KVCache`'s slots). A ring attends as the
+        window needs: one token (decoding) is written over the slot of the token ``W``
+        positions before it, which its window no longer sees, then it attends over the ring;
+        several tokens (a prompt, possibly longer than ``W``) attend over the ring's slots
+        followed by themselves, then the last ``min(T, W)`` of them are kept."""
+        if self.positions_BS is None:
+            cache = self.write(k_BTKH, v_BTKH)
+            return cache, cache.k_BSKH, cache.v_BSKH, mask
+        names = ("batch", "seq", "kv_heads", "head_dim")
+        b, t = k_BTKH.shape[:2]
+        w = self.k_BSKH.shape[1]
+        k_BTKH, v_BTKH = k_BTKH.astype(self.k_BSKH.dtype), v_BTKH.astype(self.v_BSKH.dtype)
+        q_pos_BT = mask.q_positions_BT.astype(jnp.int32)
+        q_seg_BT = (jnp.ones((b, t), jnp.int32) if mask.q_segment_ids_BT is None
+                    else mask.q_segment_ids_BT.astype(jnp.int32))
+        if t == 1:
+            slot = self.index % w
+            k = jax.lax.dynamic_update_slice(self.k_BSKH, k_BTKH, (0, slot, 0, 0))
+            v = jax.lax.dynamic_update_slice(self.v_BSKH, v_BTKH, (0, slot, 0, 0))
+            pos = jax.lax.dynamic_update_slice(self.positions_BS, q_pos_BT, (0, slot))
+            seg = jax.lax.dynamic_update_slice(self.segment_ids_BS, q_seg_BT, (0, slot))
+            cache = self.replace(k_BSKH=constrain(k, names), v_BSKH=constrain(v, names),
+                                 positions_BS=pos, segment_ids_BS=seg)
+            return cache, cache.k_BSKH, cache.v_BSKH, AttentionMask(q_pos_BT, pos, q_seg_BT,
+                                                                     seg)
+        keys = jnp.concatenate([self.k_BSKH, k_BTKH], axis=1)
+        values = jnp.concatenate([self.v_BSKH, v_BTKH], axis=1)
+        read = AttentionMask(q_pos_BT, jnp.concatenate([self.positions_BS, q_pos_BT], axis=1),
+                             q_seg_BT, jnp.concatenate([self.segment_ids_BS, q_seg_BT], axis=1))
+        n = min(t, w)  # the new tokens the ring keeps: the last n, at their slots mod W
+        slots_N = (self.index + jnp.arange(t - n, t)) % w
+        cache = self.replace(
+            k_BSKH=constrain(self.k_BSKH.at[:, slots_N].set(k_BTKH[:, t - n:]), names),
+            v_BSKH=constrain(self.v_BSKH.at[:, slots_N].set(v_BTKH[:, t - n:]), names),
+            positions_BS=self.positions_BS.at[:, slots_N].set(q_pos_BT[:, t - n:]),
+            segment_ids_BS=self.segment_ids_BS.at[:, slots_N].set(q_seg_BT[:, t - n:]))
+        return cache, keys, values, read
 
 
 class Attention(nnx.Module):
@@ -733,7 +785,8 @@ class Attention(nnx.Module):
                  cache: LayerKV | None = None) -> jax.Array | tuple[jax.Array, LayerKV]:
         """Attention output ``[B, T, D]``; with a ``cache`` (generation), ``(output, cache)``:
         the new keys and values are written at ``cache.index`` and the queries attend over
-        every slot of the updated cache, as ``mask`` (keys = cache slots) allows."""
+        the cache's slots, as ``mask`` (keys = cache slots) allows (a ring cache: over its
+        window, ``LayerKV.write_and_read``)."""
         q_BTNH = self.q_proj(x_BTD)
         k_BTKH = self.k_proj(x_BTD)
         v_BTKH = self.v_proj(x_BTD)
@@ -744,9 +797,9 @@ class Attention(nnx.Module):
         k_BTKH = constrain(apply_rope(k_BTKH, cos_BTh, sin_BTh),
                            ("batch", "seq", "kv_heads", "head_dim"))
         if cache is not None:
-            cache = cache.write(k_BTKH, v_BTKH)
-            out_BTNH = dot_product_attention(q_BTNH, cache.k_BSKH.astype(q_BTNH.dtype),
-                                             cache.v_BSKH.astype(q_BTNH.dtype), mask=mask,
+            cache, k_BSKH, v_BSKH, mask = cache.write_and_read(k_BTKH, v_BTKH, mask)
+            out_BTNH = dot_product_attention(q_BTNH, k_BSKH.astype(q_BTNH.dtype),
+                                             v_BSKH.astype(q_BTNH.dtype), mask=mask,
                                              window=window, implementation="xla",
                                              softcap=self.softcap, scale=self.scale)
             return self.o_proj(out_BTNH), cache

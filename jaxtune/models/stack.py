@@ -188,15 +188,28 @@ MAX_RUNS = 4
 @dataclass(frozen=True)
 class Slot:
     """One layer of a stack: its stacked module (``group``), its index there, and its keyword
-    arguments (static: a window, a RoPE table's index, a geometry)."""
+    arguments (static: a window, a RoPE table's index, a geometry).
+
+    While generating, the layer reads the cache stack ``cache_group`` at ``cache_index``
+    (default: its module's group and index). They differ when layers of one parameter stack
+    keep different caches: Gemma 2 / 3's sliding layers keep a ring of their window, their
+    full layers every slot."""
 
     group: str
     index: int
     kwargs: tuple[tuple[str, Any], ...] = ()
+    cache_group: str | None = None
+    cache_index: int | None = None
 
     @property
     def args(self) -> dict[str, Any]:
         return dict(self.kwargs)
+
+    @property
+    def cache_at(self) -> tuple[str, int]:
+        """``(cache group, index there)``."""
+        return (self.group if self.cache_group is None else self.cache_group,
+                self.index if self.cache_index is None else self.cache_index)
 
 
 @dataclass(frozen=True)
@@ -209,24 +222,29 @@ class Run:
     period: int
     repeats: int
     step: tuple[int, ...]
+    cache_step: tuple[int, ...] | None = None  # the same for cache indices (default: step)
 
 
 def _slots(layer_args: Sequence[Mapping[str, Any]]) -> list[Slot]:
     return [Slot("", i, tuple(sorted(a.items()))) for i, a in enumerate(layer_args)]
 
 
-def _repeats(slots: Sequence[Slot], start: int, p: int) -> tuple[int, tuple[int, ...]]:
-    """How many times the block ``slots[start:start + p]`` repeats from ``start``."""
+def _repeats(slots: Sequence[Slot], start: int, p: int
+             ) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+    """How many times the block ``slots[start:start + p]`` repeats from ``start``, and how far
+    each of its layers' module and cache indices move on from block to block."""
     block = slots[start:start + p]
     step = tuple(sum(s.group == b.group for s in block) for b in block)
+    cache_step = tuple(sum(s.cache_at[0] == b.cache_at[0] for s in block) for b in block)
     m = 1
     while start + (m + 1) * p <= len(slots):
         nxt = slots[start + m * p:start + (m + 1) * p]
         if any(n.group != b.group or n.kwargs != b.kwargs or n.index != b.index + m * c
-               for n, b, c in zip(nxt, block, step, strict=True)):
+               or n.cache_at != (b.cache_at[0], b.cache_at[1] + m * cc)
+               for n, b, c, cc in zip(nxt, block, step, cache_step, strict=True)):
             break
         m += 1
-    return m, step
+    return m, step, cache_step
 
 
 def find_runs(slots: Sequence[Slot]) -> list[Run]:
@@ -235,11 +253,11 @@ def find_runs(slots: Sequence[Slot]) -> list[Run]:
     that starts no repeat is a run of one."""
     runs, i = [], 0
     while i < len(slots):
-        best = Run(i, 1, 1, (1,))
+        best = Run(i, 1, 1, (1,), (1,))
         for p in range(1, min(MAX_BLOCK, len(slots) - i) + 1):
-            m, step = _repeats(slots, i, p)
+            m, step, cache_step = _repeats(slots, i, p)
             if m >= 2 and m * p > best.period * best.repeats:
-                best = Run(i, p, m, step)
+                best = Run(i, p, m, step, cache_step)
         runs.append(best)
         i += best.period * best.repeats
     return runs
@@ -299,23 +317,24 @@ def apply_slots(layers: Mapping[str, nnx.Module] | Sequence[nnx.Module], x: Any,
     policy = REMAT_POLICIES[remat]
     caches = dict(cache) if cache is not None else None
 
-    def call(graphdef, state, x, slot, index, number, caches, in_scan):
+    def call(graphdef, state, x, slot, cache_index, number, caches, in_scan):
         kwargs = slot.args
         if layer_index:
             kwargs["layer"] = number
         fn = functools.partial(_apply, graphdef, kwargs)
         if remat != "none":
             fn = jax.checkpoint(fn, policy=policy, prevent_cse=not in_scan)
-        if caches is None or slot.group not in caches:
+        group = slot.cache_at[0]
+        if caches is None or group not in caches:
             return fn(state, x, args, {}), caches
-        layer_cache = _take(caches[slot.group], index)
+        layer_cache = _take(caches[group], cache_index)
         x, layer_cache = fn(state, x, args, {"cache": layer_cache})
-        return x, {**caches, slot.group: _put(caches[slot.group], index, layer_cache)}
+        return x, {**caches, group: _put(caches[group], cache_index, layer_cache)}
 
     if not scan_layers:
         for i, slot in enumerate(slots):
             graphdef, state = nnx.split(layers[i])
-            x, caches = call(graphdef, state, x, slot, slot.index, i, caches, False)
+            x, caches = call(graphdef, state, x, slot, slot.cache_at[1], i, caches, False)
         return x if caches is None else (x, caches)
 
     split = {g: nnx.split(m) for g, m in layers.items()}
@@ -324,16 +343,18 @@ def apply_slots(layers: Mapping[str, nnx.Module] | Sequence[nnx.Module], x: Any,
         if run.repeats == 1:
             slot = block[0]
             graphdef, state = split[slot.group]
-            x, caches = call(graphdef, _take(state, slot.index), x, slot, slot.index,
+            x, caches = call(graphdef, _take(state, slot.index), x, slot, slot.cache_at[1],
                              run.start, caches, False)
             continue
 
         def body(carry, b, block=block, run=run):
             x, caches = carry
-            for k, (slot, step) in enumerate(zip(block, run.step, strict=True)):
-                index = slot.index + b * step
+            cache_steps = run.step if run.cache_step is None else run.cache_step
+            for k, (slot, step, cstep) in enumerate(zip(block, run.step, cache_steps,
+                                                        strict=True)):
                 graphdef, state = split[slot.group]
-                x, caches = call(graphdef, _take(state, index), x, slot, index,
+                x, caches = call(graphdef, _take(state, slot.index + b * step), x, slot,
+                                 slot.cache_at[1] + b * cstep,
                                  run.start + b * run.period + k, caches, True)
             return (x, caches), None
 

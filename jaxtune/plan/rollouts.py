@@ -2,13 +2,14 @@
 target beside its train step.
 
 RL generates each step's completions on the training mesh, from the parameters the step
-updates: the KV cache (rows x (prompt + new tokens) slots per layer) and the decode loop's
-temporaries live beside the whole train state (parameters, frozen base, optimizer state,
-reference copy), which stays resident while generating. So an RL recipe fits only if both
-programs fit: the train step (:mod:`jaxtune.plan.build`), and this one, prefill + the
-on-device decode loop of :mod:`jaxtune.generation.loop` lowered for the target's compile-only
-devices with the shapes the rollout producer uses (the prompt budget and
-``max_completion_length``, bucketed as the generator buckets them).
+updates: the KV cache (rows x (prompt + new tokens) slots per layer, a sliding-window layer's
+at most its window) and the decode loop's temporaries live beside the whole train state
+(parameters, frozen base, optimizer state, reference copy), which stays resident while
+generating. So an RL recipe fits only if both programs fit: the train step
+(:mod:`jaxtune.plan.build`), and this one, prefill + the on-device decode loop of
+:mod:`jaxtune.generation.loop` lowered for the target's compile-only devices with the shapes
+the rollout producer uses (the prompt budget and ``max_completion_length``, bucketed as the
+generator buckets them).
 """
 
 from __future__ import annotations
@@ -118,12 +119,12 @@ def generation_plan(built: Any, cfg: Any, shape: tuple[int, int, int], platform:
 
 def _cache_leaf_sharding(x: Any, mesh: Any, rules: Any):
     """Where a cache array lives, as :mod:`jaxtune.generation.cache` places it: keys and
-    values ``[L, B, S, K, H]`` and slot arrays ``[B, S]`` by their logical axes, the write
-    indices replicated."""
-    from jaxtune.generation.cache import KV_AXES, SLOT_AXES
+    values ``[L, B, S, K, H]`` (a sliding layer's ring: ``W`` slots), slot arrays ``[B, S]``
+    and a ring's ``[L, B, W]`` by their logical axes, the write indices replicated."""
+    from jaxtune.generation.cache import KV_AXES, RING_SLOT_AXES, SLOT_AXES
     from jaxtune.sharding import named_sharding
 
-    axes = {5: KV_AXES, 2: SLOT_AXES}.get(len(x.shape))
+    axes = {5: KV_AXES, 3: RING_SLOT_AXES, 2: SLOT_AXES}.get(len(x.shape))
     return named_sharding(mesh, axes, rules, x.shape if axes else None)
 
 

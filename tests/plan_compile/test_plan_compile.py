@@ -134,6 +134,20 @@ def test_an_rl_recipe_plans_its_rollouts_beside_the_step(tiny_dir):
     assert "verdict: fits" in text
 
 
+def test_sliding_window_rollouts_plan_the_window_only(tmp_path_factory):
+    """A Mistral-style model (every layer slides by 64) plans its rollouts' cache as rings of
+    the window: keys and values of 64 slots, not 320, plus each ring slot's position and
+    segment id."""
+    path = _model_dir(tmp_path_factory, model_type="mistral", sliding_window=64)
+    cfg = _cfg(path, "--lora.rank=8", "--trainer.objective=grpo", "--data.format=prompt",
+               "--rl.num_generations=4", "--rl.max_completion_length=64", "--rl.beta=0.04",
+               "--rl.rewards=[{function: key_facts}]", "--model.attention=xla")
+    g = make_plan(cfg, parse_target("v5e-8"), flops=False).generation
+    assert (g.rows, g.slots) == (8, 320)
+    assert g.cache == (2 * 64 * 2 * 128 * 2 * 2 + 2 * (2 * 64 * 4) + 2 * 320 * 4 + 2 * 4
+                       + 4)
+
+
 def test_lora_adapters_are_split_over_a_pure_fsdp_mesh(tiny_dir):
     """LoRA rank 8 on v5p-32 (16 chips, fsdp 16, which does not divide the rank): each
     adapter's non-embed half goes 16 ways on another of its dims (head_dim 128, mlp 512), so

@@ -59,7 +59,7 @@ from jaxtune.models.layers import (
     resolve_attention_impl,
     rope_cos_sin,
 )
-from jaxtune.models.stack import apply_layers, check_remat, make_layers
+from jaxtune.models.stack import Slot, apply_layers, apply_slots, check_remat, make_layers
 from jaxtune.sharding import constrain
 
 MODEL_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma3")
@@ -409,6 +409,12 @@ class GemmaModel(nnx.Module):
         cos_RBTh = jnp.stack([c for c, _ in tables])
         sin_RBTh = jnp.stack([s for _, s in tables])
         mask, cache = attention_mask(positions_BT, segment_ids_BT, cache)
+        if cache is not None and isinstance(cache.layers, dict):  # a ring for sliding layers
+            x_BTD, layers_kv = apply_slots(
+                {"": self.layers} if self.scan_layers else self.layers, x_BTD, cos_RBTh,
+                sin_RBTh, mask, slots=self._cache_slots(), remat=self.remat,
+                scan_layers=self.scan_layers, cache=cache.layers)
+            return self.norm(x_BTD), cache.update(layers_kv)
         windows = scan_windows(cfg.layer_windows(), self.scan_layers)  # local / global
         layer_args = [{"window": w, "rope_index": r}
                       for w, r in zip(windows, cfg.layer_rope_index(), strict=True)]
@@ -420,6 +426,19 @@ class GemmaModel(nnx.Module):
             return self.norm(x_BTD)
         x_BTD, layers_kv = x_BTD
         return self.norm(x_BTD), cache.update(layers_kv)
+
+
+    def _cache_slots(self) -> list[Slot]:
+        """Each layer with its static window and RoPE table, reading the cache stack of its
+        kind (:meth:`Gemma.kv_cache_layout`): its index among the layers of that kind."""
+        cfg, seen = self.config, {SLIDING: 0, FULL: 0}
+        slots = []
+        for i, (w, r) in enumerate(zip(cfg.layer_windows(), cfg.layer_rope_index(),
+                                       strict=True)):
+            kind = FULL if w is None else SLIDING
+            slots.append(Slot("", i, (("rope_index", r), ("window", w)), kind, seen[kind]))
+            seen[kind] += 1
+        return slots
 
 
 class Gemma(nnx.Module):
@@ -450,6 +469,23 @@ class Gemma(nnx.Module):
         self.model = GemmaModel(config, param_dtype=param_dtype, compute_dtype=compute_dtype,
                                 scan_layers=scan_layers, remat=remat, attention=impl, rngs=rngs)
         self.lm_head = make_lm_head(config, param_dtype=param_dtype, rngs=rngs)
+
+    def kv_cache_layout(self, ring: bool = True
+                        ) -> tuple[int, ...] | dict[str, tuple[int, ...]]:
+        """The generation cache: ``(layers, kv heads, head dim)`` for Gemma 1 (every layer
+        full) or ``ring=False``; with sliding layers, their stack keeps only the window (a
+        ring, ``jaxtune.generation.cache``): ``{"sliding": (n, kv heads, head dim, window),
+        "full": (m, kv heads, head dim)}`` (one stack when every layer slides)."""
+        cfg = self.config
+        geometry = (cfg.num_key_value_heads, cfg.head_dim)
+        windows = cfg.layer_windows()
+        sliding = sum(w is not None for w in windows)
+        if not ring or not sliding:
+            return (cfg.num_hidden_layers, *geometry)
+        if sliding == len(windows):
+            return (sliding, *geometry, cfg.sliding_window)
+        return {SLIDING: (sliding, *geometry, cfg.sliding_window),
+                FULL: (len(windows) - sliding, *geometry)}
 
     def hidden_states(self, input_ids_BT, positions_BT=None, segment_ids_BT=None, cache=None):
         """Final-norm hidden states ``[B, T, D]`` in the compute dtype; with a generation

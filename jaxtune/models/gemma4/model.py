@@ -106,24 +106,33 @@ class Gemma4Attention(nnx.Module):
                  kv=None, cache: LayerKV | None = None):
         """``(output [B, T, D], (keys, values) it attended with, cache)``: a shared layer
         attends with ``kv``; with a generation ``cache`` the new keys and values are written
-        at ``cache.index`` and the queries attend over every slot."""
+        at ``cache.index`` and the queries attend over the cache's slots. A sliding layer's
+        cache may be a ring of its window (``LayerKV.write_and_read``): the keys it attended
+        with then come with their positions and segment ids, ``(keys, values, positions,
+        segment ids)``, which a layer that shares them masks by."""
         q_BTNH = apply_rope(self.q_norm(self.q_proj(x_BTD)), cos_BTh, sin_BTh)
         q_BTNH = constrain(q_BTNH, ("batch", "seq", "heads", "head_dim"))
+        ring = False
         if self.k_proj is None:
-            k_BSKH, v_BSKH = kv
+            k_BSKH, v_BSKH = kv[:2]
+            if len(kv) == 4:  # the store layer's ring: its keys' own positions and segments
+                mask = AttentionMask(mask.q_positions_BT, kv[2], mask.q_segment_ids_BT, kv[3])
         else:
             k_BTKH = self.k_proj(x_BTD)
             v_BTKH = k_BTKH if self.v_proj is None else self.v_proj(x_BTD)
             k_BSKH = constrain(apply_rope(self.k_norm(k_BTKH), cos_BTh, sin_BTh), _KV)
             v_BSKH = constrain(self.v_norm(v_BTKH), _KV)
             if cache is not None:
-                cache = cache.write(k_BSKH, v_BSKH)
-                k_BSKH, v_BSKH = cache.k_BSKH, cache.v_BSKH
+                cache, k_BSKH, v_BSKH, mask = cache.write_and_read(k_BSKH, v_BSKH, mask)
+                ring = cache.positions_BS is not None
         k_BSKH, v_BSKH = k_BSKH.astype(q_BTNH.dtype), v_BSKH.astype(q_BTNH.dtype)
         impl = self.implementation if mask.aligned else "xla"
         out_BTNH = dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask, window=window,
                                          implementation=impl, scale=1.0)
-        return self.o_proj(out_BTNH), (k_BSKH, v_BSKH), cache
+        used = (k_BSKH, v_BSKH)
+        if ring:
+            used += (mask.k_positions_BS, mask.k_segment_ids_BS)
+        return self.o_proj(out_BTNH), used, cache
 
 
 class Router(nnx.Module):
@@ -326,9 +335,11 @@ class Gemma4Model(nnx.Module):
         (x_BTD, stats, _), layers_kv = out
         return self.norm(x_BTD), stats, cache.update(layers_kv)
 
-    def _empty_kv(self, x_BTD, cache) -> dict[str, tuple[jax.Array, jax.Array]] | None:
+    def _empty_kv(self, x_BTD, cache) -> dict[str, tuple[jax.Array, ...]] | None:
         """Zeros for the keys and values the shared layers read, one pair per layer type
-        (training: the sequence's; generating: the whole cache's)."""
+        (training: the sequence's; generating: the whole cache's, or what a ring's layer
+        attends with, its window then the new tokens when there are several, with their
+        positions and segment ids)."""
         cfg = self.config
         if not cfg.num_kv_shared_layers:
             return None
@@ -336,14 +347,19 @@ class Gemma4Model(nnx.Module):
         for i in cfg.kv_stores():
             t = cfg.layer_types[i]
             kv_heads, h = cfg.geometry(t)
-            if cache is None:
-                b, s = x_BTD.shape[:2]
-                dtype = x_BTD.dtype
-            else:
-                b, s = cache.positions_BS.shape
-                dtype = cache.layers[cfg.layer_kind(i)].k_BSKH.dtype
+            b, s = x_BTD.shape[:2]
+            dtype = x_BTD.dtype
+            ring = None
+            if cache is not None:
+                store = cache.layers[cfg.layer_kind(i)]
+                ring, dtype = store.positions_BS, store.k_BSKH.dtype
+                s = (cache.positions_BS.shape[1] if ring is None else
+                     store.k_BSKH.shape[2] + (s if s > 1 else 0))
             zeros = constrain(jnp.zeros((b, s, kv_heads, h), dtype), _KV)
             out[t] = (zeros, zeros)
+            if ring is not None:
+                slots = jnp.zeros((b, s), jnp.int32)
+                out[t] += (slots, slots)
         return out
 
 
@@ -370,12 +386,21 @@ class Gemma4ForCausalLM(nnx.Module):
                                  dispatch=dispatch, rngs=rngs)
         self.lm_head = make_lm_head(config, param_dtype=param_dtype, rngs=rngs)
 
-    def kv_cache_layout(self) -> dict[str, tuple[int, int, int]]:
+    def kv_cache_layout(self, ring: bool = True) -> dict[str, tuple[int, ...]]:
         """The generation cache by layer kind: ``{kind: (layers, kv heads, head dim)}`` for
-        the kinds that have their own keys and values (shared layers read theirs)."""
+        the kinds that have their own keys and values (shared layers read theirs); the
+        sliding kind's also gives its window, so it keeps only the window (a ring,
+        ``jaxtune.generation.cache``), unless ``ring=False``."""
         cfg = self.config
-        return {kind: (count, *cfg.geometry(SLIDING if kind == "sliding" else FULL))
-                for kind, count in cfg.layer_kinds().items() if not kind.endswith("_shared")}
+        out = {}
+        for kind, count in cfg.layer_kinds().items():
+            if kind.endswith("_shared"):
+                continue
+            sliding = kind == "sliding"
+            out[kind] = (count, *cfg.geometry(SLIDING if sliding else FULL))
+            if sliding and ring:
+                out[kind] += (cfg.sliding_window,)
+        return out
 
     def hidden_states_and_aux(self, input_ids_BT, positions_BT=None, segment_ids_BT=None):
         """``(hidden [B, T, D], aux)``: with the MoE block, ``aux`` holds the router loss (zero

@@ -34,6 +34,7 @@ from flax import nnx
 from jaxtune.errors import ModelConfigError
 from jaxtune.models.decoder import (
     attention_mask,
+    cache_layout_of,
     fill_positions,
     make_lm_head,
     project_logits,
@@ -339,6 +340,11 @@ class Llama(nnx.Module):
         self.model = LlamaModel(config, param_dtype=param_dtype, compute_dtype=compute_dtype,
                                 scan_layers=scan_layers, remat=remat, attention=impl, rngs=rngs)
         self.lm_head = make_lm_head(config, param_dtype=param_dtype, rngs=rngs)
+
+    def kv_cache_layout(self, ring: bool = True) -> tuple[int, ...]:
+        """The generation cache: a ring of the window when every layer slides by one
+        (Mistral; :func:`~jaxtune.models.decoder.cache_layout_of`)."""
+        return cache_layout_of(self.config, ring)
 
     def hidden_states(self, input_ids_BT, positions_BT=None, segment_ids_BT=None, cache=None):
         """Final-norm hidden states ``[B, T, D]`` in the compute dtype; with a generation

@@ -32,6 +32,7 @@ from flax import nnx
 
 from jaxtune.models.decoder import (
     attention_mask,
+    cache_layout_of,
     fill_positions,
     make_lm_head,
     project_logits,
@@ -293,6 +294,11 @@ class MoeForCausalLM(nnx.Module):
         if not any(cfg.sparse_layers):
             return hidden_BTD, {"loss": jnp.zeros((), jnp.float32), "metrics": {}}
         return hidden_BTD, router_aux(cfg, stats)
+
+    def kv_cache_layout(self, ring: bool = True) -> tuple[int, ...]:
+        """The generation cache: a ring of the window when every layer slides by one
+        (Mixtral with ``sliding_window``; :func:`~jaxtune.models.decoder.cache_layout_of`)."""
+        return cache_layout_of(self.config, ring)
 
     def hidden_states(self, input_ids_BT, positions_BT=None, segment_ids_BT=None, cache=None):
         """Final-norm hidden states ``[B, T, D]`` in the compute dtype; with a generation
