@@ -226,6 +226,10 @@ def main() -> int:
     checked = n * (2 + adapter_dir.is_dir())  # jaxtune, transformers (and peft) answers
     lm_items = args.lm_eval_limit * len(LM_EVAL_TASKS)
     progress = Progress(2 * n_all + checked + 2 * lm_items)
+    if not progress.interactive:  # transformers' loading bars would redraw lines in a log
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     progress.stage("loading the base model")
     base_run = load_model_folder(str(base_dir))
     progress.stage(f"base model: {n} shown questions")
