@@ -25,7 +25,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scripts.quickstart_report import chat, fact_count, jaxtune_answers  # noqa: E402
+from scripts.quickstart_report import chat, jaxtune_answers  # noqa: E402
+from scripts.support_intents import fact_count  # noqa: E402
 
 
 def full_key(evals: dict[int, dict]) -> str | None:

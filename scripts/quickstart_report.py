@@ -12,7 +12,13 @@ it is and answers every question token for token like jaxtune; the PEFT adapter 
 with ``peft`` on the base and must answer every one like the merged export. Last, both models
 are scored with lm-evaluation-harness on jaxtune's offline support tasks (``jaxtune eval``'s
 backend; ``--lm-eval-limit`` examples per task, 0 skips it) and the report gains the
-before/after table. Writes ``report.md`` next to the metrics.
+before/after table.
+
+Every answer is also checked for its intent (``scripts/support_intents.py``): an answer that
+gives another intent's solution (stating that intent's facts, not its own) is counted, over the
+6 shown questions and all held-out ones, and each shown answer is marked. Progress goes to
+stderr: a bar on a terminal, one line per stage in a log. Writes ``report.md`` next to the
+metrics, and the answers it read (``report_answers.json``), so its counts can be checked again.
 """
 
 from __future__ import annotations
@@ -27,6 +33,15 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from scripts.report_progress import Progress  # noqa: E402
+from scripts.support_intents import (  # noqa: E402
+    answered_intent,
+    fact_count,
+    other_intent_count,
+    stated,
+)
 
 
 def read_metrics(run_dir: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
@@ -103,16 +118,24 @@ def jaxtune_answers(loaded, chats, max_new_tokens: int):
                     generation_config=loaded.generation_config, details=True)
 
 
-def hits(text: str, terms: list[str]) -> int:
-    return sum(t.lower() in text.lower() for t in terms)
+def intent_mark(text: str, intent: str) -> str:
+    """What the intent check found in one answer to a question of ``intent``, in words."""
+    found = answered_intent(text, intent)
+    if found == intent:
+        return "its intent's answer"
+    return "no intent's answer" if found is None else f"ANOTHER INTENT's answer ({found})"
 
 
-def fact_count(texts: list[str], held_out: list[dict]) -> tuple[int, int, int]:
-    """(answers stating every key phrase of their intent, key phrases stated, key phrases):
-    greedy answers to every held-out question, so the count rests on 80 wordings, not 6."""
-    stated = [hits(text, q["key_terms"]) for text, q in zip(texts, held_out, strict=True)]
-    complete = sum(n == len(q["key_terms"]) for n, q in zip(stated, held_out, strict=True))
-    return complete, sum(stated), sum(len(q["key_terms"]) for q in held_out)
+def intent_summary(n: int, base: list[str], tuned: list[str], questions: list[dict],
+                   label: str) -> str:
+    """The line counting answers that give another intent's solution (and no intent's)."""
+    other = [other_intent_count(texts, questions) for texts in (base, tuned)]
+    none = [sum(answered_intent(t, q["intent"]) is None for t, q in zip(texts, questions,
+                                                                        strict=True))
+            for texts in (base, tuned)]
+    return (f"{label}: answers giving another intent's solution: base {other[0]}/{n}, "
+            f"fine-tuned {other[1]}/{n} (no intent's solution: base {none[0]}/{n}, "
+            f"fine-tuned {none[1]}/{n}).")
 
 
 def chat(spec: dict, question: str) -> list[dict[str, str]]:
@@ -132,6 +155,7 @@ LM_EVAL_ROWS = [
     ("nimbrel_support_qa", "fact_recall", "answers: share of key facts stated", "{:.3f}"),
     ("nimbrel_support_ppl", "word_perplexity", "held-out chats: word perplexity", "{:.2f}"),
 ]
+LM_EVAL_TASKS = sorted({task for task, *_ in LM_EVAL_ROWS})
 
 
 def lm_eval_scores(loaded, system_prompt: str | None, limit: int, label: str
@@ -145,10 +169,9 @@ def lm_eval_scores(loaded, system_prompt: str | None, limit: int, label: str
     from jaxtune.generation.api import default_stop_ids
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)  # the table is the report's
-    print(f"lm_eval on the offline support tasks ({limit} examples each): {label}", flush=True)
-    tasks = sorted({task for task, *_ in LM_EVAL_ROWS})
     options = HarnessOptions(
-        tasks=tasks, limit=limit, apply_chat_template=True, system_instruction=system_prompt,
+        tasks=LM_EVAL_TASKS, limit=limit, apply_chat_template=True,
+        system_instruction=system_prompt,
         bootstrap_iters=0, lm_args=dict(batch_size=8, description=label, stop_ids=(
             default_stop_ids(loaded.tokenizer, loaded.generation_config))))
     return scores(run_harness(Engine(loaded.model, loaded.tokenizer), options))
@@ -195,24 +218,50 @@ def main() -> int:
     torch.set_num_threads(os.cpu_count() or 1)
     tokenizer = AutoTokenizer.from_pretrained(export_dir)
     spec = json.loads(args.questions.read_text())
-    chats = [chat(spec, q["question"]) for q in spec["questions"]]
+    shown = spec["questions"]
+    chats = [chat(spec, q["question"]) for q in shown]
     held_out = spec.get("held_out", [])
     held_chats = [chat(spec, q["question"]) for q in held_out]
+    n, n_all = len(chats), len(held_chats)
+    checked = n * (2 + adapter_dir.is_dir())  # jaxtune, transformers (and peft) answers
+    lm_items = args.lm_eval_limit * len(LM_EVAL_TASKS)
+    progress = Progress(2 * n_all + checked + 2 * lm_items)
+    if not progress.interactive:  # transformers' loading bars would redraw lines in a log
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    progress.stage("loading the base model")
     base_run = load_model_folder(str(base_dir))
+    progress.stage(f"base model: {n} shown questions")
     base_out = jaxtune_answers(base_run, chats, args.max_new_tokens)
+    progress.advance(n)
+    progress.stage("loading the fine-tuned run")
     tuned_run = load_run(str(run_dir))
+    progress.stage(f"fine-tuned: {n} shown questions")
     tuned_out = jaxtune_answers(tuned_run, chats, args.max_new_tokens)
+    progress.advance(n)
+    base_held = tuned_held = []
     if held_chats:  # every held-out wording, one batch per model
-        base_all = fact_count(jaxtune_answers(base_run, held_chats, args.max_new_tokens).texts,
-                              held_out)
-        tuned_all = fact_count(
-            jaxtune_answers(tuned_run, held_chats, args.max_new_tokens).texts, held_out)
+        progress.stage(f"base model: {n_all} held-out questions")
+        base_held = jaxtune_answers(base_run, held_chats, args.max_new_tokens).texts
+        progress.advance(n_all)
+        progress.stage(f"fine-tuned: {n_all} held-out questions")
+        tuned_held = jaxtune_answers(tuned_run, held_chats, args.max_new_tokens).texts
+        progress.advance(n_all)
+        base_all, tuned_all = fact_count(base_held, held_out), fact_count(tuned_held, held_out)
+    (run_dir / "report_answers.json").write_text(json.dumps({
+        "base": {"shown": base_out.texts, "held_out": base_held},
+        "fine_tuned": {"shown": tuned_out.texts, "held_out": tuned_held}}, indent=1) + "\n")
+    progress.stage("loading the merged export in transformers")
     tuned = AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32).eval()
     stops = default_stop_ids(tuned_run.tokenizer, tuned_run.generation_config)
-    # Every held-out question, greedy, in transformers: the merged export against jaxtune, and
+    # Every shown question, greedy, in transformers: the merged export against jaxtune, and
     # the PEFT adapter (on the base, with peft) against the merged export.
-    merged_ids = [answer_ids(tuned, tokenizer, chat, args.max_new_tokens, stops)
-                  for chat in chats]
+    merged_ids = []
+    for i, messages in enumerate(chats):
+        progress.stage(f"transformers, merged export: question {i + 1}/{n}")
+        merged_ids.append(answer_ids(tuned, tokenizer, messages, args.max_new_tokens, stops))
+        progress.advance()
     export_same = sum(m == t for m, t in zip(merged_ids, tuned_out.tokens, strict=True))
     lines = [
         f"# Quickstart report ({run_dir})",
@@ -227,23 +276,26 @@ def main() -> int:
         "",
     ]
     base_hits = tuned_hits = total = 0
-    for q, a_base, a_tuned in zip(spec["questions"], base_out.texts, tuned_out.texts,
-                                  strict=True):
+    for q, a_base, a_tuned in zip(shown, base_out.texts, tuned_out.texts, strict=True):
         a_base, a_tuned = a_base.strip(), a_tuned.strip()
-        base_hits += hits(a_base, q["key_terms"])
-        tuned_hits += hits(a_tuned, q["key_terms"])
+        base_hits += stated(a_base, q["key_terms"])
+        tuned_hits += stated(a_tuned, q["key_terms"])
         total += len(q["key_terms"])
         lines += [f"## {q['question']}", f"*Expected:* {q['expected']}", "",
-                  f"**Base model:** {a_base}", "", f"**Fine-tuned:** {a_tuned}", ""]
+                  f"**Base model:** {a_base}", "", f"**Fine-tuned:** {a_tuned}", "",
+                  f"*Intent check:* base model: {intent_mark(a_base, q['intent'])}; "
+                  f"fine-tuned: {intent_mark(a_tuned, q['intent'])}.", ""]
     lines.append(f"Product facts (key terms) in these answers: base {base_hits}/{total}, "
                  f"fine-tuned {tuned_hits}/{total}.")
+    lines.append(intent_summary(n, base_out.texts, tuned_out.texts, shown,
+                                f"The {n} questions above"))
     if held_chats:
-        n_all = len(held_chats)
         lines.append(f"All {n_all} held-out questions: answers with every key fact of their "
                      f"intent: base {base_all[0]}/{n_all}, fine-tuned {tuned_all[0]}/{n_all} "
                      f"(key facts: base {base_all[1]}/{base_all[2]}, fine-tuned "
                      f"{tuned_all[1]}/{tuned_all[2]}).")
-    n = len(chats)
+        lines.append(intent_summary(n_all, base_held, tuned_held, held_out,
+                                    f"All {n_all} held-out questions"))
     verdict = (f"answers all {n} questions token for token like jaxtune" if export_same == n
                else f"DIFFERS from jaxtune on {n - export_same} of {n} questions")
     lines.append(f"Answers generated by jaxtune (decode {tuned_out.stats.decode_tokens_per_s:.0f}"
@@ -252,20 +304,31 @@ def main() -> int:
     if adapter_dir.is_dir():
         from peft import PeftModel
 
+        progress.stage("loading the PEFT adapter with peft")
         peft_model = PeftModel.from_pretrained(
             AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), adapter_dir)
         peft_model.eval()
-        same = sum(answer_ids(peft_model, tokenizer, chat, args.max_new_tokens, stops) == m
-                   for chat, m in zip(chats, merged_ids, strict=True))
+        same = 0
+        for i, (messages, m) in enumerate(zip(chats, merged_ids, strict=True)):
+            progress.stage(f"peft adapter: question {i + 1}/{n}")
+            same += answer_ids(peft_model, tokenizer, messages, args.max_new_tokens,
+                               stops) == m
+            progress.advance()
         verdict = (f"answers all {n} questions token for token like the merged export"
                    if same == n else f"DIFFERS from the merged export on {n - same} of {n}")
         lines.append(f"PEFT adapter ({adapter_dir.name}) loaded with peft on the base model: "
                      f"{verdict}.")
     if args.lm_eval_limit > 0:
         system = spec.get("system_prompt") or None
+        stage = f"lm_eval, {len(LM_EVAL_TASKS)} tasks of {args.lm_eval_limit} examples"
+        progress.stage(f"{stage}: base model")
         base_scores = lm_eval_scores(base_run, system, args.lm_eval_limit, "base model")
+        progress.advance(lm_items)
+        progress.stage(f"{stage}: fine-tuned")
         tuned_scores = lm_eval_scores(tuned_run, system, args.lm_eval_limit, "fine-tuned")
+        progress.advance(lm_items)
         lines += ["", *lm_eval_table(base_scores, tuned_scores, args.lm_eval_limit)]
+    progress.close()
     report = "\n".join(lines) + "\n"
     (run_dir / "report.md").write_text(report)
     width = 100

@@ -209,7 +209,9 @@ class JaxtuneLM(TemplateLM):
         """``(summed log-prob, all greedy)`` per ``(key, context ids, continuation ids)``."""
         packed = [Request.from_tokens(ctx, cont, self.max_length) for _, ctx, cont in requests]
         out: list[tuple[float, bool] | None] = [None] * len(requests)
-        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="loglikelihood (jaxtune)")
+        # disable=None: no bar where stderr is not a terminal (a log gets no redrawn lines).
+        bar = tqdm(total=len(requests), disable=disable_tqdm or None,
+                   desc="loglikelihood (jaxtune)")
         # Requests that share a context (multiple choice) run it once; the rest are packed.
         groups, rest = split_shared(packed) if self.share_contexts and \
             self.engine.shares_contexts else ({}, list(range(len(packed))))
@@ -257,7 +259,8 @@ class JaxtuneLM(TemplateLM):
         ``max_gen_toks`` tokens, greedy or sampled as the task asks; batched by settings."""
         from jaxtune.evaluation.generation import GenerationRequest
 
-        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="generate_until (jaxtune)")
+        bar = tqdm(total=len(requests), disable=disable_tqdm or None,
+                   desc="generate_until (jaxtune)")
         collator = Collator([req.args for req in requests],
                             sort_fn=lambda r: (-len(self.tok_encode(r[0])), r[0]),
                             group_by="gen_kwargs", group_fn=lambda r: r[1])
