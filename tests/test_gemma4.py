@@ -338,6 +338,8 @@ def test_family_is_registered_and_the_blocks_are_static():
 def test_lora_skips_the_fused_experts_as_peft_does(gemma4_model):
     """transformers keeps Gemma 4's experts as fused parameters, not Linear modules: PEFT's
     target_modules never select them, nor does all-linear here; naming only them is an error."""
+    from flax import nnx
+
     from jaxtune import lora
     from jaxtune.config import LoraConfig
 
@@ -347,5 +349,11 @@ def test_lora_skips_the_fused_experts_as_peft_does(gemma4_model):
         names = list(lora.lora_state(adapted))
         assert names and not any("experts" in n for n in names), targets
         assert any("mlp.down_proj" in n for n in names)
+    # the FLOPs count (trainer, plan) reads the experts a token meets by the MoE family's name
+    adapted, trainable = lora.apply_lora(model, LoraConfig(rank=2, targets=["all-linear"]))
+    counted = lora.lora_matmuls(nnx.state(adapted, trainable), model.config)
+    assert model.config.num_experts_per_tok == model.config.top_k_experts > 0
+    assert counted.adapters == sum(w.a.size + w.b.size
+                                   for w in lora.lora_state(adapted).values())
     with pytest.raises(JaxtuneError, match="fused parameter of all experts"):
         lora.apply_lora(model, LoraConfig(rank=2, targets=["gate_up_proj"]))
