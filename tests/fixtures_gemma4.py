@@ -27,7 +27,7 @@ from tests.fixtures_gemma import VOCAB
 from tests.fixtures_models import _redraw
 
 __all__ = ["GEMMA4_TINY", "GEMMA4_VARIANTS", "gemma4_hf", "gemma4_logits", "gemma4_model",
-           "make_gemma4_model", "redraw_gemma4"]
+           "gemma4_tokenizer", "make_gemma4_model", "redraw_gemma4"]
 
 S, F = "sliding_attention", "full_attention"
 GEMMA4_TINY: dict[str, Any] = dict(
@@ -112,3 +112,15 @@ def gemma4_model(tmp_path_factory):
         return built[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def gemma4_tokenizer(tmp_path_factory) -> str:
+    """Folder of a tokenizer with Gemma 4's chat template (``<turn|>`` ends a turn); its 399
+    tokens fit the tiny models' vocabulary (401)."""
+    from tests.fixtures_chat_templates import build_template_tokenizer
+    from tests.fixtures_data import _train_bpe
+
+    path = tmp_path_factory.mktemp("gemma4_tokenizer")
+    build_template_tokenizer("gemma4", _train_bpe()).save_pretrained(path)
+    return str(path)

@@ -113,6 +113,33 @@ def test_long_sequence_blocked_attention_matches_transformers(tiny_gemma_model, 
     np.testing.assert_allclose(out, hf_logits(path, ids), atol=TOL, rtol=0)
 
 
+def test_scanned_blocks_with_remat_give_the_unrolled_gradients(tmp_path):
+    """Gemma 3 with two blocks of (sliding, sliding, full) then two sliding layers: the
+    blocks' scan does not cover the whole stack, so each layer's parameters are indexed in
+    it, the two sliding layers of a block are a scan of their own, and the last two are a
+    run of their own. Logits and every gradient under full remat equal the unrolled stack's."""
+    from jaxtune.models.stack import _slots, find_runs
+    from tests.test_models import _grads_by_hf_key
+
+    s, f = "sliding_attention", "full_attention"
+    types = [s, s, f] * 2 + [s, s]
+    path = make_tiny_hf_model("gemma3_text", tmp_path / "g3", vocab_size=VOCAB,
+                              **{**GEMMA_VARIANTS["gemma3"][1], "num_hidden_layers": 8,
+                                 "layer_types": types})
+    runs = find_runs(_slots([{"window": t == s} for t in types]))
+    assert [(r.period, r.repeats) for r in runs] == [(3, 2), (1, 2)]
+    ids = jnp.asarray(np.random.RandomState(1).randint(0, VOCAB, (2, 13)))  # window 4
+    ref_model = from_pretrained(path)
+    ref, _ = _grads_by_hf_key(ref_model, ids)
+    model = from_pretrained(path, scan_layers=True, remat="full")
+    np.testing.assert_allclose(logits(model, ids), logits(ref_model, ids), atol=1e-4, rtol=0)
+    grads, jaxpr = _grads_by_hf_key(model, ids)
+    assert "checkpoint" in jaxpr or "remat" in jaxpr
+    assert grads.keys() == ref.keys()
+    for key in ref:
+        np.testing.assert_allclose(grads[key], ref[key], atol=1e-5, rtol=1e-4, err_msg=key)
+
+
 def test_softcap_through_the_splash_fallback():
     """Where splash cannot run (a length not a multiple of 128) it falls back to XLA with the
     same soft-cap and scale (the kernel's own soft-cap is tests/test_kernels_splash.py's)."""

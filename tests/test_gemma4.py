@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -41,6 +42,27 @@ def test_logits_match_transformers(gemma4_model, name):
         out = logits(from_pretrained(gemma4_model(name), scan_layers=scan), IDS)
         assert out.shape == (2, 23, VOCAB) and out.dtype == np.float32
         np.testing.assert_allclose(out, ref, atol=TOL, rtol=0, err_msg=f"scan_layers={scan}")
+
+
+@pytest.mark.parametrize("name", ["shared", "moe"])
+def test_scanned_blocks_with_remat_give_the_unrolled_gradients(gemma4_model, name):
+    """Scanned blocks of (sliding, sliding, full) with full remat: the two sliding layers are
+    a scan of their own inside the block and each layer's parameters are taken inside its
+    checkpoint. Logits and every gradient equal the unrolled stack's without remat (KV sharing:
+    the shared layers are groups of their own; MoE: experts and router)."""
+    from tests.test_models import _grads_by_hf_key
+
+    ids = jnp.asarray(IDS)
+    path = gemma4_model(name)
+    ref, _ = _grads_by_hf_key(from_pretrained(path), ids)
+    model = from_pretrained(path, scan_layers=True, remat="full")
+    np.testing.assert_allclose(logits(model, IDS), ref_logits(gemma4_model, name), atol=TOL,
+                               rtol=0)
+    grads, jaxpr = _grads_by_hf_key(model, ids)
+    assert "checkpoint" in jaxpr or "remat" in jaxpr
+    assert grads.keys() == ref.keys()
+    for key in ref:
+        np.testing.assert_allclose(grads[key], ref[key], atol=1e-5, rtol=1e-4, err_msg=key)
 
 
 # --------------------------------------------------------------------------- each switch bites
@@ -338,6 +360,8 @@ def test_family_is_registered_and_the_blocks_are_static():
 def test_lora_skips_the_fused_experts_as_peft_does(gemma4_model):
     """transformers keeps Gemma 4's experts as fused parameters, not Linear modules: PEFT's
     target_modules never select them, nor does all-linear here; naming only them is an error."""
+    from flax import nnx
+
     from jaxtune import lora
     from jaxtune.config import LoraConfig
 
@@ -347,5 +371,11 @@ def test_lora_skips_the_fused_experts_as_peft_does(gemma4_model):
         names = list(lora.lora_state(adapted))
         assert names and not any("experts" in n for n in names), targets
         assert any("mlp.down_proj" in n for n in names)
+    # the FLOPs count (trainer, plan) reads the experts a token meets by the MoE family's name
+    adapted, trainable = lora.apply_lora(model, LoraConfig(rank=2, targets=["all-linear"]))
+    counted = lora.lora_matmuls(nnx.state(adapted, trainable), model.config)
+    assert model.config.num_experts_per_tok == model.config.top_k_experts > 0
+    assert counted.adapters == sum(w.a.size + w.b.size
+                                   for w in lora.lora_state(adapted).values())
     with pytest.raises(JaxtuneError, match="fused parameter of all experts"):
         lora.apply_lora(model, LoraConfig(rank=2, targets=["gate_up_proj"]))

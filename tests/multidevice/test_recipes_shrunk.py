@@ -17,6 +17,7 @@ import pytest
 from jaxtune.config import config_from_dict, config_to_dict, load_config
 from jaxtune.trainer import train
 from tests.fixtures_data import chat_rows, write_jsonl
+from tests.fixtures_gemma4 import GEMMA4_VARIANTS, make_gemma4_model
 from tests.fixtures_preference import preference_rows
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -82,7 +83,8 @@ def _shrink_mesh(mesh: dict) -> dict:
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
 def test_shrunk_recipe_runs_two_steps(recipe, tmp_path, tiny_hf_model, data_tokenizers,
-                                      tiny_gemma_model, gemma_tokenizer):
+                                      tiny_gemma_model, gemma_tokenizer, gemma4_model,
+                                      gemma4_tokenizer):
     raw = config_to_dict(load_config(recipe))
     if raw["data"]["format"] == "preference":  # pairs, not chats
         rows = write_jsonl(tmp_path / "pairs.jsonl", preference_rows(24, seed=4))
@@ -99,7 +101,14 @@ def test_shrunk_recipe_runs_two_steps(recipe, tmp_path, tiny_hf_model, data_toke
         rows = write_jsonl(tmp_path / "chats.jsonl", chat_rows(24, seed=4))
     accum = min(raw["trainer"]["grad_accum_steps"], 2)
     raw["run"]["output_dir"] = str(tmp_path / "run")
-    if "gemma" in raw["model"]["path"].lower():  # its own family and chat template
+    path = raw["model"]["path"].lower()
+    if "a4b" in path:  # Gemma 4's MoE block, 8 experts: the recipe's expert axis splits them
+        tiny = make_gemma4_model(tmp_path / "gemma4_moe",
+                                 **{**GEMMA4_VARIANTS["moe"], "num_experts": 8})
+        raw["model"].update(path=str(tiny), tokenizer=gemma4_tokenizer)
+    elif "gemma-4" in path:  # Gemma 4 with keys as values on its full layers
+        raw["model"].update(path=str(gemma4_model("k_eq_v")), tokenizer=gemma4_tokenizer)
+    elif "gemma" in path:  # its own family and chat template
         raw["model"].update(path=str(tiny_gemma_model("gemma3")), tokenizer=gemma_tokenizer)
     else:
         raw["model"].update(path=str(tiny_hf_model(_tiny_variant(raw["model"]["path"]))),

@@ -193,6 +193,12 @@ class Gemma4Config:
     def head_dim_max(self) -> int:
         return max(self.head_dim, self.global_head_dim)
 
+    @property
+    def num_experts_per_tok(self) -> int:
+        """``top_k_experts`` by the MoE family's name: the experts one token meets, which the
+        generic FLOPs count reads (:func:`jaxtune.lora.lora_matmuls`)."""
+        return self.top_k_experts
+
     def active_mlp_params(self) -> int:
         """Matmul parameters one token meets outside attention in all layers (FLOPs / MFU):
         the dense MLP, the top-k experts and the router, the per-layer input gate and
