@@ -16,7 +16,7 @@ generation's time) and training tokens/s (prompt + completion tokens over the re
 step), then ``ratio grpo:``, the median of the per-round paired step-time ratios (TRL's over
 jaxtune's: above 1, jaxtune is faster).
 
-    python scripts/bench_grpo.py                  # as recorded in docs/benchmarks.md
+    python scripts/bench_grpo.py --rounds 2       # as recorded in docs/benchmarks.md
     python scripts/bench_grpo.py --rounds 1   # quick look
 """
 
