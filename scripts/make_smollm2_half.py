@@ -20,12 +20,11 @@ import json
 import re
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scripts.make_smollm2 import DONE, default_dir  # noqa: E402
+from scripts.make_smollm2 import DONE, build_once, default_dir  # noqa: E402
 from scripts.make_smollm2 import ensure as ensure_base  # noqa: E402
 
 KEEP_EVERY = 2
@@ -63,18 +62,8 @@ def ensure(out: Path, force: bool = False) -> Path:
     if (out / DONE).is_file() and not force:
         return out
     base = ensure_base(default_dir())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
-    try:
-        tmp.chmod(0o755)
-        build(base, tmp)
-        (tmp / DONE).write_text(f"layers 0, {KEEP_EVERY}, ... of {base}\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return build_once(out, lambda tmp: build(base, tmp),
+                      f"layers 0, {KEEP_EVERY}, ... of {base}\n", force=True)
 
 
 def main() -> None:
