@@ -89,13 +89,18 @@ def test_other_families_generate_like_transformers(request, fixture, name, scan)
 def test_cached_decode_equals_full_sequence(tiny_hf_model, name, scan):
     """Prefill + decode logits at every step equal one no-cache pass over the whole text."""
     model = jaxtune.from_pretrained(tiny_hf_model(name), scan_layers=scan)
+    assert_cached_logits_equal_full(model, prompts_for(1), NEW, atol=1e-5)
+
+
+def assert_cached_logits_equal_full(model, prompts, new_tokens: int, *, atol: float) -> None:
+    """Greedy prefill + decode of ``new_tokens`` (the last one's logits only): the logits of
+    every step equal one no-cache pass over the whole text, within ``atol``."""
     gen = Generator(model)
-    prompts = prompts_for(1)
     ids, positions, segs, nxt = gen.layout_prompts(prompts)
-    cache = gen.new_cache(ids.shape[0], ids.shape[1] + NEW)
+    cache = gen.new_cache(ids.shape[0], ids.shape[1] + new_tokens)
     logits, cache = gen.prefill(ids, positions, segs, cache)
     steps, tokens = [np.asarray(logits)], []
-    for step in range(NEW - 1):
+    for step in range(new_tokens - 1):
         token = np.argmax(steps[-1], axis=-1)
         tokens.append(token)
         logits, cache = gen.decode(token, nxt + step, cache)
@@ -105,7 +110,7 @@ def test_cached_decode_equals_full_sequence(tiny_hf_model, name, scan):
         text = np.array([prompt + [int(t[row]) for t in tokens]])
         full = np.asarray(full_fn(model, text))[0]
         for step, logits in enumerate(steps):
-            np.testing.assert_allclose(logits[row], full[len(prompt) - 1 + step], atol=1e-5,
+            np.testing.assert_allclose(logits[row], full[len(prompt) - 1 + step], atol=atol,
                                        rtol=0, err_msg=f"row {row} step {step}")
 
 

@@ -6,14 +6,13 @@ the whole text; one compile per shape bucket; Gemma 4's sliding stack is a ring 
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 import pytest
 
 import jaxtune
 from jaxtune.generation.cache import cache_bytes, cache_layout, empty_cache
 from jaxtune.generation.loop import Generator
-from tests.test_generate import hf_greedy
+from tests.test_generate import assert_cached_logits_equal_full, hf_greedy
 
 NEW = 40  # past every tiny model's window (4 or 5) many times over
 LENGTHS = (13, 23, 3)  # longer and shorter than the window; two prompt buckets' worth
@@ -93,26 +92,10 @@ def test_cached_logits_equal_the_full_sequence_past_the_window(tiny_gemma_model)
     """Prefill (longer than the window) + decode logits at every step equal one no-cache pass
     over the whole text, on Gemma 3's ring and full stacks together."""
     model = jaxtune.from_pretrained(tiny_gemma_model("gemma3"), scan_layers=True)
-    gen = Generator(model)
-    prompts = long_prompts(model.config.vocab_size, seed=5)
-    ids, positions, segs, nxt = gen.layout_prompts(prompts)
-    cache = gen.new_cache(ids.shape[0], ids.shape[1] + 32)
-    logits, cache = gen.prefill(ids, positions, segs, cache)
-    steps, tokens = [np.asarray(logits)], []
-    for step in range(20):
-        token = np.argmax(steps[-1], axis=-1)
-        tokens.append(token)
-        logits, cache = gen.decode(token, nxt + step, cache)
-        steps.append(np.asarray(logits))
-    full_fn = jax.jit(lambda m, x: m(x))
-    for row, prompt in enumerate(prompts):
-        text = np.array([prompt + [int(t[row]) for t in tokens]])
-        full = np.asarray(full_fn(model, text))[0]
-        for step, logits in enumerate(steps):
-            # float32 sums in another order: the cache of every slot differs from the
-            # no-cache pass by up to 1e-5 here too (logits of size ~4)
-            np.testing.assert_allclose(logits[row], full[len(prompt) - 1 + step], atol=3e-5,
-                                       rtol=0, err_msg=f"row {row} step {step}")
+    # float32 sums in another order: the cache of every slot differs from the no-cache pass
+    # by up to 1e-5 here too (logits of size ~4)
+    assert_cached_logits_equal_full(model, long_prompts(model.config.vocab_size, seed=5), 21,
+                                    atol=3e-5)
 
 
 def test_one_compile_per_shape_bucket(tiny_hf_model):
