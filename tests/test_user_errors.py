@@ -111,7 +111,10 @@ def test_quickstart_model_not_built_names_the_build_command(tmp_path, capsys, mo
     """The quickstart recipe as written, before scripts/quickstart.sh built the model."""
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # a fresh machine: nothing cached
     monkeypatch.setenv("JAXTUNE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.chdir(ROOT)
+    work = tmp_path / "clone"  # a fresh clone: no runs/ of an earlier quickstart in the way
+    shutil.copytree(ROOT / "configs", work / "configs")
+    shutil.copytree(ROOT / "examples", work / "examples")
+    monkeypatch.chdir(work)
     built = tmp_path / "cache" / "smollm2-135m-instruct"
     msg = fails(capsys, "inspect-data", "configs/quickstart.yaml", "-n", "1")
     assert "model.path is '~/.cache/jaxtune/smollm2-135m-instruct'" in msg
