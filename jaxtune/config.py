@@ -218,6 +218,8 @@ class TrainerConfig:
     loss_fn: str = ""  # replacement loss 'pkg.module:function'; empty uses the objective's
     train_step: str = ""  # replacement train step 'pkg.module:function'
     z_loss: float = 0.0  # weight of the z-loss (log-partition squared) regulariser
+    # NEFTune noise on the input embeddings in training (TRL's neftune_noise_alpha); 0 disables
+    neftune_noise_alpha: float = 0.0
     loss_chunk_size: int = 256  # tokens per chunk of the vocabulary projection in the loss
     progress: bool = True  # show a progress bar
     sample_every: int = 0  # write greedy answers to samples.jsonl every N steps; 0 disables
@@ -503,6 +505,9 @@ def validate(cfg: TrainConfig) -> None:
             "'lora.modules_to_save' and 'lora.base_dtype' need a LoRA run (full fine-tuning "
             "trains everything in model.dtype): set 'lora.rank' > 0 or clear them."
         )
+    if cfg.trainer.neftune_noise_alpha < 0.0:
+        raise ConfigError("'trainer.neftune_noise_alpha' must be >= 0 (0 disables NEFTune; "
+                          f"TRL's runs use 5 to 15), got {cfg.trainer.neftune_noise_alpha}.")
     if not 0.0 <= cfg.lora.dropout < 1.0:
         raise ConfigError(f"'lora.dropout' must be in [0, 1), got {cfg.lora.dropout}.")
     sizes = {"mesh.data": cfg.mesh.data, "mesh.fsdp": cfg.mesh.fsdp, "mesh.tensor": cfg.mesh.tensor}

@@ -109,6 +109,10 @@ class Trainer:
             from jaxtune.lora import with_dropout
 
             train_loss = with_dropout(self.loss_fn)
+        if cfg.trainer.neftune_noise_alpha > 0:  # embedding noise in the train step only
+            from jaxtune.neftune import with_neftune
+
+            train_loss = with_neftune(train_loss, cfg.trainer.neftune_noise_alpha)
         step_fn = loss.load_callable(cfg.trainer.train_step) if cfg.trainer.train_step \
             else train_step
         self.train_step = jit_train_step(

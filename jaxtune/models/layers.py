@@ -43,6 +43,7 @@ from flax import nnx, struct
 
 from jaxtune.errors import JaxtuneError
 from jaxtune.kernels import target_platform
+from jaxtune.neftune import add_noise
 from jaxtune.sharding import constrain
 
 Initializer = Callable[..., jax.Array]
@@ -194,7 +195,8 @@ class Embed(nnx.Module):
         )
 
     def __call__(self, ids_BT: jax.Array, dtype: Any) -> jax.Array:
-        return jnp.take(self.embedding[...], ids_BT, axis=0).astype(dtype)
+        # NEFTune's noise when the train step asks for it (jaxtune.neftune); none otherwise.
+        return add_noise(jnp.take(self.embedding[...], ids_BT, axis=0).astype(dtype))
 
     def attend(self, x_BTD: jax.Array) -> jax.Array:
         """Logits against the embedding table (tied lm_head), accumulated in float32."""
