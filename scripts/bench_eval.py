@@ -7,7 +7,7 @@ The same offline tasks, the same requests, each backend in its own worker proces
 one after the other, so they never share the CPU; ``--rounds`` alternates them, the order
 flipping every round, so a machine shared with other jobs loads both alike):
 ``nimbrel_support_mc`` (multiple choice, 4 log-likelihood requests per question) and
-``nimbrel_support_qa`` (greedy generation up to 96 tokens until EOS), rendered with the chat
+``nimbrel_support_qa`` (greedy generation up to 128 tokens until EOS), rendered with the chat
 template and a system prompt, float32, batch size 8 in both (jaxtune: 8 packed rows or 8
 shared contexts per forward pass, 8 prompts per generation batch; hf: 8 requests per forward
 pass / ``generate`` call, PyTorch on ``--torch-threads`` threads, all cores by default). Each
