@@ -97,7 +97,8 @@ def main() -> int:
     p.add_argument("run_dir", type=Path)
     p.add_argument("--questions", type=Path, default=ROOT / "examples/support/questions.json")
     p.add_argument("--max-new-tokens", type=int, default=128,
-                   help="answer length limit; every reference answer (sign-off included, at most 114 tokens) fits in 128, so a right answer is never cut short")
+                   help="answer length limit; every reference answer (sign-off included, at most "
+                        "114 tokens) fits in 128, so a right answer is never cut short")
     args = p.parse_args()
     run_dir = args.run_dir
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())

@@ -195,7 +195,8 @@ def main() -> int:
     p.add_argument("run_dir", type=Path)
     p.add_argument("--questions", type=Path, default=ROOT / "examples/support/questions.json")
     p.add_argument("--max-new-tokens", type=int, default=128,
-                   help="answer length limit; every reference answer (sign-off included, at most 114 tokens) fits in 128, so a right answer is never cut short")
+                   help="answer length limit; every reference answer (sign-off included, at most "
+                        "114 tokens) fits in 128, so a right answer is never cut short")
     p.add_argument("--lm-eval-limit", type=int, default=20,
                    help="examples per offline lm_eval task (0 skips the table)")
     args = p.parse_args()

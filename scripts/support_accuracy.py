@@ -1,0 +1,86 @@
+"""Held-out answers with every key fact, per checkpoint of a support run: the answer curve.
+
+    python scripts/support_accuracy.py runs/quickstart-20261207-120000            # latest step
+    python scripts/support_accuracy.py runs/quickstart-... --steps 20 40 60       # a curve
+    python scripts/support_accuracy.py runs/quickstart-... --steps 0              # the base model
+
+For each checkpoint (step 0 is the base model the run started from) it asks all 80 held-out
+questions of ``examples/support/questions.json`` with jaxtune's greedy generation and prints
+one line: answers with every key fact of their intent, and answers giving another intent's
+solution (``scripts/support_intents.py``), the counts the quickstart report gives. ``--json``
+writes the counts and the answers, so a curve can be drawn and checked again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from scripts.support_intents import answered_intent, fact_count, other_intent_count  # noqa: E402
+
+
+def held_out_chats(spec: dict) -> list[list[dict[str, str]]]:
+    """Every held-out question as a chat, after the report's system prompt (as the report)."""
+    system = [{"role": "system", "content": spec["system_prompt"]}] \
+        if spec.get("system_prompt") else []
+    return [system + [{"role": "user", "content": q["question"]}] for q in spec["held_out"]]
+
+
+def score(texts: list[str], held_out: list[dict]) -> dict:
+    """The counts of one checkpoint's answers."""
+    complete, facts, total = fact_count(texts, held_out)
+    return {"complete": complete, "n": len(held_out), "facts": facts, "facts_total": total,
+            "other_intent": other_intent_count(texts, held_out),
+            "no_intent": sum(answered_intent(t, q["intent"]) is None
+                             for t, q in zip(texts, held_out, strict=True))}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--steps", type=int, nargs="*", default=None,
+                   help="checkpoint steps to score (0: the base model; default: the latest)")
+    p.add_argument("--questions", type=Path, default=ROOT / "examples/support/questions.json")
+    p.add_argument("--max-new-tokens", type=int, default=128,
+                   help="answer length limit; every reference answer (sign-off included, at most "
+                        "114 tokens) fits in 128, so a right answer is never cut short")
+    p.add_argument("--json", type=Path, default=None, help="write counts and answers here")
+    args = p.parse_args()
+
+    from jaxtune.generation.api import generate
+    from jaxtune.generation.source import load_model_folder, load_run
+
+    spec = json.loads(args.questions.read_text())
+    held_out, chats = spec["held_out"], held_out_chats(spec)
+    results = {}
+    for step in args.steps or [None]:
+        if step == 0:
+            cfg = yaml.safe_load((args.run_dir / "config.yaml").read_text())
+            loaded = load_model_folder(os.path.expanduser(cfg["model"]["path"]))
+        else:
+            loaded = load_run(str(args.run_dir), step)
+        texts = generate(loaded.model, loaded.tokenizer, chats,
+                         max_new_tokens=args.max_new_tokens,
+                         generation_config=loaded.generation_config, details=True).texts
+        counts = score(texts, held_out)
+        label = "latest" if step is None else str(step)
+        results[label] = {**counts, "answers": texts}
+        print(f"step {label}: every key fact {counts['complete']}/{counts['n']}, "
+              f"another intent's solution {counts['other_intent']}/{counts['n']}, "
+              f"no intent's {counts['no_intent']}/{counts['n']}, key facts "
+              f"{counts['facts']}/{counts['facts_total']}", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
