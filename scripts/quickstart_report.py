@@ -4,11 +4,11 @@
 
 Reads the run directory jaxtune wrote (config.yaml, metrics.jsonl, its last checkpoint, the
 exported Hugging Face folders), draws ``loss_curve.png`` there, and asks the base model and the
-fine-tuned run (its LoRA adapters applied, unmerged) the same held-out questions with
+fine-tuned run (a LoRA run's adapters applied, unmerged) the same held-out questions with
 jaxtune's own greedy generation, then counts the facts both state over every held-out question
 (80 wordings: which intent a greedy answer picks varies run to run, so 6 questions alone cannot
 compare two runs). One transformers check shows that the merged export loads as
-it is and answers every question token for token like jaxtune; the PEFT adapter is loaded
+it is and answers every question token for token like jaxtune; a LoRA run's PEFT adapter is loaded
 with ``peft`` on the base and must answer every one like the merged export. Last, both models
 are scored with lm-evaluation-harness on jaxtune's offline support tasks (``jaxtune eval``'s
 backend; ``--lm-eval-limit`` examples per task, 0 skips it) and the report gains the
@@ -56,7 +56,8 @@ def read_metrics(run_dir: Path) -> tuple[list[tuple[int, float]], list[tuple[int
     return sorted(train.items()), sorted(evals.items())
 
 
-def loss_figure(train, evals, model_name: str = "SmolLM2-135M-Instruct"):
+def loss_figure(train, evals, model_name: str = "SmolLM2-135M-Instruct",
+                method: str = "full fine-tuning"):
     """The loss curve: train loss at every step (a line), held-out loss where it was measured.
 
     Held-out evaluations are few, so they are drawn as points with their values, not joined:
@@ -79,7 +80,7 @@ def loss_figure(train, evals, model_name: str = "SmolLM2-135M-Instruct"):
                         xytext=(0, 8), ha="center", fontsize=8, color="C1")
     ax.set_xlabel("step")
     ax.set_ylabel("token cross-entropy")
-    ax.set_title(f"jaxtune quickstart: {model_name} + LoRA on Nimbrel Sync support",
+    ax.set_title(f"jaxtune quickstart: {model_name}, {method}, on Nimbrel Sync support",
                  fontsize=10)
     ax.margins(x=0.04, y=0.12)  # room for the value labels above the points
     ax.grid(alpha=0.3)
@@ -88,10 +89,10 @@ def loss_figure(train, evals, model_name: str = "SmolLM2-135M-Instruct"):
     return fig
 
 
-def plot(train, evals, out: Path, model_name: str) -> None:
+def plot(train, evals, out: Path, model_name: str, method: str = "full fine-tuning") -> None:
     import matplotlib.pyplot as plt
 
-    fig = loss_figure(train, evals, model_name)
+    fig = loss_figure(train, evals, model_name, method)
     fig.savefig(out)
     plt.close(fig)
 
@@ -207,7 +208,9 @@ def main() -> int:
     base_dir = Path(os.path.expanduser(cfg["model"]["path"]))
 
     train, evals = read_metrics(run_dir)
-    plot(train, evals, run_dir / "loss_curve.png", base_dir.name)
+    rank = (cfg.get("lora") or {}).get("rank", 0)
+    plot(train, evals, run_dir / "loss_curve.png", base_dir.name,
+         f"LoRA rank {rank}" if rank else "full fine-tuning")
     before, after = evals[0][1], evals[-1][1]
     drop = (before - after) / before
 
