@@ -8,7 +8,7 @@ For each checkpoint (step 0 is the base model the run started from) it asks all 
 questions of ``examples/support/questions.json`` with jaxtune's greedy generation and prints
 one line: answers with every key fact of their intent, and answers giving another intent's
 solution (``scripts/support_intents.py``), the counts the quickstart report gives. ``--json``
-writes the counts and the answers, so a curve can be drawn and checked again.
+writes the counts and the answers, so they can be checked again; ``--plot`` draws the curve.
 """
 
 from __future__ import annotations
@@ -53,6 +53,8 @@ def main() -> int:
                    help="answer length limit; every reference answer (sign-off included, at most "
                         "114 tokens) fits in 128, so a right answer is never cut short")
     p.add_argument("--json", type=Path, default=None, help="write counts and answers here")
+    p.add_argument("--plot", type=Path, default=None,
+                   help="draw the counts against the steps into this PNG (two steps or more)")
     args = p.parse_args()
 
     from jaxtune.generation.api import generate
@@ -79,7 +81,37 @@ def main() -> int:
               f"{counts['facts']}/{counts['facts_total']}", flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
+    if args.plot and args.steps and len(args.steps) > 1:
+        plot_curve({int(k): v for k, v in results.items()}, args.plot, args.run_dir.name)
     return 0
+
+
+def plot_curve(results: dict[int, dict], out: Path, title: str) -> None:
+    """Answers with every key fact and answers giving another intent's solution, per step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = sorted(results)
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    for key, label in (("complete", "every key fact of its intent"),
+                       ("other_intent", "another intent's solution")):
+        values = [results[s][key] for s in steps]
+        ax.plot(steps, values, marker="o", label=label)
+        for s, v in zip(steps, values, strict=True):
+            ax.annotate(str(v), (s, v), textcoords="offset points", xytext=(0, 6),
+                        ha="center", fontsize=8)
+    n = results[steps[0]]["n"]
+    ax.set_ylim(0, n)
+    ax.set_xlabel("step (0: the base model)")
+    ax.set_ylabel(f"held-out answers (of {n})")
+    ax.set_title(f"greedy answers to the held-out questions: {title}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -251,3 +251,12 @@ def test_support_accuracy_counts_like_the_report():
     counts = score(texts, held)
     assert counts["complete"] == 1 and counts["n"] == 3
     assert counts["other_intent"] + counts["no_intent"] == 1
+
+
+def test_answer_curve_is_drawn(tmp_path):
+    from scripts.support_accuracy import plot_curve
+
+    counts = {0: {"complete": 0, "other_intent": 2, "n": 80},
+              100: {"complete": 17, "other_intent": 44, "n": 80}}
+    plot_curve(counts, tmp_path / "curve.png", "run")
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
