@@ -23,7 +23,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scripts.quickstart_report import chat, fact_count, jaxtune_answers  # noqa: E402
+from scripts.quickstart_report import (  # noqa: E402
+    ANSWER_TOKENS,
+    ANSWER_TOKENS_HELP,
+    chat,
+    fact_count,
+    jaxtune_answers,
+)
 
 
 def heldout_nll(model, cfg, tokenizer) -> tuple[float, int]:
@@ -64,9 +70,8 @@ def main() -> int:
     p.add_argument("run_dir", type=Path, help="the distillation run")
     p.add_argument("--sft-run", type=Path, required=True, help="the student's SFT run")
     p.add_argument("--questions", type=Path, default=ROOT / "examples/support/questions.json")
-    p.add_argument("--max-new-tokens", type=int, default=128,
-                   help="answer length limit; every reference answer (sign-off included, at most "
-                        "114 tokens) fits in 128, so a right answer is never cut short")
+    p.add_argument("--max-new-tokens", type=int, default=ANSWER_TOKENS,
+                   help=ANSWER_TOKENS_HELP)
     args = p.parse_args()
 
     from jaxtune.config import load_config

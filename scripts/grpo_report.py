@@ -25,7 +25,12 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scripts.quickstart_report import chat, jaxtune_answers  # noqa: E402
+from scripts.quickstart_report import (  # noqa: E402
+    ANSWER_TOKENS,
+    ANSWER_TOKENS_HELP,
+    chat,
+    jaxtune_answers,
+)
 from scripts.support_intents import fact_count  # noqa: E402
 
 
@@ -96,9 +101,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("run_dir", type=Path)
     p.add_argument("--questions", type=Path, default=ROOT / "examples/support/questions.json")
-    p.add_argument("--max-new-tokens", type=int, default=128,
-                   help="answer length limit; every reference answer (sign-off included, at most "
-                        "114 tokens) fits in 128, so a right answer is never cut short")
+    p.add_argument("--max-new-tokens", type=int, default=ANSWER_TOKENS,
+                   help=ANSWER_TOKENS_HELP)
     args = p.parse_args()
     run_dir = args.run_dir
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())

@@ -39,6 +39,7 @@ from scripts.report_progress import Progress  # noqa: E402
 from scripts.support_intents import (  # noqa: E402
     answered_intent,
     fact_count,
+    no_intent_count,
     other_intent_count,
     stated,
 )
@@ -97,6 +98,13 @@ def plot(train, evals, out: Path, model_name: str, method: str = "full fine-tuni
     plt.close(fig)
 
 
+#: Answer length limit of the support reports: every reference answer (sign-off included, at
+#: most 114 SmolLM2 tokens) fits, so a right answer is never cut short.
+ANSWER_TOKENS = 128
+ANSWER_TOKENS_HELP = (f"answer length limit (default {ANSWER_TOKENS}: every reference answer, "
+                      "sign-off included, fits)")
+
+
 def answer_ids(model, tokenizer, messages, max_new_tokens: int, stop_ids=None) -> list[int]:
     """transformers' greedy answer (token ids, the stop id included) to one chat."""
     import torch
@@ -131,9 +139,7 @@ def intent_summary(n: int, base: list[str], tuned: list[str], questions: list[di
                    label: str) -> str:
     """The line counting answers that give another intent's solution (and no intent's)."""
     other = [other_intent_count(texts, questions) for texts in (base, tuned)]
-    none = [sum(answered_intent(t, q["intent"]) is None for t, q in zip(texts, questions,
-                                                                        strict=True))
-            for texts in (base, tuned)]
+    none = [no_intent_count(texts, questions) for texts in (base, tuned)]
     return (f"{label}: answers giving another intent's solution: base {other[0]}/{n}, "
             f"fine-tuned {other[1]}/{n} (no intent's solution: base {none[0]}/{n}, "
             f"fine-tuned {none[1]}/{n}).")
@@ -195,9 +201,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("run_dir", type=Path)
     p.add_argument("--questions", type=Path, default=ROOT / "examples/support/questions.json")
-    p.add_argument("--max-new-tokens", type=int, default=128,
-                   help="answer length limit; every reference answer (sign-off included, at most "
-                        "114 tokens) fits in 128, so a right answer is never cut short")
+    p.add_argument("--max-new-tokens", type=int, default=ANSWER_TOKENS,
+                   help=ANSWER_TOKENS_HELP)
     p.add_argument("--lm-eval-limit", type=int, default=20,
                    help="examples per offline lm_eval task (0 skips the table)")
     args = p.parse_args()

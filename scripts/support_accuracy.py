@@ -24,14 +24,17 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scripts.support_intents import answered_intent, fact_count, other_intent_count  # noqa: E402
-
-
-def held_out_chats(spec: dict) -> list[list[dict[str, str]]]:
-    """Every held-out question as a chat, after the report's system prompt (as the report)."""
-    system = [{"role": "system", "content": spec["system_prompt"]}] \
-        if spec.get("system_prompt") else []
-    return [system + [{"role": "user", "content": q["question"]}] for q in spec["held_out"]]
+from scripts.quickstart_report import (  # noqa: E402
+    ANSWER_TOKENS,
+    ANSWER_TOKENS_HELP,
+    chat,
+    jaxtune_answers,
+)
+from scripts.support_intents import (  # noqa: E402
+    fact_count,
+    no_intent_count,
+    other_intent_count,
+)
 
 
 def score(texts: list[str], held_out: list[dict]) -> dict:
@@ -39,8 +42,7 @@ def score(texts: list[str], held_out: list[dict]) -> dict:
     complete, facts, total = fact_count(texts, held_out)
     return {"complete": complete, "n": len(held_out), "facts": facts, "facts_total": total,
             "other_intent": other_intent_count(texts, held_out),
-            "no_intent": sum(answered_intent(t, q["intent"]) is None
-                             for t, q in zip(texts, held_out, strict=True))}
+            "no_intent": no_intent_count(texts, held_out)}
 
 
 def main() -> int:
@@ -49,19 +51,19 @@ def main() -> int:
     p.add_argument("--steps", type=int, nargs="*", default=None,
                    help="checkpoint steps to score (0: the base model; default: the latest)")
     p.add_argument("--questions", type=Path, default=ROOT / "examples/support/questions.json")
-    p.add_argument("--max-new-tokens", type=int, default=128,
-                   help="answer length limit; every reference answer (sign-off included, at most "
-                        "114 tokens) fits in 128, so a right answer is never cut short")
+    p.add_argument("--max-new-tokens", type=int, default=ANSWER_TOKENS, help=ANSWER_TOKENS_HELP)
     p.add_argument("--json", type=Path, default=None, help="write counts and answers here")
     p.add_argument("--plot", type=Path, default=None,
                    help="draw the counts against the steps into this PNG (two steps or more)")
     args = p.parse_args()
+    if args.plot and len(args.steps or []) < 2:  # before any model is loaded
+        p.error("--plot draws a curve: give --steps two steps or more")
 
-    from jaxtune.generation.api import generate
     from jaxtune.generation.source import load_model_folder, load_run
 
     spec = json.loads(args.questions.read_text())
-    held_out, chats = spec["held_out"], held_out_chats(spec)
+    held_out = spec["held_out"]
+    chats = [chat(spec, q["question"]) for q in held_out]
     results = {}
     for step in args.steps or [None]:
         if step == 0:
@@ -69,9 +71,7 @@ def main() -> int:
             loaded = load_model_folder(os.path.expanduser(cfg["model"]["path"]))
         else:
             loaded = load_run(str(args.run_dir), step)
-        texts = generate(loaded.model, loaded.tokenizer, chats,
-                         max_new_tokens=args.max_new_tokens,
-                         generation_config=loaded.generation_config, details=True).texts
+        texts = jaxtune_answers(loaded, chats, args.max_new_tokens).texts
         counts = score(texts, held_out)
         label = "latest" if step is None else str(step)
         results[label] = {**counts, "answers": texts}
@@ -81,7 +81,7 @@ def main() -> int:
               f"{counts['facts']}/{counts['facts_total']}", flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
-    if args.plot and args.steps and len(args.steps) > 1:
+    if args.plot:
         plot_curve({int(k): v for k, v in results.items()}, args.plot, args.run_dir.name)
     return 0
 

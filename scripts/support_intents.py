@@ -112,3 +112,9 @@ def other_intent_count(texts: list[str], questions: list[dict]) -> int:
     """How many answers give another intent's solution than their question's (``intent``)."""
     return sum(gives_other_intent(text, q["intent"])
                for text, q in zip(texts, questions, strict=True))
+
+
+def no_intent_count(texts: list[str], questions: list[dict]) -> int:
+    """How many answers give no intent's solution at all (a generic answer)."""
+    return sum(answered_intent(text, q["intent"]) is None
+               for text, q in zip(texts, questions, strict=True))

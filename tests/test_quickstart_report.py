@@ -238,19 +238,21 @@ def test_progress_on_a_terminal_is_a_bar():
 
 def test_support_accuracy_counts_like_the_report():
     """The answer-curve script's counts: every key fact, another intent's, none."""
-    from scripts.support_accuracy import held_out_chats, score
+    from scripts.quickstart_report import chat
+    from scripts.support_accuracy import score
 
     spec = json.loads((ROOT / "examples" / "support" / "questions.json").read_text())
-    chats = held_out_chats(spec)
+    chats = [chat(spec, q["question"]) for q in spec["held_out"]]
     assert len(chats) == 80 and chats[0][0] == {"role": "system",
                                                 "content": spec["system_prompt"]}
     held = [q for q in spec["held_out"] if q["intent"] in ("plans_prices", "error_e4012")][:3]
     texts = ["Starter $6, Team $14, Business $27, save 20% annually.",  # its own, complete
              "Starter $6 only.",  # its own intent, incomplete
-             "Check Admin Console > Billing > Cancel plan."]  # another intent's (or none)
+             "Check Admin Console > Billing > Cancel plan."]  # cancel_subscription's
     counts = score(texts, held)
     assert counts["complete"] == 1 and counts["n"] == 3
-    assert counts["other_intent"] + counts["no_intent"] == 1
+    assert counts["other_intent"] == 1 and counts["no_intent"] == 0
+    assert score(["No idea, sorry."], held[:1])["no_intent"] == 1  # a generic answer
 
 
 def test_answer_curve_is_drawn(tmp_path):
